@@ -1,0 +1,7 @@
+"""Modules built on the fused ops, drop-in for their torchvision counterparts."""
+
+from fused_mbconv.nn import functional
+from fused_mbconv.nn.dwconv_bn_act import DWConvBNAct, is_fusable
+from fused_mbconv.nn.squeeze_excite import SqueezeExcite
+
+__all__ = ["DWConvBNAct", "SqueezeExcite", "functional", "is_fusable"]

@@ -1,0 +1,114 @@
+"""Functional forms of the fused blocks: BatchNorm bookkeeping (folding, running statistics,
+momentum) and padding rules around the raw ops, so modules stay thin.
+
+Shapes: x (N, C, H, W); weight (C, 1, k, k); BN vectors (C,).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fused_mbconv import ops
+
+
+def symmetric_padding(kernel_size: int) -> list[int]:
+    """PyTorch-style "same" padding: k // 2 on every side (top, bottom, left, right)."""
+    p = kernel_size // 2
+    return [p, p, p, p]
+
+
+def tf_same_padding(height: int, width: int, kernel_size: int, stride: int) -> list[int]:
+    """TensorFlow "SAME" padding for an input of (height, width): output ceil(size / stride),
+    the odd pixel of padding going after (bottom, right), as TF-ported checkpoints expect."""
+
+    def split(size: int) -> tuple[int, int]:
+        total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+        return total // 2, total - total // 2
+
+    top, bottom = split(height)
+    left, right = split(width)
+    return [top, bottom, left, right]
+
+
+def fold_batch_norm(
+    gamma: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with BN(c) = scale * c + shift, in fp32 (differentiable in gamma, beta)."""
+    invstd = torch.rsqrt(running_var.float() + eps)
+    scale = invstd if gamma is None else gamma.float() * invstd
+    shift = -running_mean.float() * scale
+    if beta is not None:
+        shift = shift + beta.float()
+    return scale, shift
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    # the ops are opaque to autocast: cast the activation the way eager conv2d would under AMP
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def dwconv_bn_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    stride: int,
+    padding: list[int],
+    with_squeeze: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """silu(BatchNorm2d(depthwise_conv(x))) with nn.BatchNorm2d's semantics.
+
+    Arguments follow ``torch.nn.functional.batch_norm``: with ``training`` normalise with the
+    batch's statistics and, when running buffers are given, update them in place with factor
+    ``momentum`` (unbiased variance); otherwise normalise with the running statistics.
+    Returns (y, squeeze): squeeze is the (N, C) mean of y over its spatial dims, or None.
+    """
+    x = _autocast_input(x)
+    channels = x.shape[1]
+    if training:
+        gamma = bn_weight if bn_weight is not None else x.new_ones(channels, dtype=torch.float32)
+        beta = bn_bias if bn_bias is not None else x.new_zeros(channels, dtype=torch.float32)
+        y, squeeze, mean, var = ops.dwconv_bn_silu_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
+        if running_mean is not None and running_var is not None:
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
+        scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+        y, squeeze = ops.dwconv_bn_silu(x, weight, scale, shift, stride, padding, with_squeeze)
+    return y, (squeeze if with_squeeze else None)
+
+
+def squeeze_excite(
+    x: torch.Tensor,
+    reduce_weight: torch.Tensor,
+    reduce_bias: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: torch.Tensor,
+    pooled: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x * sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2); ``pooled`` (N, C) skips the squeeze when the
+    producer of x already computed it (the depthwise kernel's by-product)."""
+    x = _autocast_input(x)
+    if pooled is None:
+        pooled = ops.se_squeeze(x)
+    gate = ops.se_excite(pooled, reduce_weight, reduce_bias, expand_weight, expand_bias)
+    return ops.se_scale(x, gate)

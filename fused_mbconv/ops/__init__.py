@@ -1,0 +1,29 @@
+"""The fused_mbconv torch ops (namespace ``fused_mbconv``), one subpackage per op family.
+
+Importing this registers every op with torch.library; call them as ``torch.ops.fused_mbconv.*``
+or through the Python names re-exported here.
+"""
+
+from fused_mbconv.ops.dwconv_bn_silu import (
+    dwconv_bn_silu,
+    dwconv_bn_silu_backward,
+    dwconv_bn_silu_train,
+)
+from fused_mbconv.ops.squeeze_excite import (
+    se_excite,
+    se_excite_backward,
+    se_scale,
+    se_scale_backward,
+    se_squeeze,
+)
+
+__all__ = [
+    "dwconv_bn_silu",
+    "dwconv_bn_silu_train",
+    "dwconv_bn_silu_backward",
+    "se_squeeze",
+    "se_excite",
+    "se_excite_backward",
+    "se_scale",
+    "se_scale_backward",
+]

@@ -1,0 +1,51 @@
+"""Per-op table of backend implementations, and the call-time choice among them.
+
+Each op registers its implementations here ("reference" always; "triton" and "cuda" where they
+exist); the op's single torch.library implementation asks ``pick`` which one runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fused_mbconv import backend as _backend
+
+# "auto" preference on CUDA devices, fastest first. Issue #6 replaces this with a measured table.
+_AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+
+
+class Implementations:
+    """The implementations of one op, keyed by backend name."""
+
+    def __init__(self, op_name: str) -> None:
+        self.op_name = op_name
+        self._by_backend: dict[str, Callable] = {}
+
+    def register(self, backend_name: str) -> Callable[[Callable], Callable]:
+        def decorator(fn: Callable) -> Callable:
+            self._by_backend[backend_name] = fn
+            return fn
+
+        return decorator
+
+    def backends(self) -> list[str]:
+        return sorted(self._by_backend)
+
+    def pick(self, device: torch.device) -> Callable:
+        """The implementation that runs on ``device`` under the backend in force."""
+        requested = _backend.get_backend()
+        if requested == "auto":
+            if device.type == "cuda":
+                available = _backend.available_backends()
+                for name in _AUTO_ORDER_CUDA:
+                    if name in self._by_backend and name in available:
+                        return self._by_backend[name]
+            return self._by_backend["reference"]
+        _backend.check_usable(requested, device)
+        if requested not in self._by_backend:
+            raise NotImplementedError(
+                f"fused_mbconv::{self.op_name} has no {requested!r} implementation; it has {self.backends()}"
+            )
+        return self._by_backend[requested]
