@@ -27,7 +27,7 @@ class DWConvBNAct(nn.Sequential):
         stride: 1 or 2.
         padding: "same" (k // 2 on every side, as torchvision) or "tf" (TensorFlow "SAME":
             asymmetric, computed from the input size, as TF-ported checkpoints need).
-        eps, momentum: as nn.BatchNorm2d.
+        eps, momentum, track_running_stats: as nn.BatchNorm2d.
 
     ``forward(x, with_squeeze=False)``: x (N, C, H, W) -> y (N, C, Ho, Wo); with
     ``with_squeeze=True`` returns (y, squeeze) where squeeze (N, C) is the spatial mean of y,
@@ -42,6 +42,7 @@ class DWConvBNAct(nn.Sequential):
         padding: str = "same",
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
+        track_running_stats: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -51,7 +52,7 @@ class DWConvBNAct(nn.Sequential):
             channels, channels, kernel_size, stride=stride, padding=0 if padding == "tf" else kernel_size // 2,
             groups=channels, bias=False, **factory,
         )  # fmt: skip
-        bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, **factory)
+        bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, track_running_stats=track_running_stats, **factory)
         super().__init__(conv, bn, nn.SiLU(inplace=True))
         self.padding_mode = padding
 

@@ -1,0 +1,58 @@
+"""Shared test setup: which backends and device to test, and the dtype-aware comparison rule.
+
+On a machine without a GPU the suite runs on the CPU; the Triton backend is exercised there
+only under TRITON_INTERPRET=1 (the README's test command sets it), on small shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fused_mbconv
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1" and DEVICE.type == "cpu"
+BACKENDS = [b for b in ("reference", "triton", "cuda") if b in fused_mbconv.available_backends()]
+
+# The Triton interpreter runs kernels element by element in numpy: keep its inputs small.
+INTERPRETER_MAX_NUMEL = 8_000
+
+# An error floor per dtype, relative to the output's magnitude: about two units in the last place
+# for fp16/bf16, and room for reordered fp32 sums.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def backend_params(*names: str) -> list:
+    return [pytest.param(b, id=b) for b in BACKENDS if not names or b in names]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fused_mbconv.backend(request.param):
+        yield request.param
+
+
+def skip_if_slow(backend_name: str, *tensors_or_numel) -> None:
+    """Skip shapes too large for the Triton interpreter (they run on the GPU instead)."""
+    if backend_name == "triton" and INTERPRETED:
+        numel = sum(t if isinstance(t, int) else t.numel() for t in tensors_or_numel)
+        if numel > INTERPRETER_MAX_NUMEL:
+            pytest.skip(f"{numel} elements is too slow for TRITON_INTERPRET; covered on the GPU")
+
+
+def assert_matches(actual: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, name: str) -> None:
+    """``actual`` (fused, dtype d) must be as close to ``exact`` (fp64 math) as eager PyTorch in
+    dtype d is: error <= 2 x eager's error + the dtype's floor. (Liger-Kernel's rule for low
+    precision: fusing may reorder sums but must not lose precision against eager.)"""
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != {eager.dtype}"
+    exact = exact.double()
+    err = (actual.double() - exact).abs().max().item()
+    eager_err = (eager.double() - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
+    bound = 2 * eager_err + FLOOR[actual.dtype] * scale
+    print(f"{name}: max err {err:.3g} (eager {eager_err:.3g}, bound {bound:.3g})")
+    assert err <= bound, f"{name}: max error {err:.3g} exceeds {bound:.3g} (eager's error {eager_err:.3g})"

@@ -1,0 +1,161 @@
+"""Parity of the fused depthwise conv + BN + SiLU against eager PyTorch: outputs, the squeeze
+by-product, running statistics and gradients, in every dtype, layout, kernel, stride, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_mbconv
+from conftest import DEVICE, assert_matches, skip_if_slow
+from eager import dw_triplet
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CONFIGS = [  # (kernel, stride, tf padding)
+    (3, 1, False),
+    (5, 2, False),
+    (3, 2, True),
+    (5, 1, True),
+]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def make_input(shape, dtype, layout, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    if layout == "strided":  # every other column of a wider tensor: not contiguous in any format
+        x = torch.randn(n, c, h, 2 * w, generator=g)[..., ::2]
+    else:
+        x = torch.randn(n, c, h, w, generator=g)
+    x = x.to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def run_block(block, x, with_squeeze, seed=2):
+    """Forward, then backward of a random linear function of y (and of the squeeze)."""
+    x = x.detach().requires_grad_(True)
+    out = block(x, with_squeeze=True) if with_squeeze else block(x)
+    y, squeeze = out if with_squeeze else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)).sum()
+    if squeeze is not None:
+        loss = loss + (squeeze.double() * torch.randn(squeeze.shape, generator=g, dtype=torch.float64).to(y.device)).sum()
+    params = [block[0].weight, block[1].weight, block[1].bias]
+    grads = torch.autograd.grad(loss, [x, *params])
+    return y, squeeze, grads
+
+
+def eager_with_squeeze(block, x, with_squeeze):
+    x = x.detach().requires_grad_(True)
+    y = block(x)
+    out = (y, y.mean((2, 3))) if with_squeeze else y
+    return out
+
+
+class _EagerAdapter(torch.nn.Module):
+    """Gives an eager block the fused block's ``with_squeeze`` interface for ``run_block``."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def __getitem__(self, i):
+        return self.block[i]
+
+    def forward(self, x, with_squeeze=False):
+        y = self.block(x)
+        return (y, y.mean((2, 3))) if with_squeeze else y
+
+
+def check_parity(shape, k, stride, tf, dtype, layout, training, with_squeeze, backend):
+    fused, eager, exact = dw_triplet(shape[1], k, stride, tf, dtype, DEVICE)
+    for m in (fused, eager, exact):
+        m.train(training)
+    x = make_input(shape, dtype, layout)
+    y, s, grads = run_block(fused, x, with_squeeze)
+    ye, se, grads_e = run_block(_EagerAdapter(eager), x, with_squeeze)
+    yx, sx, grads_x = run_block(_EagerAdapter(exact), x.double(), with_squeeze)
+
+    assert_matches(y, ye, yx, "y")
+    if layout == "channels_last" and shape[1] > 1 and y.shape[2] * y.shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last output"
+    if with_squeeze:
+        assert_matches(s, se, sx, "squeeze")
+    for name, a, e, ex in zip(["dx", "dweight", "dgamma", "dbeta"], grads, grads_e, grads_x):
+        assert_matches(a, e, ex, name)
+    if training:
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            a, e, ex = (getattr(m[1], buf) for m in (fused, eager, exact))
+            if buf == "num_batches_tracked":
+                assert a.item() == ex.item() == 1
+            else:
+                assert_matches(a, e, ex, buf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,stride,tf", CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_parity(backend, dtype, k, stride, tf, layout, training):
+    shape = (2, 17, 13, 11)
+    skip_if_slow(backend, 2 * 17 * 13 * 11)
+    check_parity(shape, k, stride, tf, dtype, layout, training, with_squeeze=True, backend=backend)
+
+
+ODD_SHAPES = [(1, 1, 7, 7), (2, 3, 13, 7), (3, 17, 1, 13), (1, 17, 7, 1), (2, 1152, 7, 7), (2, 3, 112, 112), (1, 17, 112, 13)]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_odd_sizes(backend, shape, k, stride, training):
+    skip_if_slow(backend, torch.Size(shape).numel())
+    check_parity(shape, k, stride, False, torch.float32, "nchw", training, with_squeeze=False, backend=backend)
+
+
+def test_cumulative_momentum_and_no_running_stats(backend):
+    """momentum=None (cumulative average) over several steps; track_running_stats=False."""
+    fused, eager, _ = dw_triplet(5, 3, 1, False, torch.float32, DEVICE, momentum=None)
+    fused.train(), eager.train()
+    for step in range(3):
+        x = make_input((2, 5, 9, 9), torch.float32, "nchw", seed=10 + step)
+        y, ye = fused(x), eager(x)
+        torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    for buf in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(fused[1], buf), getattr(eager[1], buf), rtol=1e-5, atol=1e-6)
+    assert fused[1].num_batches_tracked.item() == 3
+
+    fused, eager, _ = dw_triplet(5, 3, 1, False, torch.float32, DEVICE, track_running_stats=False)
+    for training in (True, False):  # without running stats, eval also normalises with batch stats
+        fused.train(training), eager.train(training)
+        x = make_input((2, 5, 9, 9), torch.float32, "nchw")
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_large_mean_small_spread(backend):
+    """Batch statistics stay accurate when the conv output's mean is huge against its spread,
+    where E[c^2] - E[c]^2 in fp32 would cancel catastrophically."""
+    fused, _, exact = dw_triplet(4, 3, 1, False, torch.float32, DEVICE)
+    fused.train(), exact.train()
+    x = 1000.0 + 0.01 * make_input((2, 4, 9, 9), torch.float32, "nchw")
+    with torch.no_grad():
+        fused[0].weight.fill_(1.0 / 9), exact[0].weight.fill_(1.0 / 9)
+        y, yx = fused(x), exact(x.double())
+    # padding makes border outputs differ by ~1000/9 from the interior: the spread is real, and
+    # a cancelling variance would be off by far more than 1e-3 of it
+    torch.testing.assert_close(fused[1].running_var.double(), exact[1].running_var, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(y.double(), yx, rtol=1e-3, atol=1e-3)
+
+
+def test_backends_agree_with_reference(backend):
+    """The fused output is identical in shape, dtype and layout to the reference backend's."""
+    fused, _, _ = dw_triplet(6, 5, 2, True, torch.float32, DEVICE)
+    x = make_input((2, 6, 9, 10), torch.float32, "channels_last")
+    y, s = fused.eval()(x, with_squeeze=True)
+    with fused_mbconv.backend("reference"):
+        yr, sr = fused(x, with_squeeze=True)
+    assert y.stride() == yr.stride() and y.dtype == yr.dtype
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=1e-5)
