@@ -238,3 +238,13 @@ def _(grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, paddin
         torch.empty_like(gamma),
         torch.empty_like(beta),
     )
+
+
+def _register_backends() -> None:
+    from fused_mbconv import _extension
+
+    if _extension.loaded():
+        from fused_mbconv.ops.dwconv_bn_silu import cuda_impl  # noqa: F401
+
+
+_register_backends()

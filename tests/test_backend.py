@@ -1,0 +1,71 @@
+"""Backend selection: set_backend, the backend() context, FUSED_MBCONV_BACKEND, and the errors
+for a backend that cannot run here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import fused_mbconv
+from fused_mbconv.ops.dwconv_bn_silu import IMPLS
+
+
+def test_available_backends_always_has_auto_and_reference():
+    names = fused_mbconv.available_backends()
+    assert names[:1] == ["auto"] and "reference" in names
+
+
+def test_context_manager_restores_previous_choice():
+    assert fused_mbconv.get_backend() == "auto"
+    with fused_mbconv.backend("reference"):
+        assert fused_mbconv.get_backend() == "reference"
+    assert fused_mbconv.get_backend() == "auto"
+
+
+def test_set_backend_and_thread_default():
+    try:
+        fused_mbconv.set_backend("reference")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(fused_mbconv.get_backend()))
+        t.start(), t.join()
+        assert fused_mbconv.get_backend() == "reference" and seen == ["reference"]
+    finally:
+        fused_mbconv.set_backend("auto")
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'cudnn'"):
+        fused_mbconv.set_backend("cudnn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_unavailable_backend_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*"):
+        with fused_mbconv.backend("cuda"):
+            pass
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="no CUDA device is visible and TRITON_INTERPRET=1 is not set"):
+            fused_mbconv.set_backend("triton")
+
+
+def test_auto_runs_reference_on_cpu():
+    x = torch.randn(1, 2, 5, 5)
+    assert IMPLS["forward_infer"].pick(x.device) is IMPLS["forward_infer"]._by_backend["reference"]
+
+
+def _backend_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FUSED_MBCONV_BACKEND": env_value}
+    code = "import fused_mbconv; print(fused_mbconv.get_backend())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_variable():
+    done = _backend_in_subprocess("reference")
+    assert done.returncode == 0 and done.stdout.strip() == "reference", done.stderr
+    bad = _backend_in_subprocess("fastest")
+    assert bad.returncode != 0 and "FUSED_MBCONV_BACKEND: expected one of" in bad.stderr
