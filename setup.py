@@ -87,10 +87,10 @@ def cuda_extensions() -> tuple[list, dict]:
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
-
-setup(
-    packages=find_packages(include=["fused_mbconv", "fused_mbconv.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    ext_modules, cmdclass = cuda_extensions()
+    setup(
+        packages=find_packages(include=["fused_mbconv", "fused_mbconv.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
