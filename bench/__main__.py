@@ -1,0 +1,162 @@
+"""The model benchmark: EfficientNet B0-B7, eager torchvision vs torch.compile vs the fused model.
+
+    python -m bench                          # GPU: all variants at native resolution; CPU: a small run
+    python -m bench --variants b5 --batch 32 --modes infer --providers eager,compile-max-autotune,fused
+    python -m bench --report-only bench/results/models_h100.csv
+
+Each (variant, provider, mode) row: img/s (median over repeats, after warm-up, random data),
+median/p20/p80 ms per step, peak memory (CUDA), appended to a CSV with the columns of
+bench/common.py; then a markdown report with speedup tables and PNG plots (bench/report.py).
+A configuration that runs out of memory is recorded with status "oom" and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fused_mbconv
+from bench import report
+from bench.common import DTYPES, environment, measure, write_rows
+from fused_mbconv.models import VARIANTS
+
+PROVIDERS = {
+    # name: (builds on the fused model?, torch.compile mode or None, fused backend or None)
+    "eager": (False, None, None),
+    "compile": (False, "default", None),
+    "compile-max-autotune": (False, "max-autotune-no-cudagraphs", None),
+    "fused": (True, None, "auto"),
+    "fused-triton": (True, None, "triton"),
+    "fused-cuda": (True, None, "cuda"),
+    "fused+compile": (True, "default", "auto"),
+}
+# Batch per variant on the GPU, sized so B0-B7 together fit the device time of one session.
+GPU_BATCH = {"b0": 64, "b1": 64, "b2": 48, "b3": 32, "b4": 16, "b5": 16, "b6": 8, "b7": 8}
+
+
+def build_models(variant: str, providers: list[str], device, dtype, channels_last: bool) -> dict[str, Callable]:
+    """One model per provider, every one with the same random weights as torchvision's."""
+    import torchvision
+
+    reference = getattr(torchvision.models, f"efficientnet_{variant}")(weights=None)
+    state = reference.state_dict()
+    models = {}
+    for name in providers:
+        fused, compile_mode, _ = PROVIDERS[name]
+        model = fused_mbconv.models.efficientnet(variant) if fused else getattr(torchvision.models, f"efficientnet_{variant}")()
+        model.load_state_dict(state)
+        model = model.to(device, dtype)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    return models
+
+
+def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x).float(), labels)
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def run_one(variant, provider, model, mode, batch, resolution, dtype_name, device, channels_last, repeats) -> dict:
+    row = {
+        "kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,
+        "dtype": dtype_name, "layout": "channels_last" if channels_last else "nchw",
+        "batch": batch, "resolution": resolution,
+    }  # fmt: skip
+    backend = PROVIDERS[provider][2] or "auto"
+    if backend not in fused_mbconv.available_backends():
+        return {**row, "status": f"skipped: backend {backend} unavailable"}
+    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=DTYPES[dtype_name])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    try:
+        with fused_mbconv.backend(backend):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            timing = measure(step_function(model, mode, x, labels), device, repeats=repeats, warmup=3)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    except torch.OutOfMemoryError:
+        return {**row, "status": "oom"}
+    return {**row, **timing, "img_per_s": batch / (timing["median_ms"] * 1e-3), "peak_mem_mb": peak, "status": "ok"}
+
+
+def parse_args(argv):
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="b0,b1,b2,b3,b4,b5,b6,b7" if on_gpu else "b0")
+    p.add_argument("--providers", default="eager,compile,fused,fused+compile" if on_gpu else "eager,fused")
+    p.add_argument("--modes", default="infer,train")
+    p.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=None, help="default: per variant on GPU, 2 on CPU")
+    p.add_argument("--latency", action="store_true", help="also measure batch 1 (latency)")
+    p.add_argument("--resolution", type=int, default=None, help="default: native on GPU, 64 on CPU")
+    p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
+    p.add_argument("--out", default=None, help="CSV to append to (default bench/results/models_<gpu>.csv)")
+    p.add_argument("--report", default=None, help="markdown report path (default: next to the CSV)")
+    p.add_argument("--report-only", metavar="CSV", help="only (re)write the report of an existing CSV")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        print(report.write_report(args.report_only, args.report))
+        return 0
+    from tqdm import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    out = Path(args.out or f"bench/results/models_{report.slug(env['gpu'])}.csv")
+    variants, providers, modes = (s.split(",") for s in (args.variants, args.providers, args.modes))
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; choose from {sorted(PROVIDERS)}")
+    channels_last = not args.nchw
+    plan = []
+    for variant in variants:
+        resolution = args.resolution or (VARIANTS[variant].resolution if device.type == "cuda" else 64)
+        batches = [args.batch or (GPU_BATCH[variant] if device.type == "cuda" else 2)] + ([1] if args.latency else [])
+        plan += [(variant, resolution, batch) for batch in batches]
+    rows = []
+    with tqdm(total=len(plan) * len(providers) * len(modes), file=sys.stderr, desc="bench") as progress:
+        for variant, resolution, batch in plan:
+            models = build_models(variant, providers, device, DTYPES[args.dtype], channels_last)
+            for provider, model in models.items():
+                for mode in modes:
+                    progress.set_postfix_str(f"{variant} {provider} {mode} b{batch}")
+                    row = run_one(variant, provider, model, mode, batch, resolution, args.dtype, device,
+                                  channels_last, args.repeats)  # fmt: skip
+                    rows.append({**row, **env})
+                    progress.update()
+            del models
+    write_rows(out, rows)
+    print(f"wrote {len(rows)} rows to {out}")
+    print(report.write_report(out, args.report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Timing, environment and CSV helpers shared by every benchmark in bench/.
+
+Timing: CUDA events around each call on the GPU (after warm-up, one sync per repeat), wall
+clock on the CPU; reported as median and 20th/80th percentiles in milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CSV_COLUMNS = [
+    "kind", "name", "provider", "mode", "dtype", "layout", "batch", "resolution",
+    "median_ms", "p20_ms", "p80_ms", "img_per_s", "peak_mem_mb", "pct_bw_floor",
+    "status", "gpu", "torch", "triton", "commit", "date",
+]  # fmt: skip
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _quantile(sorted_ms: list[float], q: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(round(q * (len(sorted_ms) - 1))))]
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> dict:
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` calls; milliseconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), device, repeats=20, warmup=3)["median_ms"]
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def pct_of_floor(bytes_moved: int, ms: float, bandwidth_gbs: float) -> float:
+    """Achieved fraction of the bandwidth floor: (bytes / bandwidth) / measured time, in %."""
+    return 100.0 * (bytes_moved / (bandwidth_gbs * 1e9)) / (ms * 1e-3)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """The columns that say where and when a row was measured."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def write_rows(path: str | Path, rows: Iterable[dict], append: bool = True) -> None:
+    """Write rows with the shared CSV columns (missing values left empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not (append and path.exists())
+    with path.open("a" if append else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
