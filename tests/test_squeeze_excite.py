@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as TF
 import torchvision
+from conftest import DEVICE, assert_matches, skip_if_slow
+from eager import squeeze_excite_eager
 from torch import nn
 from torch.library import opcheck
 
 import fused_mbconv
-from conftest import DEVICE, assert_matches, skip_if_slow
-from eager import squeeze_excite_eager
 from fused_mbconv import ops
 from fused_mbconv.nn import functional as F
 
@@ -30,18 +30,17 @@ def make_input(shape, dtype, layout, seed=1):
     H*W rather than ~1/sqrt(H*W) (which would leave the gate near sigmoid(b2) everywhere).
 
     "strided": every other channel of a channels-last tensor three columns wider, so no stride
-    is 1 and (H, W) cannot be walked as one flat dimension.
+    is 1 and (H, W) cannot be walked as one flat dimension. Made last: arithmetic and dtype casts
+    return dense tensors.
     """
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
-    offset = torch.randn(n, c, 1, 1, generator=g)
-    if layout == "strided":
-        x = torch.randn(n, h, w + 3, 2 * c, generator=g).permute(0, 3, 1, 2)[:, ::2, :, :w]
-    else:
-        x = torch.randn(n, c, h, w, generator=g)
-    x = (x + offset).to(DEVICE, dtype)
+    x = (torch.randn(n, c, h, w, generator=g) + torch.randn(n, c, 1, 1, generator=g)).to(DEVICE, dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(n, h, w + 3, 2 * c, dtype=dtype, device=DEVICE).permute(0, 3, 1, 2)
+        return wide[:, ::2, :, :w].copy_(x)
     return x
 
 
@@ -83,7 +82,7 @@ def forward_backward(fn, x, *params, seed=2):
 
 
 def assert_all_match(fused, eager, exact, names):
-    for name, a, e, ex in zip(names, fused, eager, exact):
+    for name, a, e, ex in zip(names, fused, eager, exact, strict=True):
         assert_matches(a, e, ex, name)
 
 
@@ -96,7 +95,7 @@ def check_functional(shape, reduced, dtype, layout, form):
     ye, grads_e = forward_backward(squeeze_excite_eager, x, *params)
     yx, grads_x = forward_backward(squeeze_excite_eager, x.double(), *weights_as(weights, torch.float64, form))
     assert_all_match([y, *grads], [ye, *grads_e], [yx, *grads_x], ["y", *GRAD_NAMES])
-    for name, p, dp in zip(GRAD_NAMES[1:], params, grads[1:]):
+    for name, p, dp in zip(GRAD_NAMES[1:], params, grads[1:], strict=True):
         assert dp.shape == p.shape and dp.dtype == p.dtype, f"{name}: {dp.shape} {dp.dtype} for {p.shape} {p.dtype}"
 
 
@@ -107,7 +106,9 @@ def test_module_matches_torchvision(backend, dtype, layout):
     shape, reduced = (2, 17, 7, 9), 4
     skip_if_slow(backend, torch.Size(shape).numel())
     exact = torchvision.ops.SqueezeExcitation(shape[1], reduced, activation=nn.SiLU).double()
-    exact.load_state_dict(dict(zip(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], make_weights(17, reduced))))
+    exact.load_state_dict(
+        dict(zip(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"], make_weights(17, reduced), strict=True))
+    )
     eager = copy.deepcopy(exact).to(DEVICE, dtype)
     exact.to(DEVICE)
     fused = fused_mbconv.nn.SqueezeExcite(shape[1], reduced)
@@ -117,21 +118,25 @@ def test_module_matches_torchvision(backend, dtype, layout):
 
     x = make_input(shape, dtype, layout)
     (y, grads), (ye, grads_e), (yx, grads_x) = (
-        forward_backward(lambda x, *_: m(x), x.to(m.fc1.weight.dtype), *m.parameters()) for m in (fused, eager, exact)
+        forward_backward(lambda x, *_, m=m: m(x), x.to(m.fc1.weight.dtype), *m.parameters())
+        for m in (fused, eager, exact)
     )
     assert_all_match([y, *grads], [ye, *grads_e], [yx, *grads_x], ["y", *GRAD_NAMES])
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last output"
 
 
-# C = 1, 3, 17, 1152 with R = max(1, C // 4); H, W = 1, 7, 13, 112; batches 1 to 3
+# C = 1, 3, 17, 1152 with R = max(1, C // 4); H, W = 1, 7, 13, 112; batches 1 to 3. C = 72 (R = 18)
+# is the widest the Triton interpreter runs quickly: channels and hidden units in several tiles.
 ODD_SHAPES = [
     (1, 1, 1, 1),
     (3, 1, 13, 7),
     (2, 3, 7, 13),
     (1, 3, 112, 112),
     (1, 17, 1, 112),
-    (3, 17, 13, 13),
+    (1, 17, 112, 1),
+    (2, 17, 13, 13),
+    (3, 72, 5, 5),
     (2, 1152, 1, 1),
     (2, 1152, 7, 7),
 ]
@@ -141,7 +146,7 @@ ODD_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_odd_sizes(backend, shape, dtype):
     reduced = max(1, shape[1] // 4)
-    skip_if_slow(backend, torch.Size(shape).numel())
+    skip_if_slow(backend, torch.Size(shape).numel(), 2 * shape[1] * reduced)  # x and both FC weights
     check_functional(shape, reduced, dtype, "channels_last", "4d")
 
 
@@ -151,6 +156,18 @@ def test_weight_forms(backend, form, layout):
     """Weights as nn.Conv2d (R, C, 1, 1) or nn.Linear (R, C) hold them, or non-contiguous; each
     gradient comes back in its weight's shape."""
     check_functional((2, 17, 5, 6), 4, torch.float32, layout, form)
+
+
+def test_broadcast_upstream_gradient(backend):
+    """``y.sum()`` hands the backward an expanded gradient, every stride 0."""
+    weights = make_weights(17, 4)
+    x = make_input((2, 17, 5, 6), torch.float32, "channels_last")
+    grads = []
+    for fn, dtype in [(F.squeeze_excite, torch.float32), (squeeze_excite_eager, torch.float32),
+                      (squeeze_excite_eager, torch.float64)]:  # fmt: skip
+        leaves = [x.detach().to(dtype).requires_grad_(True), *weights_as(weights, dtype, "4d")]
+        grads.append(torch.autograd.grad(fn(*leaves).sum(), leaves))
+    assert_all_match(*grads, GRAD_NAMES)
 
 
 def excite_eager(pooled, w1, b1, w2, b2):
@@ -171,7 +188,7 @@ def test_precomputed_squeeze(backend, dtype):
     y_p, grads_p = forward_backward(lambda x, *w: F.squeeze_excite(x, *w, pooled=ops.se_squeeze(x)), x, *params)
     # the same ops on the same values: bit for bit, the gradient reaching x through pooled included
     torch.testing.assert_close(y_p, y, rtol=0, atol=0)
-    for name, a, b in zip(GRAD_NAMES, grads_p, grads):
+    for name, a, b in zip(GRAD_NAMES, grads_p, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
     pooled = x.double().mean((2, 3))

@@ -13,6 +13,8 @@ plus ``se_excite_backward`` and ``se_scale_backward``. The squeeze's backward is
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from fused_mbconv._checks import (
@@ -192,3 +194,7 @@ def _backward_scale(ctx, grad_y):
 
 
 se_scale.register_autograd(_backward_scale, setup_context=_setup_scale)
+
+
+if importlib.util.find_spec("triton") is not None:
+    from fused_mbconv.ops.squeeze_excite import triton_impl  # noqa: E402, F401  (registers "triton")

@@ -1,0 +1,511 @@
+"""Triton backend of the squeeze-excite ops: the signatures, dtypes and output layouts of
+``reference``, fp32 math inside every kernel; fp64 (and empty) inputs go to the reference.
+
+- squeeze: the per-(n, c) mean over H*W. Tiles are (BLOCK_HW, BLOCK_C) addressed through the
+  input's strides, so channels_last (channels contiguous), NCHW and any other layout run the same
+  code. When N * C is too small to fill the GPU (an early stage at small batch: 32 channels,
+  112 x 112 pixels), H*W is split into chunks whose fp32 partial sums a second kernel adds in a
+  fixed order: deterministic, no atomics.
+- excite: both 1x1 convs, SiLU and sigmoid for the whole batch in one kernel; its backward in
+  two, the second reducing the weight gradients over the batch in a fixed order.
+- scale: y = x * gate; its backward dx = dy * gate with dgate = sum_hw dy * x, split like the
+  squeeze.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from fused_mbconv import backend as _backend
+from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops.squeeze_excite import IMPLS, reference
+
+_INTERPRETED = _backend._triton_interpreted()
+
+
+# The kernels take microseconds: 10 ms of timed runs rank configs as well as do_bench's default
+# 100 ms, at a tenth of the cost paid on each new shape.
+_bench = functools.partial(triton.testing.do_bench, warmup=2, rep=10)
+
+
+def _autotune(interpreted: dict, configs: list[triton.Config], key: list[str]):
+    """Autotune over ``configs``, keyed on shape; under the interpreter (which runs a kernel in
+    numpy, one program at a time) a single small config instead."""
+    if _INTERPRETED:
+        return triton.autotune(configs=[triton.Config(interpreted)], key=key)
+    return triton.autotune(configs=configs, key=key, do_bench=_bench)
+
+
+# Triton's interpreter casts fp32 -> bf16 by truncation (it ignores the rounding mode), where
+# the GPU rounds to nearest even: under the interpreter, round in the bits before the cast.
+_ROUND_BF16_IN_BITS: tl.constexpr = tl.constexpr(_INTERPRETED)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even (what the GPU's cast does)."""
+    if _ROUND_BF16_IN_BITS:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def _use_reference(primary: torch.Tensor, *others: torch.Tensor) -> bool:
+    # fp64 math is the reference's job (the kernels compute in fp32); empty tensors launch nothing
+    return primary.dtype == torch.float64 or any(t.numel() == 0 for t in (primary, *others))
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU whatever the current device is (a no-op for interpreted CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# (H, W) addressing and the split of H*W, shared by the squeeze, the scale and its backward
+
+
+def _hw_flat(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor walks (H, W) as one index hw with a single stride (NCHW and
+    channels_last do), which spares the kernels a division per element."""
+    _, _, h, w = tensors[0].shape
+    return all(h == 1 or w == 1 or t.stride(2) == w * t.stride(3) for t in tensors)
+
+
+def _strides(t: torch.Tensor, flat: bool) -> tuple[int, int, int, int]:
+    """(s_n, s_c, s_h, s_w) of 4-D ``t``; when ``flat``, s_w is the stride of the flat hw index."""
+    s_n, s_c, s_h, s_w = t.stride()
+    if flat and t.shape[3] == 1:
+        s_w = s_h  # hw = h
+    return s_n, s_c, s_h, s_w
+
+
+@triton.jit
+def _hw_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr):
+    """Element offsets (int64: N*C*H*W can pass 2^31) of the flat spatial indices ``hw``."""
+    if FLAT:
+        return hw.to(tl.int64) * s_w
+    else:
+        return (hw // W).to(tl.int64) * s_h + (hw % W).to(tl.int64) * s_w
+
+
+# The split of H*W aims for _WAVES programs per SM, counting _NOMINAL_BLOCK_C channels a program
+# (the tuned BLOCK_C varies), in chunks of at least _MIN_CHUNK pixels: fewer are not worth a
+# partial sum. Interpreted, the "device" gets _WAVES programs and chunks are small, so that the
+# tests' small shapes take the split path too.
+_WAVES = 4
+_NOMINAL_BLOCK_C = 64
+_MIN_CHUNK = 16 if _INTERPRETED else 512
+
+
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _WAVES
+    return _WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _hw_chunk(x: torch.Tensor) -> tuple[int, int]:
+    """(chunk, splits): each program reduces ``chunk`` consecutive pixels of H*W; more than one
+    split only when N * C alone leaves the GPU idle."""
+    n, c, h, w = x.shape
+    tiles = n * triton.cdiv(c, _NOMINAL_BLOCK_C)
+    splits = max(1, min(triton.cdiv(_target_programs(x.device), tiles), triton.cdiv(h * w, _MIN_CHUNK)))
+    chunk = triton.cdiv(h * w, splits)
+    return chunk, triton.cdiv(h * w, chunk)
+
+
+def _reduction_output(x: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Where a (N, C) reduction over H*W lands: the result itself, or fp32 partials per split."""
+    n, c = x.shape[:2]
+    if splits == 1:
+        return torch.empty((n, c), dtype=dtype, device=x.device)
+    return torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, C, SPLITS, BLOCK_C: tl.constexpr):
+    # out[n, c] = sum_s part[n, s, c], s in increasing order; grid (N, cdiv(C, BLOCK_C))
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + (n * SPLITS + s) * C + c, mask=c < C, other=0.0)
+    tl.store(out_ptr + n * C + c, _cast(acc, out_ptr.dtype.element_ty), mask=c < C)
+
+
+def _finish(reduced: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, C) result in ``dtype`` from ``_reduction_output``'s tensor."""
+    if reduced.dim() == 2:
+        return reduced
+    n, splits, c = reduced.shape
+    out = torch.empty((n, c), dtype=dtype, device=reduced.device)
+    block_c = min(1024, triton.next_power_of_2(c))
+    _sum_splits_kernel[(n, triton.cdiv(c, block_c))](reduced, out, c, splits, BLOCK_C=block_c)
+    return out
+
+
+_HW_TILE_CONFIGS = [
+    triton.Config({"BLOCK_HW": bhw, "BLOCK_C": bc}, num_warps=warps)
+    for bhw, bc, warps in [(64, 32, 4), (16, 128, 4), (128, 16, 4), (32, 128, 8)]
+]
+# a tail in both directions on the tests' small shapes (C = 17, H*W > 32)
+_HW_TILE_INTERPRETED = {"BLOCK_HW": 32, "BLOCK_C": 16}
+# N is a kernel argument for the key only (the grid grows with it); the channel stride brings in
+# the layout: 1 for channels_last, H*W for NCHW
+_HW_REDUCE_KEY = ["N", "C", "HW", "CHUNK", "s_xc"]
+# Sizes that only bound loops and split indices: not specialised on (== 1, divisible by 16), which
+# would compile a kernel per shape class. C and the strides are: they decide vector loads.
+_HW_NO_SPECIALIZE = ["N", "HW", "W", "CHUNK", "SPLITS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# squeeze
+
+
+@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, _HW_REDUCE_KEY)
+@triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
+def _squeeze_kernel(
+    x_ptr, out_ptr, N, C, HW, W, CHUNK, SPLITS, inv_hw,
+    s_xn, s_xc, s_xh, s_xw,
+    FLAT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * SPLITS, cdiv(C, BLOCK_C)): out[n, (split,) c] = sum of x[n, c, chunk] / HW
+    n = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    x_base = x_ptr + n.to(tl.int64) * s_xn + c[None, :].to(tl.int64) * s_xc
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
+    for hw0 in range(start, end, BLOCK_HW):
+        hw = hw0 + tl.arange(0, BLOCK_HW)
+        mask = (hw[:, None] < end) & (c[None, :] < C)
+        x = tl.load(x_base + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None], mask=mask, other=0.0)
+        acc += x.to(tl.float32)
+    # out is (N, C) when SPLITS == 1, else (N, SPLITS, C): the same flat index either way
+    out = tl.sum(acc, axis=0) * inv_hw
+    tl.store(out_ptr + (n.to(tl.int64) * SPLITS + split) * C + c, _cast(out, out_ptr.dtype.element_ty), mask=c < C)
+
+
+@IMPLS["squeeze"].register("triton")
+def squeeze(x: torch.Tensor) -> torch.Tensor:
+    if _use_reference(x):
+        return reference.squeeze(x)
+    n, c, h, w = x.shape
+    chunk, splits = _hw_chunk(x)
+    out = _reduction_output(x, splits, x.dtype)
+    flat = _hw_flat(x)
+    with _device_of(x):
+        grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+        _squeeze_kernel[grid](x, out, n, c, h * w, w, chunk, splits, 1.0 / (h * w), *_strides(x, flat), FLAT=flat)
+        return _finish(out, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# scale and its backward
+
+
+@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, ["N", "C", "HW", "s_xc"])
+@triton.jit(do_not_specialize=["N", "HW", "W"])
+def _scale_kernel(
+    x_ptr, gate_ptr, y_ptr, N, C, HW, W,
+    s_gn, s_gc, s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw,
+    FLAT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C)): y[n, c, hw] = x[n, c, hw] * gate[n, c]
+    hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    n = (tl.program_id(0) // hw_blocks).to(tl.int64)
+    hw = (tl.program_id(0) % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c64 = c.to(tl.int64)
+    mask = (hw[:, None] < HW) & (c[None, :] < C)
+    gate = tl.load(gate_ptr + n * s_gn + c64 * s_gc, mask=c < C, other=0.0).to(tl.float32)
+    x_off = n * s_xn + c64[None, :] * s_xc + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None]
+    y = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) * gate[None, :]
+    y_off = n * s_yn + c64[None, :] * s_yc + _hw_offsets(hw, W, s_yh, s_yw, FLAT)[:, None]
+    tl.store(y_ptr + y_off, _cast(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@IMPLS["scale"].register("triton")
+def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    if _use_reference(x, gate):
+        return reference.scale(x, gate)
+    n, c, h, w = x.shape
+    y = empty_like_layout(x, x.shape)
+    flat = _hw_flat(x, y)
+    with _device_of(x):
+        grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+        _scale_kernel[grid](
+            x, gate, y, n, c, h * w, w, *gate.stride(), *_strides(x, flat), *_strides(y, flat), FLAT=flat
+        )
+    return y
+
+
+@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, _HW_REDUCE_KEY)
+@triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
+def _scale_backward_kernel(
+    dy_ptr, x_ptr, gate_ptr, dx_ptr, dgate_ptr, N, C, HW, W, CHUNK, SPLITS,
+    s_gn, s_gc, s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_dxn, s_dxc, s_dxh, s_dxw,
+    FLAT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * SPLITS, cdiv(C, BLOCK_C)), over the chunk of H*W of the program's split:
+    #   dx = dy * gate                       (y = x * gate)
+    #   dgate[n, (split,) c] = sum dy * x    (fp32; the splits' partials are added afterwards)
+    n = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
+    n64 = n.to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c64 = c[None, :].to(tl.int64)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    gate = tl.load(gate_ptr + n64 * s_gn + c.to(tl.int64) * s_gc, mask=c < C, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
+    for hw0 in range(start, end, BLOCK_HW):
+        hw = hw0 + tl.arange(0, BLOCK_HW)
+        mask = (hw[:, None] < end) & (c[None, :] < C)
+        dy_off = n64 * s_dyn + c64 * s_dyc + _hw_offsets(hw, W, s_dyh, s_dyw, FLAT)[:, None]
+        x_off = n64 * s_xn + c64 * s_xc + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None]
+        dx_off = n64 * s_dxn + c64 * s_dxc + _hw_offsets(hw, W, s_dxh, s_dxw, FLAT)[:, None]
+        dy = tl.load(dy_ptr + dy_off, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + dx_off, _cast(dy * gate[None, :], dx_ptr.dtype.element_ty), mask=mask)
+        acc += dy * x
+    dgate = tl.sum(acc, axis=0)
+    tl.store(dgate_ptr + (n64 * SPLITS + split) * C + c, _cast(dgate, dgate_ptr.dtype.element_ty), mask=c < C)
+
+
+@IMPLS["scale_backward"].register("triton")
+def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_reference(x, gate, grad_y):
+        return reference.scale_backward(grad_y, x, gate)
+    n, c, h, w = x.shape
+    chunk, splits = _hw_chunk(x)
+    dx = empty_like_layout(x, x.shape)
+    dgate = _reduction_output(x, splits, gate.dtype)
+    flat = _hw_flat(grad_y, x, dx)
+    with _device_of(x):
+        grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+        _scale_backward_kernel[grid](
+            grad_y, x, gate, dx, dgate, n, c, h * w, w, chunk, splits,
+            *gate.stride(), *_strides(grad_y, flat), *_strides(x, flat), *_strides(dx, flat), FLAT=flat,
+        )  # fmt: skip
+        return dx, _finish(dgate, gate.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# excite: h = pooled @ w1^T + b1 (N, R); gate = sigmoid(silu(h) @ w2^T + b2) (N, C)
+#
+# Tiles are multiplied with tl.dot in fp32 ("ieee": no TF32 rounding of the inputs); every dot
+# dimension is at least 16, so a batch of 2 fills a BLOCK_N = 16 tile with masked rows.
+
+# BLOCK_C chunks the channels both as the output of FC2 and as the reduction of FC1
+_EXCITE_CONFIGS = [
+    triton.Config({"BLOCK_N": 16, "BLOCK_C": bc, "BLOCK_R": br}, num_warps=warps)
+    for bc, br, warps in [(32, 16, 2), (64, 32, 4), (128, 32, 8)]
+]
+# tails on the tests' sizes (C = 17, R = 4; C = 72, R = 18 takes several chunks of each)
+_EXCITE_INTERPRETED = {"BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_R": 16}
+_EXCITE_KEY = ["N", "C", "R"]
+# tiny matrices, scalar loads: one compiled kernel per config and dtype, whatever the sizes
+_EXCITE_NO_SPECIALIZE = ["N", "C", "R", "s_pn", "s_pc", "s_w1r", "s_w1c", "s_b1", "s_w2c", "s_w2r", "s_b2"]
+
+
+@triton.jit
+def _hidden(p_ptr, w1_ptr, b1_ptr, rows, r, N, C, R, s_pn, s_pc, s_w1r, s_w1c, s_b1,
+            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """h[rows, r] = pooled[rows, :] @ w1[r, :]^T + b1[r] in fp32, 0 where r >= R."""
+    h = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        p = tl.load(p_ptr + rows[:, None] * s_pn + k[None, :] * s_pc,
+                    mask=(rows[:, None] < N) & (k[None, :] < C), other=0.0)  # fmt: skip
+        w1t = tl.load(w1_ptr + r[None, :] * s_w1r + k[:, None] * s_w1c,
+                      mask=(r[None, :] < R) & (k[:, None] < C), other=0.0)  # fmt: skip
+        h = tl.dot(p.to(tl.float32), w1t.to(tl.float32), h, input_precision="ieee")
+    return h + tl.load(b1_ptr + r * s_b1, mask=r < R, other=0.0).to(tl.float32)[None, :]
+
+
+@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@triton.jit(do_not_specialize=_EXCITE_NO_SPECIALIZE)
+def _excite_kernel(
+    p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, N, C, R,
+    s_pn, s_pc, s_w1r, s_w1c, s_b1, s_w2c, s_w2r, s_b2,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # grid (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C)): gate[rows, cols]. Every column block recomputes
+    # its rows' hidden layer (R x C MACs a sample, a few microseconds) rather than launching twice.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    logits = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        h = _hidden(p_ptr, w1_ptr, b1_ptr, rows, r, N, C, R, s_pn, s_pc, s_w1r, s_w1c, s_b1,
+                    BLOCK_N, BLOCK_R, BLOCK_C)  # fmt: skip
+        w2t = tl.load(w2_ptr + cols[None, :] * s_w2c + r[:, None] * s_w2r,
+                      mask=(cols[None, :] < C) & (r[:, None] < R), other=0.0)  # fmt: skip
+        logits = tl.dot(h * tl.sigmoid(h), w2t.to(tl.float32), logits, input_precision="ieee")
+    logits += tl.load(b2_ptr + cols * s_b2, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+    mask = (rows[:, None] < N) & (cols[None, :] < C)
+    gate = _cast(tl.sigmoid(logits), gate_ptr.dtype.element_ty)
+    tl.store(gate_ptr + rows[:, None] * C + cols[None, :], gate, mask=mask)
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv weight (out, in, 1, 1) as the (out, in) matrix it is (a view); 2-D as is."""
+    return w.flatten(1) if w.dim() == 4 else w
+
+
+@IMPLS["excite"].register("triton")
+def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
+    if _use_reference(pooled, w1, w2):
+        return reference.excite(pooled, w1, b1, w2, b2)
+    n, c = pooled.shape
+    r = w1.shape[0]
+    w1m, w2m = _matrix(w1), _matrix(w2)
+    gate = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
+    with _device_of(pooled):
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+        _excite_kernel[grid](
+            pooled, w1m, b1, w2m, b2, gate, n, c, r,
+            *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
+        )  # fmt: skip
+    return gate
+
+
+@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@triton.jit(do_not_specialize=[*_EXCITE_NO_SPECIALIZE, "s_dgn", "s_dgc"])
+def _excite_backward_samples_kernel(
+    dg_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, dl_ptr, dh_ptr, dp_ptr, N, C, R,
+    s_dgn, s_dgc, s_pn, s_pc, s_w1r, s_w1c, s_b1, s_w2c, s_w2r, s_b2,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # grid (cdiv(N, BLOCK_N),): everything that is per sample, for the program's rows, in four
+    # passes through fp32 scratch rows (h_ptr, dh_ptr: (N, R); dl_ptr: (N, C)):
+    #   h = pooled @ w1^T + b1;  a = silu(h);  g = sigmoid(a @ w2^T + b2)
+    #   dlogits = dgate * g (1 - g)                       sigmoid' = g (1 - g)
+    #   dh = (dlogits @ w2) * s (1 + h (1 - s)), s = sigmoid(h)          silu'
+    #   dpooled = dh @ w1
+    # Each pass reads what other threads of the program stored in the one before: a barrier
+    # orders them.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows[:, None] < N
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        h = _hidden(p_ptr, w1_ptr, b1_ptr, rows, r, N, C, R, s_pn, s_pc, s_w1r, s_w1c, s_b1,
+                    BLOCK_N, BLOCK_R, BLOCK_C)  # fmt: skip
+        tl.store(h_ptr + rows[:, None] * R + r[None, :], h, mask=row_mask & (r[None, :] < R))
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        logits = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            h = tl.load(h_ptr + rows[:, None] * R + r[None, :], mask=row_mask & (r[None, :] < R), other=0.0)
+            w2t = tl.load(w2_ptr + c[None, :] * s_w2c + r[:, None] * s_w2r,
+                          mask=(c[None, :] < C) & (r[:, None] < R), other=0.0)  # fmt: skip
+            logits = tl.dot(h * tl.sigmoid(h), w2t.to(tl.float32), logits, input_precision="ieee")
+        g = tl.sigmoid(logits + tl.load(b2_ptr + c * s_b2, mask=c < C, other=0.0).to(tl.float32)[None, :])
+        mask = row_mask & (c[None, :] < C)
+        dg = tl.load(dg_ptr + rows[:, None] * s_dgn + c[None, :] * s_dgc, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dl_ptr + rows[:, None] * C + c[None, :], dg * g * (1 - g), mask=mask)
+    tl.debug_barrier()
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        da = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            dl = tl.load(dl_ptr + rows[:, None] * C + c[None, :], mask=row_mask & (c[None, :] < C), other=0.0)
+            w2 = tl.load(w2_ptr + c[:, None] * s_w2c + r[None, :] * s_w2r,
+                         mask=(c[:, None] < C) & (r[None, :] < R), other=0.0)  # fmt: skip
+            da = tl.dot(dl, w2.to(tl.float32), da, input_precision="ieee")
+        mask = row_mask & (r[None, :] < R)
+        h = tl.load(h_ptr + rows[:, None] * R + r[None, :], mask=mask, other=0.0)
+        s = tl.sigmoid(h)
+        tl.store(dh_ptr + rows[:, None] * R + r[None, :], da * s * (1 + h * (1 - s)), mask=mask)
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        dp = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            dh = tl.load(dh_ptr + rows[:, None] * R + r[None, :], mask=row_mask & (r[None, :] < R), other=0.0)
+            w1 = tl.load(w1_ptr + r[:, None] * s_w1r + c[None, :] * s_w1c,
+                         mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)  # fmt: skip
+            dp = tl.dot(dh, w1.to(tl.float32), dp, input_precision="ieee")
+        tl.store(dp_ptr + rows[:, None] * C + c[None, :], _cast(dp, dp_ptr.dtype.element_ty),
+                 mask=row_mask & (c[None, :] < C))  # fmt: skip
+
+
+@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@triton.jit(do_not_specialize=["N", "C", "R", "s_pn", "s_pc"])
+def _excite_backward_weights_kernel(
+    p_ptr, h_ptr, dl_ptr, dh_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, N, C, R, s_pn, s_pc,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # grid (cdiv(C, BLOCK_C),): the batch sums, over the samples in order (deterministic):
+    #   dw2[cols, :] = dlogits[:, cols]^T @ silu(h);   db2[cols] = sum_n dlogits[:, cols]
+    #   dw1[:, cols] = dh^T @ pooled[:, cols];         db1 = sum_n dh (by program 0)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        dw2 = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+        dw1t = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            nc_mask = (rows[None, :] < N) & col_mask[:, None]
+            nr_mask = (rows[:, None] < N) & (r[None, :] < R)
+            dl_t = tl.load(dl_ptr + rows[None, :] * C + cols[:, None], mask=nc_mask, other=0.0)
+            p_t = tl.load(p_ptr + rows[None, :] * s_pn + cols[:, None] * s_pc, mask=nc_mask, other=0.0)
+            h = tl.load(h_ptr + rows[:, None] * R + r[None, :], mask=nr_mask, other=0.0)
+            dh = tl.load(dh_ptr + rows[:, None] * R + r[None, :], mask=nr_mask, other=0.0)
+            dw2 = tl.dot(dl_t, h * tl.sigmoid(h), dw2, input_precision="ieee")
+            dw1t = tl.dot(p_t.to(tl.float32), dh, dw1t, input_precision="ieee")
+        mask = col_mask[:, None] & (r[None, :] < R)
+        tl.store(dw2_ptr + cols[:, None] * R + r[None, :], _cast(dw2, dw2_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw1_ptr + r[None, :] * C + cols[:, None], _cast(dw1t, dw1_ptr.dtype.element_ty), mask=mask)
+    db2 = tl.zeros([BLOCK_C], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < N) & col_mask[None, :]
+        db2 += tl.sum(tl.load(dl_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(db2_ptr + cols, _cast(db2, db2_ptr.dtype.element_ty), mask=col_mask)
+    if tl.program_id(0) == 0:
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            db1 = tl.zeros([BLOCK_R], tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                rows = n0 + tl.arange(0, BLOCK_N)
+                dh = tl.load(dh_ptr + rows[:, None] * R + r[None, :], mask=(rows[:, None] < N) & (r[None, :] < R),
+                             other=0.0)  # fmt: skip
+                db1 += tl.sum(dh, axis=0)
+            tl.store(db1_ptr + r, _cast(db1, db1_ptr.dtype.element_ty), mask=r < R)
+
+
+@IMPLS["excite_backward"].register("triton")
+def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
+    if _use_reference(pooled, w1, w2):
+        return reference.excite_backward(grad_gate, pooled, w1, b1, w2, b2)
+    n, c = pooled.shape
+    r = w1.shape[0]
+    w1m, w2m = _matrix(w1), _matrix(w2)
+    h, dh = (torch.empty((n, r), dtype=torch.float32, device=pooled.device) for _ in range(2))
+    dlogits = torch.empty((n, c), dtype=torch.float32, device=pooled.device)
+    dpooled = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
+    dw1, db1, dw2, db2 = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (w1, b1, w2, b2))
+    with _device_of(pooled):
+        _excite_backward_samples_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            grad_gate, pooled, w1m, b1, w2m, b2, h, dlogits, dh, dpooled, n, c, r,
+            *grad_gate.stride(), *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
+        )  # fmt: skip
+        _excite_backward_weights_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
+            pooled, h, dlogits, dh, dw1, db1, dw2, db2, n, c, r, *pooled.stride()
+        )
+    return dpooled, dw1, db1, dw2, db2
