@@ -25,10 +25,11 @@ def make_input(shape, dtype, layout, seed=1):
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
     if layout == "strided":  # every other column of a wider tensor: not contiguous in any format
-        x = torch.randn(n, c, h, 2 * w, generator=g)[..., ::2]
-    else:
-        x = torch.randn(n, c, h, w, generator=g)
-    x = x.to(DEVICE, dtype)
+        # slice last: a dtype or device copy of a view would make it contiguous again
+        x = torch.randn(n, c, h, 2 * w, generator=g).to(DEVICE, dtype)[..., ::2]
+        assert w == 1 or not x.is_contiguous()
+        return x
+    x = torch.randn(n, c, h, w, generator=g).to(DEVICE, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
