@@ -14,8 +14,22 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_mbconv_cuda, m) {
+  // Depthwise conv + BN + SiLU (csrc/dwconv_bn_silu.cpp). x in fp32/fp16/bf16, any strides;
+  // weight (C, 1, k, k) and the per-channel vectors fp32 contiguous; outputs preallocated.
   // y = silu(scale * dwconv(x, weight) + shift); squeeze_sum (N, C) fp32 += spatial sums of y.
   m.def(
       "dwconv_bn_silu_infer(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int[] padding, "
       "Tensor(a!) y, Tensor(b!)? squeeze_sum) -> ()");
+  // Training: mean, var (C,) fp32 := batch mean and biased variance of dwconv(x);
+  // y = silu(gamma * (dwconv(x) - mean) / sqrt(var + eps) + beta); squeeze_sum as above.
+  m.def(
+      "dwconv_bn_silu_train(Tensor x, Tensor weight, Tensor gamma, Tensor beta, float eps, int stride, "
+      "int[] padding, Tensor(a!) y, Tensor(b!)? squeeze_sum, Tensor(c!) mean, Tensor(d!) var) -> ()");
+  // Gradients of either (inference: mean = 0, invstd = 1, gamma = scale, beta = shift,
+  // training=False). grad_squeeze (N, C) fp32 or None; grad_x like x; grad_weight, grad_gamma,
+  // grad_beta fp32.
+  m.def(
+      "dwconv_bn_silu_backward(Tensor grad_y, Tensor? grad_squeeze, Tensor x, Tensor weight, Tensor gamma, "
+      "Tensor beta, Tensor mean, Tensor invstd, int stride, int[] padding, bool training, Tensor(a!) grad_x, "
+      "Tensor(b!) grad_weight, Tensor(c!) grad_gamma, Tensor(d!) grad_beta) -> ()");
 }

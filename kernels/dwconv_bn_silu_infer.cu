@@ -1,88 +1,108 @@
-// Inference kernel of the fused depthwise conv + folded BatchNorm + SiLU: one pass, reading x
-// once and writing y once, with the SE squeeze (spatial sum of y) accumulated on the side.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// The apply kernel of the fused depthwise conv + BatchNorm + SiLU: one pass reading x once and
+// writing y once, y = silu((conv(x) - mean) * scale + shift), with the SE squeeze (spatial sums
+// of y) on the side. It is the whole inference forward and the second pass of the training one.
 #include "dwconv_bn_silu.cuh"
+#include "dwconv_device.cuh"
+#include "static_switch.cuh"
 
 namespace fused_mbconv {
 namespace {
 
-// torch builds with __CUDA_NO_HALF_CONVERSIONS__: convert with the explicit intrinsics
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// One thread per output element, int64 indices throughout (tensors may exceed 2^31 elements).
-template <typename scalar_t, int K, int STRIDE>
-__global__ void dwconv_bn_silu_infer_kernel(const DWConvParams p) {
-  const int64_t total = p.batch * p.channels * p.out_h * p.out_w;
+// Block: kThreads threads = cpb channel lanes x `lanes` pixel lanes; a channel lane covers VEC
+// channels (VEC > 1: one 16-byte load of x and store of y per pixel, channels_last memory).
+// Dynamic shared memory: the channel group's weights as [tap][group channel] (a thread's VEC
+// weights of one tap are adjacent), then kThreads Sum<VEC> for the squeeze reduction.
+template <typename scalar_t, int K, int STRIDE, int VEC>
+__global__ void __launch_bounds__(kThreads) dwconv_bn_silu_apply_kernel(const DWConvFwdParams p) {
+  extern __shared__ float4 smem_raw[];  // float4: 16-byte aligned
+  const Tiling& t = p.tiling;
+  const int group_channels = t.cpb * VEC;
+  float* w_s = reinterpret_cast<float*>(smem_raw);
+  Sum<VEC>* red = reinterpret_cast<Sum<VEC>*>(w_s + K * K * group_channels);
   const auto* x = static_cast<const scalar_t*>(p.x);
   auto* y = static_cast<scalar_t*>(p.y);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, oh, ow, rest = i;
-    if (p.channels_last) {
-      c = rest % p.channels; rest /= p.channels;
-      ow = rest % p.out_w; rest /= p.out_w;
-      oh = rest % p.out_h; n = rest / p.out_h;
-    } else {
-      ow = rest % p.out_w; rest /= p.out_w;
-      oh = rest % p.out_h; rest /= p.out_h;
-      c = rest % p.channels; n = rest / p.channels;
+  const LaneCoord lane = lane_of(t, threadIdx.x);
+
+  int64_t staged_group = -1;
+  for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
+    const TileCoord tc = decode_tile(t, tile);
+    if (tc.group != staged_group) {
+      __syncthreads();  // every thread is done with the previous group's weights
+      const int64_t group_first = tc.group * group_channels;
+      for (int i = threadIdx.x; i < K * K * group_channels; i += kThreads) {
+        const int tap = i / group_channels;
+        const int64_t c = group_first + (i - tap * group_channels);
+        w_s[i] = c < p.shape.channels ? p.weight[c * K * K + tap] : 0.f;
+      }
+      __syncthreads();
+      staged_group = tc.group;
     }
-    const scalar_t* xc = x + n * p.x_stride[0] + c * p.x_stride[1];
-    const float* wc = p.weight + c * K * K;
-    const int64_t ih0 = oh * STRIDE - p.pad_top, iw0 = ow * STRIDE - p.pad_left;
-    float acc = 0.f;
+    const int64_t c0 = first_channel(t, tc, lane);
+    // host: with VEC > 1, channels % VEC == 0, so a lane is wholly in range or wholly idle
+    const bool active = c0 < p.shape.channels;
+    float sq[VEC];
 #pragma unroll
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t ih = ih0 + kh;
-      if (ih < 0 || ih >= p.in_h) continue;  // zero padding
+    for (int v = 0; v < VEC; ++v) sq[v] = 0.f;
+    if (active) {
+      float mean[VEC], scale[VEC], shift[VEC];
 #pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = iw0 + kw;
-        if (iw < 0 || iw >= p.in_w) continue;
-        acc += to_float(xc[ih * p.x_stride[2] + iw * p.x_stride[3]]) * wc[kh * K + kw];
+      for (int v = 0; v < VEC; ++v) {
+        mean[v] = p.mean != nullptr ? p.mean[c0 + v] : 0.f;
+        scale[v] = p.scale[c0 + v];
+        shift[v] = p.shift[c0 + v];
+      }
+      const scalar_t* xc = x + tc.n * p.x_stride[0] + c0 * p.x_stride[1];
+      scalar_t* yc = y + tc.n * p.y_stride[0] + c0 * p.y_stride[1];
+      const float* w_lane = w_s + lane.channel * VEC;
+      const auto weight = [&](int tap, int v) { return w_lane[tap * group_channels + v]; };
+      for (int q = tc.begin + lane.pixel; q < tc.end; q += t.lanes) {
+        const int oh = q / p.shape.out_w, ow = q - oh * p.shape.out_w;
+        float acc[VEC];
+        conv_point<K, STRIDE, VEC>(xc, p.x_stride[2], p.x_stride[3], p.shape.in_h, p.shape.in_w, oh, ow,
+                                   p.shape.pad_top, p.shape.pad_left, weight, acc);
+        float out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          // (c - mean) first: in training the mean may be large against the spread
+          out[v] = silu((acc[v] - mean[v]) * scale[v] + shift[v]);
+          sq[v] += out[v];  // the squeeze is the mean of the fp32 y, as in the reference
+        }
+        store_pack<VEC>(yc + oh * p.y_stride[2] + ow * p.y_stride[3], out);
       }
     }
-    const float z = acc * p.scale[c] + p.shift[c];
-    const float out = z / (1.f + __expf(-z));  // SiLU
-    y[n * p.y_stride[0] + c * p.y_stride[1] + oh * p.y_stride[2] + ow * p.y_stride[3]] = from_float<scalar_t>(out);
-    if (p.squeeze_sum != nullptr) atomicAdd(p.squeeze_sum + n * p.channels + c, out);
+    if (p.squeeze_sum != nullptr) {  // block-uniform
+      Sum<VEC> s;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) s.v[v] = sq[v];
+      s = reduce_lanes(s, red, t.cpb, t.lanes, lane);
+      // one atomic per channel and tile (tiles never span two images)
+      if (active && lane.pixel == 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) atomicAdd(p.squeeze_sum + tc.n * p.shape.channels + c0 + v, s.v[v]);
+      }
+    }
   }
-}
-
-template <typename scalar_t, int K, int STRIDE>
-cudaError_t launch(const DWConvParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const int64_t total = p.batch * p.channels * p.out_h * p.out_w;
-  // grid-stride loop: cap the grid, every element is still visited
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < 65535 * 32 ? blocks : 65535 * 32);
-  dwconv_bn_silu_infer_kernel<scalar_t, K, STRIDE><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename scalar_t>
-cudaError_t launch_dwconv_bn_silu_infer(const DWConvParams& p, int kernel_size, int stride, cudaStream_t stream) {
-  if (kernel_size == 3) return stride == 1 ? launch<scalar_t, 3, 1>(p, stream) : launch<scalar_t, 3, 2>(p, stream);
-  return stride == 1 ? launch<scalar_t, 5, 1>(p, stream) : launch<scalar_t, 5, 2>(p, stream);
+cudaError_t launch_dwconv_bn_silu_apply(const DWConvFwdParams& p, int kernel_size, int stride, cudaStream_t stream) {
+  return KERNEL_SIZE_SWITCH(kernel_size, K, [&] {
+    return STRIDE_SWITCH(stride, S, [&] {
+      return BOOL_SWITCH(p.tiling.vec > 1, kVectorized, [&] {
+        constexpr int VEC = kVectorized ? 16 / static_cast<int>(sizeof(scalar_t)) : 1;
+        const size_t smem = (static_cast<size_t>(K * K * p.tiling.cpb) + kThreads) * VEC * sizeof(float);
+        dwconv_bn_silu_apply_kernel<scalar_t, K, S, VEC>
+            <<<grid_size(p.tiling.tiles), kThreads, smem, stream>>>(p);
+        return cudaGetLastError();
+      });
+    });
+  });
 }
 
-template cudaError_t launch_dwconv_bn_silu_infer<float>(const DWConvParams&, int, int, cudaStream_t);
-template cudaError_t launch_dwconv_bn_silu_infer<__half>(const DWConvParams&, int, int, cudaStream_t);
-template cudaError_t launch_dwconv_bn_silu_infer<__nv_bfloat16>(const DWConvParams&, int, int, cudaStream_t);
+template cudaError_t launch_dwconv_bn_silu_apply<float>(const DWConvFwdParams&, int, int, cudaStream_t);
+template cudaError_t launch_dwconv_bn_silu_apply<__half>(const DWConvFwdParams&, int, int, cudaStream_t);
+template cudaError_t launch_dwconv_bn_silu_apply<__nv_bfloat16>(const DWConvFwdParams&, int, int, cudaStream_t);
 
 }  // namespace fused_mbconv

@@ -1,18 +1,43 @@
 """CUDA backend of the depthwise conv + BN + SiLU ops: glue from the op contract to the kernels
 of ``fused_mbconv._C`` (device code in kernels/dwconv_bn_silu_*.cu, host code in
-csrc/dwconv_bn_silu.cpp). Outputs are allocated here, with the layout rule the fakes use.
+csrc/dwconv_bn_silu.cpp). Outputs are allocated here, with the layout rule the fakes use; the
+kernels take weights and per-channel vectors as contiguous fp32 and return fp32 statistics and
+parameter gradients, cast here to the parameters' dtypes.
 
-Implemented: inference forward. Training forward and backward are issue #6's remaining work.
+Implemented: inference forward (one pass), training forward (batch statistics pass, then the
+inference kernel with the batch mean and gamma * invstd) and backward (two passes recomputing the
+convolution). fp64 inputs take the reference path: the kernels compute in fp32.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous()
+
+
+def _outputs(
+    x: torch.Tensor, k: int, stride: int, padding: Sequence[int], with_squeeze: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """y laid out like x, and the zeroed fp32 (N, C) buffer the kernel adds the squeeze sums to."""
+    n, c, h, w = x.shape
+    top, bottom, left, right = padding
+    y = empty_like_layout(x, (n, c, output_size(h, k, stride, top, bottom), output_size(w, k, stride, left, right)))
+    squeeze_sum = x.new_zeros((n, c), dtype=torch.float32) if with_squeeze else None
+    return y, squeeze_sum
+
+
+def _squeeze(x: torch.Tensor, y: torch.Tensor, squeeze_sum: Optional[torch.Tensor]) -> torch.Tensor:
+    if squeeze_sum is None:
+        return x.new_empty(0)
+    return (squeeze_sum / (y.shape[2] * y.shape[3])).to(x.dtype)
 
 
 @IMPLS["forward_infer"].register("cuda")
@@ -27,15 +52,60 @@ def forward_infer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype == torch.float64:  # the kernels compute in fp32; fp64 keeps the exact path
         return reference.forward_infer(x, weight, scale, shift, stride, padding, with_squeeze)
-    n, c, h, w = x.shape
-    k = weight.shape[-1]
-    top, bottom, left, right = padding
-    y = empty_like_layout(x, (n, c, output_size(h, k, stride, top, bottom), output_size(w, k, stride, left, right)))
-    squeeze_sum = x.new_zeros((n, c), dtype=torch.float32) if with_squeeze else None
+    y, squeeze_sum = _outputs(x, weight.shape[-1], stride, padding, with_squeeze)
     torch.ops.fused_mbconv_cuda.dwconv_bn_silu_infer(
-        x, weight.float().contiguous(), scale.float().contiguous(), shift.float().contiguous(),
-        stride, list(padding), y, squeeze_sum,
+        x, _f32(weight), _f32(scale), _f32(shift), stride, list(padding), y, squeeze_sum
+    )
+    return y, _squeeze(x, y, squeeze_sum)
+
+
+@IMPLS["forward_train"].register("cuda")
+def forward_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    stride: int,
+    padding: Sequence[int],
+    with_squeeze: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dtype == torch.float64:
+        return reference.forward_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
+    y, squeeze_sum = _outputs(x, weight.shape[-1], stride, padding, with_squeeze)
+    mean = x.new_empty((x.shape[1],), dtype=torch.float32)  # (C,) batch mean of conv(x)
+    var = torch.empty_like(mean)  # (C,) biased batch variance
+    torch.ops.fused_mbconv_cuda.dwconv_bn_silu_train(
+        x, _f32(weight), _f32(gamma), _f32(beta), eps, stride, list(padding), y, squeeze_sum, mean, var
+    )
+    return y, _squeeze(x, y, squeeze_sum), mean, var
+
+
+@IMPLS["backward"].register("cuda")
+def backward(
+    grad_y: torch.Tensor,
+    grad_squeeze: Optional[torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    stride: int,
+    padding: Sequence[int],
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dtype == torch.float64:
+        return reference.backward(
+            grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, padding, training
+        )  # fmt: skip
+    grad_x = empty_like_layout(x, x.shape)
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=x.device)  # (C, 1, k, k)
+    grad_gamma = x.new_empty((x.shape[1],), dtype=torch.float32)
+    grad_beta = torch.empty_like(grad_gamma)
+    torch.ops.fused_mbconv_cuda.dwconv_bn_silu_backward(
+        grad_y.to(x.dtype), None if grad_squeeze is None else _f32(grad_squeeze), x, _f32(weight), _f32(gamma),
+        _f32(beta), _f32(mean), _f32(invstd), stride, list(padding), training, grad_x, grad_weight, grad_gamma,
+        grad_beta,
     )  # fmt: skip
-    if squeeze_sum is None:
-        return y, x.new_empty(0)
-    return y, (squeeze_sum / (y.shape[2] * y.shape[3])).to(x.dtype)
+    return grad_x, grad_weight.to(weight.dtype), grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
