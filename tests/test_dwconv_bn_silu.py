@@ -120,6 +120,16 @@ def test_channels_last_vector_width(backend, dtype, k, stride, tf, training):
     check_parity(shape, k, stride, tf, dtype, "channels_last", training, with_squeeze=True, backend=backend)
 
 
+@pytest.mark.parametrize("k,stride,tf", [(3, 1, False), (5, 2, True)], ids=lambda v: str(v))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_channel_blocks_with_tail(backend, k, stride, tf, training):
+    """C = 40: more than one channel block of the Triton kernels, the last one partly masked
+    (channels_last fp16, the layout and a dtype of mixed-precision training)."""
+    shape = (2, 40, 9, 11)
+    skip_if_slow(backend, 2 * 40 * 9 * 11)
+    check_parity(shape, k, stride, tf, torch.float16, "channels_last", training, with_squeeze=True, backend=backend)
+
+
 ODD_SHAPES = [(1, 1, 7, 7), (2, 3, 13, 7), (3, 17, 1, 13), (1, 17, 7, 1), (2, 1152, 7, 7), (2, 3, 112, 112), (1, 17, 112, 13)]
 
 

@@ -18,6 +18,7 @@ Each backend ("reference", "triton", "cuda") registers its implementation in ``I
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional, Sequence
 
 import torch
@@ -248,3 +249,7 @@ def _register_backends() -> None:
 
 
 _register_backends()
+
+
+if importlib.util.find_spec("triton") is not None:  # the "triton" backend registers itself on import
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl  # noqa: E402, F401
