@@ -1,0 +1,164 @@
+"""GPU sweep: the "triton" backend against the reference backend on every depthwise layer shape of
+EfficientNet-B0..B7 (batch 2, native resolution), bf16 and fp32, eval and train, outputs and
+gradients; and a tensor past 2^31 elements (int64 offsets). Skipped without CUDA.
+
+The shapes come from the B0 stage table and the compound scaling rules, computed here so the
+sweep does not depend on the model code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import fused_mbconv
+from conftest import assert_matches
+from eager import randomize_
+from fused_mbconv.ops.dwconv_bn_silu import reference
+
+# (expand ratio, kernel, stride, input channels, output channels, repeats) of EfficientNet-B0
+B0_STAGES = [
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+STEM_CHANNELS = 32
+# variant: (width multiplier, depth multiplier, input resolution)
+SCALING = {
+    "b0": (1.0, 1.0, 224),
+    "b1": (1.0, 1.1, 240),
+    "b2": (1.1, 1.2, 260),
+    "b3": (1.2, 1.4, 300),
+    "b4": (1.4, 1.8, 380),
+    "b5": (1.6, 2.2, 456),
+    "b6": (1.8, 2.6, 528),
+    "b7": (2.0, 3.1, 600),
+}
+
+
+class DWShape(NamedTuple):
+    channels: int
+    kernel: int
+    stride: int
+    size: int  # input height = width
+
+    @property
+    def name(self) -> str:
+        return f"c{self.channels}_k{self.kernel}_s{self.stride}_h{self.size}"
+
+
+def round_filters(channels: int, width: float) -> int:
+    """Scale a channel count by ``width``, rounded to a multiple of 8, never below 90% of it."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def depthwise_shapes(variant: str) -> list[DWShape]:
+    """The distinct depthwise conv shapes of one EfficientNet variant, in network order."""
+    width, depth, resolution = SCALING[variant]
+    size = math.ceil(resolution / 2)  # the stem is a stride-2 conv
+    in_channels = round_filters(STEM_CHANNELS, width)
+    shapes: dict[DWShape, None] = {}
+    for expand, kernel, stride, _, out_channels, repeats in B0_STAGES:
+        out_channels = round_filters(out_channels, width)
+        for i in range(math.ceil(depth * repeats)):
+            block_stride = stride if i == 0 else 1
+            shapes[DWShape(in_channels * expand, kernel, block_stride, size)] = None
+            size = math.ceil(size / block_stride)  # "same" padding: ceil(size / stride)
+            in_channels = out_channels
+    return list(shapes)
+
+
+def all_depthwise_shapes() -> list[DWShape]:
+    """The distinct depthwise shapes over B0..B7."""
+    return list(dict.fromkeys(s for variant in SCALING for s in depthwise_shapes(variant)))
+
+
+def test_round_filters_and_b0_table():
+    assert [round_filters(c, 1.6) for c in (32, 16, 24, 320)] == [48, 24, 40, 512]  # B5 as in timm
+    assert depthwise_shapes("b0") == [
+        DWShape(32, 3, 1, 112), DWShape(96, 3, 2, 112), DWShape(144, 3, 1, 56), DWShape(144, 5, 2, 56),
+        DWShape(240, 5, 1, 28), DWShape(240, 3, 2, 28), DWShape(480, 3, 1, 14), DWShape(480, 5, 1, 14),
+        DWShape(672, 5, 1, 14), DWShape(672, 5, 2, 14), DWShape(1152, 5, 1, 7), DWShape(1152, 3, 1, 7),
+    ]  # fmt: skip
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BATCH = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_autotuning():
+    # hundreds of shapes: one config each keeps compile and tuning time out of a correctness sweep
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSED_MBCONV_TRITON_AUTOTUNE", "0")
+        yield
+
+
+def _forward_backward(block, x, backend_name, seed=2):
+    """y, squeeze and the grads of x, conv weight, BN weight and bias under ``backend_name``."""
+    x = x.detach().requires_grad_(True)
+    with fused_mbconv.backend(backend_name):
+        y, squeeze = block(x, with_squeeze=True)
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        dy = torch.randn(y.shape, generator=g, device=x.device, dtype=torch.float64).to(y.dtype)
+        dsq = torch.randn(squeeze.shape, generator=g, device=x.device, dtype=torch.float64).to(y.dtype)
+        grads = torch.autograd.grad([y, squeeze], [x, block[0].weight, block[1].weight, block[1].bias], [dy, dsq])
+    return [y, squeeze, *grads]
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", all_depthwise_shapes(), ids=lambda s: s.name)
+def test_efficientnet_shape(shape: DWShape, dtype, training):
+    block64 = fused_mbconv.nn.DWConvBNAct(shape.channels, shape.kernel, shape.stride)
+    randomize_(block64, torch.Generator().manual_seed(0))
+    block64 = block64.cuda().double().train(training)
+    block = copy.deepcopy(block64).to(dtype)
+    x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    fused = _forward_backward(copy.deepcopy(block), x, "triton")
+    ref = _forward_backward(copy.deepcopy(block), x, "reference")
+    exact = _forward_backward(block64, x.double(), "reference")
+    for name, a, r, e in zip(["y", "squeeze", "dx", "dweight", "dgamma", "dbeta"], fused, ref, exact, strict=True):
+        assert_matches(a, r, e, name)
+
+
+@requires_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a GPU with at least 40 GB",
+)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_past_int32_offsets(layout):
+    """(1, 48, 6000, 7500) fp16 has 2.16e9 > 2^31 elements: the kernel's offsets must be int64.
+    Compared with the reference on row slices at the start, middle and end of the image."""
+    n, c, h, w, k = 1, 48, 6000, 7500, 3
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(c, 1, k, k, generator=g) * 0.4).cuda().half()
+    scale, shift = (torch.rand(c, generator=g) + 0.5).cuda(), torch.randn(c, generator=g).cuda()
+    padding = [1, 1, 1, 1]
+    with fused_mbconv.backend("triton"):
+        y, squeeze = fused_mbconv.ops.dwconv_bn_silu(x, weight, scale, shift, 1, padding, True)
+    for rows in (slice(0, 4), slice(h // 2 - 2, h // 2 + 2), slice(h - 4, h)):
+        # output rows r need input rows r - 1 .. r + 1; outside the image the slice is padded
+        lo, hi = max(rows.start - 1, 0), min(rows.stop + 1, h)
+        pads = [1 if rows.start == 0 else 0, 1 if rows.stop == h else 0, 1, 1]
+        expected, _ = reference.forward_infer(x[:, :, lo:hi], weight, scale, shift, 1, pads, False)
+        torch.testing.assert_close(y[:, :, rows], expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(squeeze.float(), y.mean((2, 3), dtype=torch.float32), rtol=2e-3, atol=2e-3)
