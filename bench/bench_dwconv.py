@@ -1,0 +1,207 @@
+"""Benchmark: fused depthwise conv + BN + SiLU (triton backend) against eager PyTorch (cuDNN
+depthwise conv, BatchNorm2d, SiLU) and torch.compile of the same eager module, on every distinct
+depthwise layer shape of EfficientNet-B5 (batch 32, 456x456, bf16, channels_last).
+
+Modes: "infer" (eval forward under no_grad) and "train" (train-mode forward + backward to x
+and the parameters). Each time is triton.testing.do_bench's median (with p20/p80) on random
+data after a warm-up call (compiling, autotuning). pct_bw_floor = the bytes that must move
+(see ``floor_bytes``) / the time, as a percentage of the device's measured copy bandwidth.
+
+    python bench/bench_dwconv.py                # all shapes, markdown table + CSV
+    python bench/bench_dwconv.py --quick        # 3 shapes, shorter timing
+    python bench/bench_dwconv.py --list-shapes  # the shapes only (no GPU needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from torch import nn
+
+import fused_mbconv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_gpu_dwconv_shapes import DWShape, depthwise_shapes  # noqa: E402  (the shape table lives with its test)
+
+VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
+PROVIDERS = ("triton", "eager", "compile")
+MODES = ("infer", "train")
+QUANTILES = [0.5, 0.2, 0.8]
+CSV_COLUMNS = [
+    "kind", "name", "provider", "mode", "dtype", "layout", "batch", "resolution",
+    "median_ms", "p20_ms", "p80_ms", "pct_bw_floor", "gpu", "torch", "triton", "date",
+]  # fmt: skip
+
+
+def output_size(shape: DWShape) -> int:
+    return -(-shape.size // shape.stride)  # "same" padding
+
+
+def floor_bytes(shape: DWShape, mode: str, itemsize: int) -> int:
+    """Bytes any implementation of the fused design must move (weights and per-channel vectors
+    are negligible):
+
+    - infer: read x, write y (one pass);
+    - train: forward pass 1 reads x (batch statistics need all of conv(x) before normalising),
+      pass 2 reads x and writes y; backward pass 1 reads x and dy (the sums of the BN backward),
+      pass 2 reads x and dy and writes dx: 4 |x| + 3 |y| + |dx|. The triton backward also
+      writes and reads dc (the gradient of the conv output) between its dc and dx passes,
+      2 |y| more, so it tops out below 100% of this floor.
+    """
+    x = BATCH * shape.channels * shape.size**2 * itemsize
+    y = BATCH * shape.channels * output_size(shape) ** 2 * itemsize
+    return x + y if mode == "infer" else 5 * x + 3 * y
+
+
+class EagerDWConvBNSiLU(nn.Sequential):
+    def __init__(self, shape: DWShape):
+        k = shape.kernel
+        super().__init__(
+            nn.Conv2d(shape.channels, shape.channels, k, shape.stride, k // 2, groups=shape.channels, bias=False),
+            nn.BatchNorm2d(shape.channels),
+            nn.SiLU(),
+        )
+
+
+def make_modules(shape: DWShape, compile_mode: str) -> dict[str, nn.Module]:
+    eager = EagerDWConvBNSiLU(shape).cuda().to(DTYPE, memory_format=torch.channels_last)
+    fused = fused_mbconv.nn.DWConvBNAct.from_modules(*copy.deepcopy(eager)[:2])
+    return {"triton": fused, "eager": eager, "compile": torch.compile(copy.deepcopy(eager), mode=compile_mode)}
+
+
+def step_fn(module: nn.Module, mode: str, x: torch.Tensor) -> Callable[[], object]:
+    """The timed call: forward under no_grad (infer), or forward + backward to x and the
+    parameters (train)."""
+    module.train(mode == "train")
+    if mode == "infer":
+
+        def infer():
+            with torch.no_grad():
+                return module(x)
+
+        return infer
+    x = x.detach().requires_grad_(True)
+    inputs = [x, *module.parameters()]
+    n, c, _, _ = x.shape
+    size = output_size(DWShape(c, 0, module[0].stride[0], x.shape[-1]))
+    dy = torch.randn(n, c, size, size, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+
+    def train():
+        return torch.autograd.grad(module(x), inputs, dy)
+
+    return train
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=QUANTILES)[0]
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str) -> list[dict]:
+    bandwidth = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    common = {
+        "kind": "dwconv_bn_silu", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
+        "batch": BATCH, "resolution": RESOLUTION, "gpu": gpu, "torch": torch.__version__,
+        "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+    }  # fmt: skip
+    print(f"{gpu}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=DTYPE)
+        x = x.contiguous(memory_format=torch.channels_last)
+        modules = make_modules(shape, compile_mode)
+        for mode in MODES:
+            for provider in providers:
+                fn = step_fn(modules[provider], mode, x)
+                fn()  # compile, autotune
+                median, p20, p80 = triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
+                pct = 100 * floor_bytes(shape, mode, x.element_size()) / bandwidth / (median * 1e-3)
+                rows.append({**common, "name": shape.name, "provider": provider, "mode": mode,
+                             "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
+                             "pct_bw_floor": round(pct, 1)})  # fmt: skip
+                print(f"{shape.name:22s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+        del modules, x
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict], providers: list[str]) -> str:
+    """One line per (shape, mode): each provider's median ms and % of the bandwidth floor."""
+    head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
+    lines = [head, "|" + "---|" * (2 + len(providers))]
+    by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}
+    for name, mode in dict.fromkeys((r["name"], r["mode"]) for r in rows):
+        cells = [by_key.get((name, mode, p)) for p in providers]
+        text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
+        lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, help="CSV path (default bench/results/dwconv_<gpu>.csv)")
+    p.add_argument("--quick", action="store_true", help="3 shapes, shorter timing")
+    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit (no GPU needed)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    return p.parse_args(argv)
+
+
+def selected_shapes(quick: bool) -> list[DWShape]:
+    shapes = depthwise_shapes(VARIANT)
+    if not quick:
+        return shapes
+    # the largest input, the first 5x5 stride-2 layer and the last (widest channels) layer
+    largest = max(shapes, key=lambda s: s.channels * s.size**2)
+    return list(dict.fromkeys([largest, next(s for s in shapes if s.kernel == 5 and s.stride == 2), shapes[-1]]))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    shapes = selected_shapes(args.quick)
+    if args.list_shapes:
+        print(f"EfficientNet-{VARIANT.upper()} depthwise shapes at {RESOLUTION}x{RESOLUTION}, batch {BATCH}:")
+        for s in shapes:
+            print(f"  {s.name:22s} channels={s.channels} kernel={s.kernel} stride={s.stride} input={s.size}x{s.size}")
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_dwconv: needs a CUDA GPU (--list-shapes works without one)")
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        sys.exit(f"--providers: unknown {sorted(unknown)}; expected a subset of {PROVIDERS}")
+    fused_mbconv.set_backend("triton")  # the fused module's ops; the eager ones do not use it
+    rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode)
+    print(markdown(rows, providers))
+    out = args.out or Path(__file__).parent / "results" / f"dwconv_{gpu_slug(torch.cuda.get_device_name())}.csv"
+    write_csv(rows, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
