@@ -101,6 +101,12 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor) -> Callable[[], objec
     return train
 
 
+def time_call(fn: Callable[[], object], rep: int) -> list[float]:
+    """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning)."""
+    fn()
+    return triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
+
+
 def copy_bandwidth(nbytes: int = 2**30) -> float:
     """Bytes per second of a device-to-device copy (read + write counted)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -129,9 +135,11 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
         modules = make_modules(shape, compile_mode)
         for mode in MODES:
             for provider in providers:
-                fn = step_fn(modules[provider], mode, x)
-                fn()  # compile, autotune
-                median, p20, p80 = triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
+                try:
+                    median, p20, p80 = time_call(step_fn(modules[provider], mode, x), rep)
+                except Exception as e:  # e.g. a compile failure: report it, keep the other rows
+                    print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
                 pct = 100 * floor_bytes(shape, mode, x.element_size()) / bandwidth / (median * 1e-3)
                 rows.append({**common, "name": shape.name, "provider": provider, "mode": mode,
                              "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
