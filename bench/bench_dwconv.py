@@ -62,25 +62,22 @@ def floor_bytes(shape: DWShape, mode: str, itemsize: int) -> int:
     return x + y if mode == "infer" else 5 * x + 3 * y
 
 
-class EagerDWConvBNSiLU(nn.Sequential):
-    def __init__(self, shape: DWShape):
-        k = shape.kernel
-        super().__init__(
-            nn.Conv2d(shape.channels, shape.channels, k, shape.stride, k // 2, groups=shape.channels, bias=False),
-            nn.BatchNorm2d(shape.channels),
-            nn.SiLU(),
-        )
+def eager_module(shape: DWShape) -> nn.Sequential:
+    """nn.Conv2d(groups=C) (cuDNN) + nn.BatchNorm2d + nn.SiLU, as the unfused model runs it."""
+    c, k = shape.channels, shape.kernel
+    return nn.Sequential(nn.Conv2d(c, c, k, shape.stride, k // 2, groups=c, bias=False), nn.BatchNorm2d(c), nn.SiLU())
 
 
 def make_modules(shape: DWShape, compile_mode: str) -> dict[str, nn.Module]:
-    eager = EagerDWConvBNSiLU(shape).cuda().to(DTYPE, memory_format=torch.channels_last)
-    fused = fused_mbconv.nn.DWConvBNAct.from_modules(*copy.deepcopy(eager)[:2])
+    eager = eager_module(shape).cuda().to(DTYPE, memory_format=torch.channels_last)
+    conv, bn, _ = copy.deepcopy(eager)
+    fused = fused_mbconv.nn.DWConvBNAct.from_modules(conv, bn)
     return {"triton": fused, "eager": eager, "compile": torch.compile(copy.deepcopy(eager), mode=compile_mode)}
 
 
-def step_fn(module: nn.Module, mode: str, x: torch.Tensor) -> Callable[[], object]:
+def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Callable[[], object]:
     """The timed call: forward under no_grad (infer), or forward + backward to x and the
-    parameters (train)."""
+    parameters (train) with a random gradient of the (out_size x out_size) output."""
     module.train(mode == "train")
     if mode == "infer":
 
@@ -91,9 +88,8 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor) -> Callable[[], objec
         return infer
     x = x.detach().requires_grad_(True)
     inputs = [x, *module.parameters()]
-    n, c, _, _ = x.shape
-    size = output_size(DWShape(c, 0, module[0].stride[0], x.shape[-1]))
-    dy = torch.randn(n, c, size, size, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(*x.shape[:2], out_size, out_size, device=x.device, dtype=x.dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
 
     def train():
         return torch.autograd.grad(module(x), inputs, dy)
@@ -136,7 +132,7 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
         for mode in MODES:
             for provider in providers:
                 try:
-                    median, p20, p80 = time_call(step_fn(modules[provider], mode, x), rep)
+                    median, p20, p80 = time_call(step_fn(modules[provider], mode, x, output_size(shape)), rep)
                 except Exception as e:  # e.g. a compile failure: report it, keep the other rows
                     print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     continue
