@@ -40,12 +40,14 @@ def fold_batch_norm(
     running_var: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with BN(c) = scale * c + shift, in fp32 (differentiable in gamma, beta)."""
-    invstd = torch.rsqrt(running_var.float() + eps)
-    scale = invstd if gamma is None else gamma.float() * invstd
-    shift = -running_mean.float() * scale
+    """(scale, shift) with BN(c) = scale * c + shift, in fp32, or fp64 for fp64 statistics
+    (differentiable in gamma, beta)."""
+    acc = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    scale = invstd if gamma is None else gamma.to(acc) * invstd
+    shift = -running_mean.to(acc) * scale
     if beta is not None:
-        shift = shift + beta.float()
+        shift = shift + beta.to(acc)
     return scale, shift
 
 
@@ -70,12 +72,14 @@ def dwconv_bn_silu(
     stride: int,
     padding: list[int],
     with_squeeze: bool = False,
+    folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """silu(BatchNorm2d(depthwise_conv(x))) with nn.BatchNorm2d's semantics.
 
     Arguments follow ``torch.nn.functional.batch_norm``: with ``training`` normalise with the
     batch's statistics and, when running buffers are given, update them in place with factor
-    ``momentum`` (unbiased variance); otherwise normalise with the running statistics.
+    ``momentum`` (unbiased variance); otherwise normalise with the running statistics, folded
+    into (scale, shift) by ``fold_batch_norm`` unless ``folded`` already holds its result.
     Returns (y, squeeze): squeeze is the (N, C) mean of y over its spatial dims, or None.
     """
     x = _autocast_input(x)
@@ -92,7 +96,7 @@ def dwconv_bn_silu(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-        scale, shift = fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+        scale, shift = folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
         y, squeeze = ops.dwconv_bn_silu(x, weight, scale, shift, stride, padding, with_squeeze)
     return y, (squeeze if with_squeeze else None)
 

@@ -1,0 +1,66 @@
+"""The MBConv block (inverted residual + squeeze-excite) with torchvision's layout:
+``block`` = [expand ConvBNAct (absent when the expand ratio is 1), depthwise, SE, project
+ConvBNAct without activation] and ``stochastic_depth``, so its state_dict keys are torchvision's.
+
+With the fused modules in place (DWConvBNAct, SqueezeExcite), the depthwise kernel's squeeze
+by-product feeds the SE, which then skips its own pass over the expanded tensor. With plain
+modules in place (after ``fused_mbconv.revert``) it runs them one after the other as torchvision
+does, which is also the only path TorchScript sees.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fused_mbconv.models.config import Block
+from fused_mbconv.models.layers import ConvBNAct, StochasticDepth, conv2d
+from fused_mbconv.nn import DWConvBNAct, SqueezeExcite
+
+
+class MBConv(nn.Module):
+    """y = x + stochastic_depth(block(x)) when the block keeps shape (stride 1, same width),
+    else block(x). x (N, Cin, H, W) -> (N, Cout, H / stride, W / stride)."""
+
+    def __init__(self, block: nn.Sequential, stochastic_depth: nn.Module, use_res_connect: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.stochastic_depth = stochastic_depth
+        self.use_res_connect = use_res_connect
+
+    @classmethod
+    def build(cls, spec: Block, stochastic_depth_prob: float, padding: str, eps: float, momentum: float) -> "MBConv":
+        """A freshly initialised block for ``spec`` (one entry of ``config.blocks``)."""
+        norm = {"padding": padding, "eps": eps, "momentum": momentum}
+        hidden = spec.expanded_channels
+        layers: list[nn.Module] = []
+        if hidden != spec.in_channels:
+            layers.append(ConvBNAct(spec.in_channels, hidden, 1, **norm))
+        depthwise = conv2d(hidden, hidden, spec.kernel_size, spec.stride, groups=hidden, padding=padding)
+        layers += [
+            DWConvBNAct.from_modules(depthwise, nn.BatchNorm2d(hidden, eps=eps, momentum=momentum)),
+            SqueezeExcite(hidden, spec.squeeze_channels),
+            ConvBNAct(hidden, spec.out_channels, 1, activation=False, **norm),
+        ]
+        use_res_connect = spec.stride == 1 and spec.in_channels == spec.out_channels
+        return cls(nn.Sequential(*layers), StochasticDepth(stochastic_depth_prob), use_res_connect)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            result = self.block(x)
+        else:
+            result = self._run_block(x)
+        if self.use_res_connect:
+            result = self.stochastic_depth(result)
+            result += x
+        return result
+
+    @torch.jit.unused
+    def _run_block(self, x: torch.Tensor) -> torch.Tensor:
+        *expand, depthwise, se, project = self.block
+        if not (isinstance(depthwise, DWConvBNAct) and isinstance(se, SqueezeExcite)):
+            return self.block(x)
+        for layer in expand:
+            x = layer(x)
+        x, pooled = depthwise(x, with_squeeze=True)
+        return project(se(x, pooled=pooled))

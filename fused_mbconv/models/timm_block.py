@@ -1,0 +1,48 @@
+"""timm's EfficientNet blocks (InvertedResidual, DepthwiseSeparableConv) on the fused ops.
+
+timm keeps the depthwise conv and its BatchNormAct2d (BN + SiLU) in two attributes and the SE as
+``se.conv_reduce``/``se.conv_expand``. ``FusedTimmBlock`` registers the very same child modules
+under the same names, so Parameters, buffers and state_dict keys are untouched, and replaces only
+the forward: depthwise conv + BN + SiLU + squeeze in one op, then the SE gate from that squeeze.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fused_mbconv.nn import DWConvBNAct
+from fused_mbconv.nn import functional as F
+
+
+class FusedTimmBlock(nn.Module):
+    """Runs ``before`` (child names), the fused depthwise ``conv`` + ``norm``, the SE, ``after``,
+    then timm's residual (``drop_path(x) + shortcut`` when ``has_skip``)."""
+
+    def __init__(self, block: nn.Module, before: tuple[str, ...], conv: str, norm: str, after: tuple[str, ...]) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.before, self.after = before, after
+        self.has_skip = block.has_skip
+        bn = getattr(block, norm)
+        # A view of the conv and BN (still registered above under their timm names) for the fused
+        # call. Kept out of _modules on purpose: registering it would list every key twice.
+        self.__dict__["depthwise"] = DWConvBNAct.from_modules(getattr(block, conv), bn, bn.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        for name in self.before:
+            x = getattr(self, name)(x)
+        se = self.se
+        if isinstance(se, nn.Identity):
+            x = self.depthwise(x)
+        else:
+            x, pooled = self.depthwise(x, with_squeeze=True)
+            reduce, expand = se.conv_reduce, se.conv_expand
+            x = F.squeeze_excite(x, reduce.weight, reduce.bias, expand.weight, expand.bias, pooled)
+        for name in self.after:
+            x = getattr(self, name)(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x

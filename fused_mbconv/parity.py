@@ -1,0 +1,90 @@
+"""What "matches eager PyTorch" means for whole models (``python -m fused_mbconv`` and the tests).
+
+A tensor computed by the fused model is compared with the same tensor computed in float64 (the
+exact answer) and with eager PyTorch's in the same dtype: the fused error may be at most twice
+eager's plus a floor. Fusing reorders sums, so it must not be held to eager's exact rounding, but
+it must not lose precision either.
+
+For one tensor the floor is a few units in the last place of the dtype. For a model's gradients
+and BN statistics it is the typical relative error eager PyTorch itself makes over the whole set
+(its median): through a deep network each tensor's rounding noise is a single random sample, and
+eager is sometimes luckier than usual on one tensor; a real bug is off by orders of magnitude.
+Some gradients are exactly zero in exact arithmetic (the bias of a BN whose output reaches a
+training-mode BN only through a conv: the second BN removes any constant shift), so what every
+implementation returns for them is rounding noise; where eager has no correct digit, the fused
+noise may be up to NOISE_FACTOR times eager's.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+# relative to the exact tensor's magnitude: reordered fp32 sums; ~2 units in the last place of 16-bit
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+NOISE_FACTOR = 10.0
+
+
+@dataclass
+class Check:
+    name: str
+    error: float  # max |fused - exact|
+    bound: float
+    eager_error: float  # max |eager - exact|
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        errors = f"max error {self.error:.3g} (eager {self.eager_error:.3g}, bound {self.bound:.3g})"
+        return f"{self.name}: {errors} {verdict}"
+
+
+def _errors(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> tuple[float, float, float]:
+    if not fused.shape == eager.shape == exact.shape:
+        shapes = f"fused {tuple(fused.shape)}, eager {tuple(eager.shape)}, exact {tuple(exact.shape)}"
+        raise ValueError(f"fused, eager, exact: expected one shape, got {shapes}")
+    exact = exact.double()
+    error = (fused.double() - exact).abs().max().item()
+    eager_error = (eager.double() - exact).abs().max().item()
+    return error, eager_error, exact.abs().max().item()
+
+
+def compare(name: str, fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> Check:
+    """One tensor: error <= 2 x eager's error + FLOOR[dtype] x max |exact|."""
+    error, eager_error, scale = _errors(fused, eager, exact)
+    return Check(name, error, 2 * eager_error + FLOOR[dtype] * scale, eager_error)
+
+
+def compare_all(
+    fused: Mapping[str, torch.Tensor],
+    eager: Mapping[str, torch.Tensor],
+    exact: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> list[Check]:
+    """Every tensor of a set (a model's gradients, its BN buffers): error <= 2 x (eager's error on
+    that tensor + eager's median relative error over the set x max |exact|) + the dtype's floor;
+    for a tensor that is zero up to eager's rounding noise, error <= NOISE_FACTOR x eager's."""
+    if not set(fused) == set(eager) == set(exact):
+        raise ValueError(f"the tensor sets differ: {sorted(set(fused) ^ set(exact))[:5]}")
+    errors = {n: _errors(fused[n], eager[n], exact[n]) for n in exact}
+    relative = [e / s for _, e, s in errors.values() if s > 0]
+    typical = statistics.median(relative) if relative else 0.0
+    checks = []
+    for n, (error, eager_error, scale) in errors.items():
+        if scale <= eager_error:  # eager has no correct digit: the exact value is zero up to noise
+            bound = NOISE_FACTOR * eager_error
+        else:
+            bound = 2 * (eager_error + typical * scale) + FLOOR[dtype] * scale
+        checks.append(Check(n, error, bound, eager_error))
+    return checks
+
+
+def worst(checks: list[Check]) -> Check:
+    """The check closest to (or furthest past) its bound."""
+    return max(checks, key=lambda c: c.error / c.bound if c.bound > 0 else float("inf"))

@@ -1,0 +1,95 @@
+"""DWConvBNAct in eval() folds BatchNorm into a per-channel scale and shift once and reuses them;
+every way the BN tensors can change must refresh them, and autograd must still see the fold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eager import EagerDWConvBNAct, randomize_
+from fused_mbconv.nn import DWConvBNAct
+
+
+def pair(seed=0):
+    """(fused, eager) in eval() with the same random weights and statistics."""
+    eager = randomize_(EagerDWConvBNAct(8, 3, 1), torch.Generator().manual_seed(seed)).eval()
+    fused = DWConvBNAct(8, 3, 1)
+    fused.load_state_dict(eager.state_dict())
+    return fused.eval(), eager
+
+
+X = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(1))
+
+
+def same(fused, eager, x=X):
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fold_is_computed_once_and_reused():
+    fused, eager = pair()
+    same(fused, eager)
+    scale = fused._fold_cache[2]
+    same(fused, eager)
+    assert fused._fold_cache[2] is scale
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m[1].weight.mul_(1.5),  # an optimizer step (in place)
+        lambda m: m[1].running_var.add_(0.5),
+        lambda m: m.load_state_dict({k: v * 1.1 if v.is_floating_point() else v for k, v in m.state_dict().items()}),
+        lambda m: setattr(m[1].bias, "data", m[1].bias.data + 1.0),  # a new tensor under the same Parameter
+        lambda m: setattr(m[1], "eps", 0.5),
+    ],
+    ids=["in-place", "running-stat", "load_state_dict", "data-assign", "eps"],
+)
+def test_a_changed_bn_refreshes_the_fold(change):
+    fused, eager = pair()
+    same(fused, eager)
+    with torch.no_grad():
+        change(fused)
+    eager.load_state_dict(fused.state_dict())
+    eager[1].eps = fused[1].eps
+    same(fused, eager)
+
+
+def test_a_training_step_refreshes_the_fold():
+    fused, eager = pair()
+    same(fused, eager)
+    x = torch.randn(4, 8, 9, 9)
+    fused.train()(x)  # new running statistics
+    eager.train()(x)
+    same(fused.eval(), eager.eval())
+
+
+def test_dtype_conversion_refreshes_the_fold():
+    fused, eager = pair()
+    same(fused, eager)
+    fused, eager = fused.double(), eager.double()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(X.double()), eager(X.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_reach_bn_parameters_in_eval():
+    fused, eager = pair()
+    same(fused, eager)  # a cached fold exists, made without autograd
+    for m in (fused, eager):
+        m(X).square().sum().backward()
+    for a, b in ((fused[1].weight, eager[1].weight), (fused[1].bias, eager[1].bias)):
+        assert a.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fold_made_in_inference_mode_is_not_saved_for_backward():
+    fused, eager = pair()
+    for p in fused.parameters():
+        p.requires_grad_(False)  # frozen backbone: the fold may be cached with grad mode on
+    with torch.inference_mode():
+        fused(X)
+    x = X.clone().requires_grad_(True)
+    fused(x).sum().backward()  # would fail if the inference-mode fold were reused here
+    x_eager = X.clone().requires_grad_(True)
+    eager(x_eager).sum().backward()
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-5, atol=1e-6)

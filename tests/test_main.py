@@ -1,0 +1,39 @@
+"""python -m fused_mbconv (the README's main job) with small arguments: it reports PASS and exit
+code 0 on a correct model, FAIL and exit code 1 on a broken one, and rejects bad arguments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fused_mbconv
+from fused_mbconv.__main__ import main
+
+SMALL = ["--variant", "b0", "--resolution", "64", "--batch", "2", "--steps", "1", "--device", "cpu"]
+
+
+def test_main_reports_pass(capsys):
+    assert main(SMALL) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert out.startswith("## fused_mbconv: EfficientNet-B0, 64x64, batch 2, float32, cpu")
+    for row in ("| eval logits |", "| train loss |", "| gradients (worst of 213", "| running statistics (worst of 98",
+                "| inference |", "| training step |"):  # fmt: skip
+        assert row in out
+    assert "FAIL" not in out and out.rstrip().endswith("**PASS**")
+
+
+def test_main_fails_on_a_wrong_model(capsys, monkeypatch):
+    # an SE that returns its input: the fused model no longer computes EfficientNet
+    monkeypatch.setattr(fused_mbconv.nn.functional, "squeeze_excite", lambda x, *args: x)
+    assert main(SMALL) == 1
+    out = capsys.readouterr().out
+    assert "| eval logits |" in out and "| FAIL |" in out and out.rstrip().endswith("**FAIL**")
+
+
+def test_bad_arguments_exit_with_a_message():
+    for args, message in ((["--backend", "cuda"], "--backend: 'cuda' cannot run here"),
+                          (["--batch", "0"], "--batch: expected a positive number, got 0")):  # fmt: skip
+        command = [sys.executable, "-m", "fused_mbconv", "--device", "cpu", *args]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
