@@ -29,8 +29,7 @@ from torch import nn
 
 import fused_mbconv
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_gpu_dwconv_shapes import DWShape, depthwise_shapes  # noqa: E402  (the shape table lives with its test)
+from fused_mbconv.models.config import DWShape, depthwise_shapes
 
 VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
 PROVIDERS = ("triton", "eager", "compile")

@@ -1,86 +1,27 @@
-"""GPU sweep: the "triton" backend against the reference backend on every depthwise layer shape of
+"""GPU sweep: the fused backends ("triton", "cuda") against the reference backend on every depthwise layer shape of
 EfficientNet-B0..B7 (batch 2, native resolution), bf16 and fp32, eval and train, outputs and
 gradients; and a tensor past 2^31 elements (int64 offsets). Skipped without CUDA.
 
-The shapes come from the B0 stage table and the compound scaling rules, computed here so the
-sweep does not depend on the model code.
+The shapes come from the model's own description (fused_mbconv.models.config), which
+tests/test_gpu_se_shapes.py checks against torchvision's models.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from typing import NamedTuple
 
 import pytest
 import torch
 
 import fused_mbconv
-from conftest import assert_matches
+from conftest import assert_matches, backend_params
 from eager import randomize_
+from fused_mbconv.models.config import VARIANTS, DWShape, depthwise_shapes, round_filters
 from fused_mbconv.ops.dwconv_bn_silu import reference
-
-# (expand ratio, kernel, stride, input channels, output channels, repeats) of EfficientNet-B0
-B0_STAGES = [
-    (1, 3, 1, 32, 16, 1),
-    (6, 3, 2, 16, 24, 2),
-    (6, 5, 2, 24, 40, 2),
-    (6, 3, 2, 40, 80, 3),
-    (6, 5, 1, 80, 112, 3),
-    (6, 5, 2, 112, 192, 4),
-    (6, 3, 1, 192, 320, 1),
-]
-STEM_CHANNELS = 32
-# variant: (width multiplier, depth multiplier, input resolution)
-SCALING = {
-    "b0": (1.0, 1.0, 224),
-    "b1": (1.0, 1.1, 240),
-    "b2": (1.1, 1.2, 260),
-    "b3": (1.2, 1.4, 300),
-    "b4": (1.4, 1.8, 380),
-    "b5": (1.6, 2.2, 456),
-    "b6": (1.8, 2.6, 528),
-    "b7": (2.0, 3.1, 600),
-}
-
-
-class DWShape(NamedTuple):
-    channels: int
-    kernel: int
-    stride: int
-    size: int  # input height = width
-
-    @property
-    def name(self) -> str:
-        return f"c{self.channels}_k{self.kernel}_s{self.stride}_h{self.size}"
-
-
-def round_filters(channels: int, width: float) -> int:
-    """Scale a channel count by ``width``, rounded to a multiple of 8, never below 90% of it."""
-    scaled = channels * width
-    rounded = max(8, int(scaled + 4) // 8 * 8)
-    return rounded + 8 if rounded < 0.9 * scaled else rounded
-
-
-def depthwise_shapes(variant: str) -> list[DWShape]:
-    """The distinct depthwise conv shapes of one EfficientNet variant, in network order."""
-    width, depth, resolution = SCALING[variant]
-    size = math.ceil(resolution / 2)  # the stem is a stride-2 conv
-    in_channels = round_filters(STEM_CHANNELS, width)
-    shapes: dict[DWShape, None] = {}
-    for expand, kernel, stride, _, out_channels, repeats in B0_STAGES:
-        out_channels = round_filters(out_channels, width)
-        for i in range(math.ceil(depth * repeats)):
-            block_stride = stride if i == 0 else 1
-            shapes[DWShape(in_channels * expand, kernel, block_stride, size)] = None
-            size = math.ceil(size / block_stride)  # "same" padding: ceil(size / stride)
-            in_channels = out_channels
-    return list(shapes)
-
 
 def all_depthwise_shapes() -> list[DWShape]:
     """The distinct depthwise shapes over B0..B7."""
-    return list(dict.fromkeys(s for variant in SCALING for s in depthwise_shapes(variant)))
+    return list(dict.fromkeys(s for variant in VARIANTS for s in depthwise_shapes(variant)))
 
 
 def test_round_filters_and_b0_table():
@@ -120,7 +61,8 @@ def _forward_backward(block, x, backend_name, seed=2):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", all_depthwise_shapes(), ids=lambda s: s.name)
-def test_efficientnet_shape(shape: DWShape, dtype, training):
+@pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
+def test_efficientnet_shape(shape: DWShape, dtype, training, backend_name):
     block64 = fused_mbconv.nn.DWConvBNAct(shape.channels, shape.kernel, shape.stride)
     randomize_(block64, torch.Generator().manual_seed(0))
     block64 = block64.cuda().double().train(training)
@@ -128,7 +70,7 @@ def test_efficientnet_shape(shape: DWShape, dtype, training):
     x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
 
-    fused = _forward_backward(copy.deepcopy(block), x, "triton")
+    fused = _forward_backward(copy.deepcopy(block), x, backend_name)
     ref = _forward_backward(copy.deepcopy(block), x, "reference")
     exact = _forward_backward(block64, x.double(), "reference")
     for name, a, r, e in zip(["y", "squeeze", "dx", "dweight", "dgamma", "dbeta"], fused, ref, exact, strict=True):
@@ -141,7 +83,8 @@ def test_efficientnet_shape(shape: DWShape, dtype, training):
     reason="needs a GPU with at least 40 GB",
 )
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-def test_past_int32_offsets(layout):
+@pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
+def test_past_int32_offsets(layout, backend_name):
     """(1, 48, 6000, 7500) fp16 has 2.16e9 > 2^31 elements: the kernel's offsets must be int64.
     Compared with the reference on row slices at the start, middle and end of the image."""
     n, c, h, w, k = 1, 48, 6000, 7500, 3
@@ -153,7 +96,7 @@ def test_past_int32_offsets(layout):
     weight = (torch.randn(c, 1, k, k, generator=g) * 0.4).cuda().half()
     scale, shift = (torch.rand(c, generator=g) + 0.5).cuda(), torch.randn(c, generator=g).cuda()
     padding = [1, 1, 1, 1]
-    with fused_mbconv.backend("triton"):
+    with fused_mbconv.backend(backend_name):
         y, squeeze = fused_mbconv.ops.dwconv_bn_silu(x, weight, scale, shift, 1, padding, True)
     for rows in (slice(0, 4), slice(h // 2 - 2, h // 2 + 2), slice(h - 4, h)):
         # output rows r need input rows r - 1 .. r + 1; outside the image the slice is padded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,49 @@ def blocks(variant: Variant) -> list[Block]:
                 )  # fmt: skip
             )
     return out
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """The activation sizes around one MBConv block's fusable layers, for an input image of
+    ``resolution``: its depthwise conv sees (expanded, in_size, in_size) and its squeeze-excite
+    (expanded, out_size, out_size), reduced to ``squeeze`` channels."""
+
+    block: Block
+    in_size: int
+    out_size: int
+
+    @property
+    def expanded(self) -> int:
+        return self.block.expanded_channels
+
+
+def layer_shapes(variant: Variant, resolution: int | None = None) -> list[LayerShapes]:
+    """Every block of ``variant`` with its spatial sizes ("same" padding rounds up: ceil(size / stride));
+    the stem halves the image first."""
+    size = math.ceil((resolution or variant.resolution) / 2)
+    shapes = []
+    for block in blocks(variant):
+        out_size = math.ceil(size / block.stride)
+        shapes.append(LayerShapes(block, size, out_size))
+        size = out_size
+    return shapes
+
+
+class DWShape(NamedTuple):
+    """One depthwise layer: ``channels`` (expanded), ``kernel``, ``stride``, input ``size`` x size."""
+
+    channels: int
+    kernel: int
+    stride: int
+    size: int  # input height = width
+
+    @property
+    def name(self) -> str:
+        return f"c{self.channels}_k{self.kernel}_s{self.stride}_h{self.size}"
+
+
+def depthwise_shapes(variant: str) -> list[DWShape]:
+    """The distinct depthwise conv shapes of one EfficientNet variant, in network order."""
+    layers = layer_shapes(VARIANTS[variant])
+    return list(dict.fromkeys(DWShape(s.expanded, s.block.kernel_size, s.block.stride, s.in_size) for s in layers))
