@@ -94,7 +94,6 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
         with fused_mbconv.backend(backend):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             timing = measure(step_function(model, mode, x, labels), device, repeats=repeats, warmup=3)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     except torch.OutOfMemoryError:

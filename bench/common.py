@@ -1,6 +1,6 @@
 """Timing, environment and CSV helpers shared by every benchmark in bench/.
 
-Timing: CUDA events around each call on the GPU (after warm-up, one sync per repeat), wall
+Timing (fused_mbconv._timing): CUDA events around each call on the GPU after warm-up, wall
 clock on the CPU; reported as median and 20th/80th percentiles in milliseconds.
 """
 
@@ -11,11 +11,12 @@ import datetime
 import os
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from fused_mbconv._timing import time_calls
 
 CSV_COLUMNS = [
     "kind", "name", "provider", "mode", "dtype", "layout", "batch", "resolution",
@@ -32,24 +33,7 @@ def _quantile(sorted_ms: list[float], q: float) -> float:
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> dict:
     """Run ``fn`` ``warmup`` times, then time ``repeats`` calls; milliseconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    times = sorted(time_calls(fn, device, repeats, warmup))
     return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
 
 

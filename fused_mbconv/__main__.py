@@ -19,7 +19,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 import fused_mbconv
 from fused_mbconv import parity
+from fused_mbconv._timing import time_calls
 from fused_mbconv.backend import BACKENDS
 from fused_mbconv.models import VARIANTS, create_efficientnet
 
@@ -108,26 +108,8 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> tuple[float, Optional[float]]:
         """(median milliseconds, peak allocated MiB on CUDA or None)."""
-        for _ in range(self.warmup):
-            fn()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        times = []
-        for _ in range(self.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
+        times = time_calls(fn, self.device, self.repeats, self.warmup)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         return statistics.median(times), peak
 
 
