@@ -23,7 +23,7 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
@@ -38,7 +38,7 @@ def _missing(name: str) -> str | None:
     if name in ("auto", "reference"):
         return None
     if name == "triton":
-        if not _triton_importable():
+        if not triton_importable():
             return "the 'triton' package is not installed (pip install triton)"
         if not (torch.cuda.is_available() or _triton_interpreted()):
             return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"

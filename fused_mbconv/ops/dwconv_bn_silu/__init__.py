@@ -18,11 +18,12 @@ Each backend ("reference", "triton", "cuda") registers its implementation in ``I
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional, Sequence
 
 import torch
 
+from fused_mbconv import _extension
+from fused_mbconv import backend as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
 from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference
@@ -241,15 +242,8 @@ def _(grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, paddin
     )
 
 
-def _register_backends() -> None:
-    from fused_mbconv import _extension
-
-    if _extension.loaded():
-        from fused_mbconv.ops.dwconv_bn_silu import cuda_impl  # noqa: F401
-
-
-_register_backends()
-
-
-if importlib.util.find_spec("triton") is not None:  # the "triton" backend registers itself on import
+# The other backends register themselves in IMPLS when imported, where they can run.
+if _backend.triton_importable():
     from fused_mbconv.ops.dwconv_bn_silu import triton_impl  # noqa: E402, F401
+if _extension.loaded():
+    from fused_mbconv.ops.dwconv_bn_silu import cuda_impl  # noqa: E402, F401

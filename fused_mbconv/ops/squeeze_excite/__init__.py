@@ -13,10 +13,9 @@ plus ``se_excite_backward`` and ``se_scale_backward``. The squeeze's backward is
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
+from fused_mbconv import backend as _backend
 from fused_mbconv._checks import (
     check_nonempty_batch,
     check_same_device,
@@ -196,5 +195,6 @@ def _backward_scale(ctx, grad_y):
 se_scale.register_autograd(_backward_scale, setup_context=_setup_scale)
 
 
-if importlib.util.find_spec("triton") is not None:
-    from fused_mbconv.ops.squeeze_excite import triton_impl  # noqa: E402, F401  (registers "triton")
+# The Triton backend registers itself in IMPLS when imported, where Triton is installed.
+if _backend.triton_importable():
+    from fused_mbconv.ops.squeeze_excite import triton_impl  # noqa: E402, F401
