@@ -21,7 +21,7 @@ import torch
 
 import fused_mbconv
 from bench import report
-from bench.common import DTYPES, environment, measure, write_rows
+from bench.common import DTYPES, environment, measure, slug, write_rows
 from fused_mbconv.models import VARIANTS
 
 PROVIDERS = {
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    out = Path(args.out or f"bench/results/models_{report.slug(env['gpu'])}.csv")
+    out = Path(args.out or f"bench/results/models_{slug(env['gpu'])}.csv")
     variants, providers, modes = (s.split(",") for s in (args.variants, args.providers, args.modes))
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:

@@ -1,4 +1,4 @@
-"""Benchmark: fused depthwise conv + BN + SiLU (triton backend) against eager PyTorch (cuDNN
+"""Benchmark: fused depthwise conv + BN + SiLU (triton and cuda backends) against eager PyTorch (cuDNN
 depthwise conv, BatchNorm2d, SiLU) and torch.compile of the same eager module, on every distinct
 depthwise layer shape of EfficientNet-B5 (batch 32, 456x456, bf16, channels_last).
 
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,18 +24,17 @@ import torch
 import triton
 from torch import nn
 
-import fused_mbconv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
-from fused_mbconv.models.config import DWShape, depthwise_shapes
+import fused_mbconv  # noqa: E402
+from bench.common import copy_bandwidth_gbs, environment, pct_of_floor, slug, write_rows  # noqa: E402
+from fused_mbconv.models.config import DWShape, depthwise_shapes  # noqa: E402
 
 VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
-PROVIDERS = ("triton", "eager", "compile")
+FUSED = ("triton", "cuda")  # providers that run the fused module under that backend
+PROVIDERS = (*FUSED, "eager", "compile")
 MODES = ("infer", "train")
 QUANTILES = [0.5, 0.2, 0.8]
-CSV_COLUMNS = [
-    "kind", "name", "provider", "mode", "dtype", "layout", "batch", "resolution",
-    "median_ms", "p20_ms", "p80_ms", "pct_bw_floor", "gpu", "torch", "triton", "date",
-]  # fmt: skip
 
 
 def output_size(shape: DWShape) -> int:
@@ -71,7 +67,8 @@ def make_modules(shape: DWShape, compile_mode: str) -> dict[str, nn.Module]:
     eager = eager_module(shape).cuda().to(DTYPE, memory_format=torch.channels_last)
     conv, bn, _ = copy.deepcopy(eager)
     fused = fused_mbconv.nn.DWConvBNAct.from_modules(conv, bn)
-    return {"triton": fused, "eager": eager, "compile": torch.compile(copy.deepcopy(eager), mode=compile_mode)}
+    return {**dict.fromkeys(FUSED, fused), "eager": eager,
+            "compile": torch.compile(copy.deepcopy(eager), mode=compile_mode)}  # fmt: skip
 
 
 def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Callable[[], object]:
@@ -102,27 +99,14 @@ def time_call(fn: Callable[[], object], rep: int) -> list[float]:
     return triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
 
 
-def copy_bandwidth(nbytes: int = 2**30) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=QUANTILES)[0]
-    return 2 * nbytes / (ms * 1e-3)
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
 def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str) -> list[dict]:
-    bandwidth = copy_bandwidth()
-    gpu = torch.cuda.get_device_name()
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth_gbs(device)
     common = {
         "kind": "dwconv_bn_silu", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
-        "batch": BATCH, "resolution": RESOLUTION, "gpu": gpu, "torch": torch.__version__,
-        "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+        "batch": BATCH, "resolution": RESOLUTION, "status": "ok", **environment(device),
     }  # fmt: skip
-    print(f"{gpu}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for shape in shapes:
         x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=DTYPE)
@@ -131,11 +115,12 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
         for mode in MODES:
             for provider in providers:
                 try:
-                    median, p20, p80 = time_call(step_fn(modules[provider], mode, x, output_size(shape)), rep)
+                    with fused_mbconv.backend(provider if provider in FUSED else "auto"):
+                        median, p20, p80 = time_call(step_fn(modules[provider], mode, x, output_size(shape)), rep)
                 except Exception as e:  # e.g. a compile failure: report it, keep the other rows
                     print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     continue
-                pct = 100 * floor_bytes(shape, mode, x.element_size()) / bandwidth / (median * 1e-3)
+                pct = pct_of_floor(floor_bytes(shape, mode, x.element_size()), median, bandwidth)
                 rows.append({**common, "name": shape.name, "provider": provider, "mode": mode,
                              "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
                              "pct_bw_floor": round(pct, 1)})  # fmt: skip
@@ -155,14 +140,6 @@ def markdown(rows: list[dict], providers: list[str]) -> str:
         text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
         lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
     return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,11 +175,11 @@ def main(argv=None) -> None:
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         sys.exit(f"--providers: unknown {sorted(unknown)}; expected a subset of {PROVIDERS}")
-    fused_mbconv.set_backend("triton")  # the fused module's ops; the eager ones do not use it
+    providers = [p for p in providers if p not in FUSED or p in fused_mbconv.available_backends()]
     rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode)
     print(markdown(rows, providers))
-    out = args.out or Path(__file__).parent / "results" / f"dwconv_{gpu_slug(torch.cuda.get_device_name())}.csv"
-    write_csv(rows, out)
+    out = args.out or Path(__file__).parent / "results" / f"dwconv_{slug(torch.cuda.get_device_name())}.csv"
+    write_rows(out, rows, append=False)
     print(f"wrote {out}")
 
 

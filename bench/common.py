@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -48,6 +49,11 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
 def pct_of_floor(bytes_moved: int, ms: float, bandwidth_gbs: float) -> float:
     """Achieved fraction of the bandwidth floor: (bytes / bandwidth) / measured time, in %."""
     return 100.0 * (bytes_moved / (bandwidth_gbs * 1e9)) / (ms * 1e-3)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe short form of a device name."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "device"
 
 
 def _git_commit() -> str:

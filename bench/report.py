@@ -7,18 +7,13 @@ fused / the best torch.compile provider of that row group.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import read_rows
+from bench.common import read_rows, slug
 
 FUSED = "fused"
 COMPILED = ("compile", "compile-max-autotune")
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "device"
 
 
 def _float(value: str) -> float | None:

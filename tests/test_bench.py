@@ -47,3 +47,11 @@ def test_cli_small_cpu_run(tmp_path, monkeypatch):
     assert {r["provider"] for r in rows} == {"eager", "fused"}
     assert all(r["status"] == "ok" and float(r["img_per_s"]) > 0 for r in rows)
     assert csv_path.with_suffix(".md").exists()
+
+
+def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
+    from bench import bench_dwconv
+
+    bench_dwconv.main(["--list-shapes"])
+    out = capsys.readouterr().out
+    assert "EfficientNet-B5" in out and "c48_k3_s1_h228" in out  # B5's first depthwise layer
