@@ -19,6 +19,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,6 +34,12 @@ from fused_mbconv.models import VARIANTS, create_efficientnet
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 0
 FP16_LOSS_SCALE = 2.0**10  # keeps fp16 gradients clear of underflow in the parity check
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """What the run is doing, on stderr: at native resolution on a GPU it takes a while."""
+    print(f"[{time.perf_counter() - _START:6.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def randomize_batch_norm_(model: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -86,11 +93,17 @@ def check_parity(
 ) -> list[parity.Check]:
     dtype = runner.dtype
     exact = copy.deepcopy(tv).double()  # taken before any training step changes the statistics
-    logits = [runner.logits(m, x, d) for m, d in ((fused, dtype), (tv, dtype), (exact, torch.float64))]
+    models = (("fused", fused, dtype), ("torchvision", tv, dtype), ("float64 torchvision", exact, torch.float64))
+    logits = []
+    for name, model, model_dtype in models:
+        progress(f"eval logits: {name}")
+        logits.append(runner.logits(model, x, model_dtype))
     checks = [parity.compare("eval logits", *logits, dtype)]
-    f_loss, f_grads, f_bufs = runner.train_step(fused, x, labels, dtype)
-    e_loss, e_grads, e_bufs = runner.train_step(tv, x, labels, dtype)
-    x_loss, x_grads, x_bufs = runner.train_step(exact, x, labels, torch.float64)
+    steps = []
+    for name, model, model_dtype in models:
+        progress(f"training step: {name}")
+        steps.append(runner.train_step(model, x, labels, model_dtype))
+    (f_loss, f_grads, f_bufs), (e_loss, e_grads, e_bufs), (x_loss, x_grads, x_bufs) = steps
     checks.append(parity.compare("train loss", f_loss, e_loss, x_loss, dtype))
     for what, sets in (("gradients", (f_grads, e_grads, x_grads)), ("running statistics", (f_bufs, e_bufs, x_bufs))):
         group = parity.compare_all(*sets, dtype)
@@ -133,6 +146,7 @@ def benchmark(model: nn.Module, runner: Runner, timer: Timer, x: torch.Tensor, l
 
     model.eval()
     inference = timer(infer)
+    progress("timing: training step")
     model.train()
     return {"inference": inference, "training step": timer(train)}
 
@@ -212,11 +226,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=generator)
     labels = torch.randint(0, 1000, (args.batch,), generator=generator)
     runner = Runner(device, dtype, args.channels_last)
-    with fused_mbconv.backend(args.backend):
-        checks = check_parity(tv, fused, runner, x, labels)
-        timer = Timer(device, warmup=3 if device.type == "cuda" else 1, repeats=args.steps)
-        timings = {name: benchmark(m, runner, timer, x, labels)
-                   for name, m in (("torchvision eager", tv), ("fused", fused))}
+    # process-wide, not the thread-local ``with fused_mbconv.backend(...)``: autograd runs the
+    # backward of CUDA tensors on its own thread, which a thread-local choice does not reach
+    fused_mbconv.set_backend(args.backend)
+    checks = check_parity(tv, fused, runner, x, labels)
+    timer = Timer(device, warmup=3 if device.type == "cuda" else 1, repeats=args.steps)
+    timings = {}
+    for name, model in (("torchvision eager", tv), ("fused", fused)):
+        progress(f"timing {name}: inference")
+        timings[name] = benchmark(model, runner, timer, x, labels)
     print(report(args, device, checks, timings))
     return 0 if all(c.ok for c in checks) else 1
 

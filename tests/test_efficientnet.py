@@ -4,6 +4,7 @@ running statistics) with the same weights, timm checkpoints, feature maps, and b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -36,6 +37,18 @@ def model_backends():
         if complete:
             out.append(pytest.param(name, id=name, marks=marks))
     return out
+
+
+@contextlib.contextmanager
+def backend_everywhere(name: str):
+    """``name`` for every thread: autograd runs the backward of CUDA tensors on its own thread,
+    which the thread-local ``fused_mbconv.backend(name)`` does not reach."""
+    previous = fused_mbconv.get_backend()
+    fused_mbconv.set_backend(name)
+    try:
+        yield
+    finally:
+        fused_mbconv.set_backend(previous)
 
 
 def matched_pair(variant: str, seed: int = 0, **kwargs):
@@ -116,7 +129,7 @@ def test_eval_logits_match_torchvision(variant, size, layout, backend):
     exact = copy.deepcopy(tv).double().eval()
     x, tv, fused = in_layout(layout, images(2, size), tv, fused)
     x64 = x.double().contiguous()  # fp64 is slow in channels_last
-    with torch.no_grad(), fused_mbconv.backend(backend):
+    with torch.no_grad(), backend_everywhere(backend):
         check(parity.compare("logits", fused.eval()(x), tv.eval()(x), exact(x64), torch.float32))
         features = fused.forward_features(x)
         check(parity.compare("forward_features", features, tv.features(x), exact.features(x64), torch.float32))
@@ -144,7 +157,7 @@ def test_training_step_matches_torchvision(variant, size, layout, backend):
     exact = copy.deepcopy(tv).double()
     x, tv, fused = in_layout(layout, images(4, size), tv, fused)
     labels = torch.tensor([1, 5, 7, 999], device=DEVICE)
-    with fused_mbconv.backend(backend):
+    with backend_everywhere(backend):
         f = train_step(fused, x, labels)
     e, d = train_step(tv, x, labels), train_step(exact, x.contiguous(), labels)  # fp64 is slow in channels_last
     check(parity.compare("loss", f[0], e[0], d[0], torch.float32))
