@@ -77,6 +77,11 @@ def test_convert_keeps_parameters_keys_and_outputs(name):
     assert all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
 
 
+# tracing TF "same" padding bakes the padding of the traced size in, as the warning says
+EXPORT_WARNINGS = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.*deprecated")
+
+
+@EXPORT_WARNINGS
 @pytest.mark.parametrize("name", ["torchvision_b0", "timm_tf_b0"])
 def test_revert_gives_back_the_original_modules(name):
     model, x, _ = build(name)
@@ -94,6 +99,7 @@ def test_revert_gives_back_the_original_modules(name):
     torch.testing.assert_close(traced(x), expected)
 
 
+@EXPORT_WARNINGS
 @pytest.mark.parametrize("padding", ["same", "tf"])
 def test_revert_native_model_is_plain_and_exportable(padding):
     model = fused_mbconv.efficientnet_b0(padding=padding).eval()
@@ -110,6 +116,9 @@ def test_revert_native_model_is_plain_and_exportable(padding):
         torch.testing.assert_close(torch.jit.trace(plain, x)(x), expected, rtol=1e-5, atol=1e-6)
         if padding == "same":  # Conv2dSame computes its padding in Python: trace it, not script it
             torch.testing.assert_close(torch.jit.script(plain)(x), expected, rtol=1e-5, atol=1e-6)
+    exported = torch.export.export(plain, (x,)).module()  # what torch.onnx.export(dynamo=True) starts from
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
     # and back again
     fused, summary = fused_mbconv.convert(plain)
     assert summary.counts() == {"DWConvBNAct": 16, "SqueezeExcite": 16} and summary.left == []
