@@ -2,6 +2,9 @@
 
 The choice is process-wide (``set_backend``), scoped (``with backend(...)``) or from the
 environment (``FUSED_MBCONV_BACKEND``). "auto" picks per device and shape at call time.
+
+Process-wide, not per thread, on purpose: autograd runs the backward of CUDA tensors on its own
+worker thread, which must see the backend that the forward ran with.
 """
 
 from __future__ import annotations
@@ -9,14 +12,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import threading
 from typing import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
-
-_state = threading.local()
 
 
 def _triton_interpreted() -> bool:
@@ -69,26 +69,26 @@ def _validated(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for this thread (and the default for threads started later)."""
-    global _default
-    _default = _validated(name)
-    _state.name = _default
+    """Choose the backend for the whole process."""
+    global _current
+    _current = _validated(name)
 
 
 def get_backend() -> str:
-    """The backend in force in this thread."""
-    return getattr(_state, "name", _default)
+    """The backend in force."""
+    return _current
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
     """Run the enclosed block with backend ``name``; the previous choice is restored after."""
-    previous = get_backend()
-    _state.name = _validated(name)
+    global _current
+    previous = _current
+    _current = _validated(name)
     try:
         yield
     finally:
-        _state.name = previous
+        _current = previous
 
 
 def _from_environment() -> str:
@@ -100,7 +100,7 @@ def _from_environment() -> str:
     return name
 
 
-_default = _from_environment()
+_current = _from_environment()
 
 
 def check_usable(name: str, device: torch.device) -> None:

@@ -27,15 +27,32 @@ def test_context_manager_restores_previous_choice():
     assert fused_mbconv.get_backend() == "auto"
 
 
-def test_set_backend_and_thread_default():
-    try:
-        fused_mbconv.set_backend("reference")
-        seen = []
+def test_choice_is_seen_by_other_threads():
+    """Process-wide: autograd's CUDA worker thread runs the backward under the forward's backend."""
+    seen = []
+    with fused_mbconv.backend("reference"):
         t = threading.Thread(target=lambda: seen.append(fused_mbconv.get_backend()))
         t.start(), t.join()
-        assert fused_mbconv.get_backend() == "reference" and seen == ["reference"]
+    try:
+        fused_mbconv.set_backend("reference")
+        t = threading.Thread(target=lambda: seen.append(fused_mbconv.get_backend()))
+        t.start(), t.join()
     finally:
         fused_mbconv.set_backend("auto")
+    assert seen == ["reference", "reference"]
+
+
+def test_backward_runs_under_the_forward_backend(monkeypatch):
+    """The backward op picks its implementation under the backend of the enclosing block."""
+    from fused_mbconv.ops.dwconv_bn_silu import IMPLS as DW
+
+    calls = []
+    reference_backward = DW["backward"]._by_backend["reference"]
+    monkeypatch.setitem(DW["backward"]._by_backend, "reference", lambda *a: calls.append(1) or reference_backward(*a))
+    block = fused_mbconv.nn.DWConvBNAct(4).train()
+    with fused_mbconv.backend("reference"):
+        block(torch.randn(2, 4, 6, 6, requires_grad=True)).sum().backward()
+    assert calls == [1]
 
 
 def test_unknown_backend_name_is_rejected():
