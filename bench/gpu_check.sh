@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log into $OUT/N
 } >"$OUT/summary.txt" 2>&1
 
 step build 150 env TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -e .
-step tests 170 env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -x tests
+step tests 170 env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider tests
 step sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "test_channels_last_vector_width or (test_parity and float32 and strided)"
 step bench_dwconv 150 $PY bench/bench_dwconv.py --out "$OUT/dwconv.csv"
