@@ -47,7 +47,10 @@ def build_models(variant: str, providers: list[str], device, dtype, channels_las
     models = {}
     for name in providers:
         fused, compile_mode, _ = PROVIDERS[name]
-        model = fused_mbconv.models.create_efficientnet(variant) if fused else getattr(torchvision.models, f"efficientnet_{variant}")()
+        if fused:
+            model = fused_mbconv.models.create_efficientnet(variant)
+        else:
+            model = getattr(torchvision.models, f"efficientnet_{variant}")()
         model.load_state_dict(state)
         model = model.to(device, dtype)
         if channels_last:

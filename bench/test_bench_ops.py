@@ -57,7 +57,8 @@ def test_dwconv_bn_silu_backward(benchmark):
     x, w, gamma, beta = _inputs()
     mean, invstd = torch.zeros_like(gamma), torch.ones_like(gamma)
     dy = torch.randn_like(x)
-    _bench(benchmark, lambda: ops.dwconv_bn_silu_backward(dy, None, x, w, gamma, beta, mean, invstd, 1, [2, 2, 2, 2], True))
+    padding = [2, 2, 2, 2]
+    _bench(benchmark, lambda: ops.dwconv_bn_silu_backward(dy, None, x, w, gamma, beta, mean, invstd, 1, padding, True))
 
 
 def test_squeeze_excite(benchmark):

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch import nn
 
 import fused_mbconv
-from conftest import DEVICE
 
 
 class DWSEBlock(nn.Module):

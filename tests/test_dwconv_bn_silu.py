@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fused_mbconv
 from conftest import DEVICE, assert_matches, skip_if_slow
 from eager import dw_triplet
+
+import fused_mbconv
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -13,10 +13,10 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import BACKENDS, DEVICE, INTERPRETED
 from torch import nn
 
 import fused_mbconv
-from conftest import BACKENDS, DEVICE, INTERPRETED
 from fused_mbconv import parity
 from fused_mbconv.__main__ import randomize_batch_norm_
 from fused_mbconv.models import VARIANTS, load_timm_state_dict

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from eager import EagerDWConvBNAct, randomize_
+
 from fused_mbconv.nn import DWConvBNAct
 
 

@@ -12,12 +12,13 @@ import copy
 
 import pytest
 import torch
-
-import fused_mbconv
 from conftest import assert_matches, backend_params
 from eager import randomize_
+
+import fused_mbconv
 from fused_mbconv.models.config import VARIANTS, DWShape, depthwise_shapes, round_filters
 from fused_mbconv.ops.dwconv_bn_silu import reference
+
 
 def all_depthwise_shapes() -> list[DWShape]:
     """The distinct depthwise shapes over B0..B7."""

@@ -14,6 +14,7 @@ from test_squeeze_excite import check_functional
 import fused_mbconv
 from fused_mbconv.models.config import VARIANTS, layer_shapes
 
+
 def se_shapes(variant: str) -> list[tuple[int, int, int]]:
     """(C, R, size) of each squeeze-excite in ``variant``: C the expanded channels, R a quarter of
     the block's input channels, size x size the block's output."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from fused_mbconv import ops
 
 C, R = 6, 2
@@ -77,8 +77,12 @@ def test_gradcheck_dwconv_fp64():
         g = _t(3, dtype=torch.float64, positive=True, requires_grad=True)
         b = _t(3, dtype=torch.float64, requires_grad=True)
         # y and the squeeze; mean and var feed the running statistics only (not differentiable)
-        train = lambda x, w, g, b: ops.dwconv_bn_silu_train(x, w, g, b, 1e-3, stride, padding, True)[:2]  # noqa: E731
-        infer = lambda x, w, g, b: ops.dwconv_bn_silu(x, w, g, b, stride, padding, True)  # noqa: E731
+        def train(x, w, g, b, stride=stride, padding=padding):
+            return ops.dwconv_bn_silu_train(x, w, g, b, 1e-3, stride, padding, True)[:2]
+
+        def infer(x, w, g, b, stride=stride, padding=padding):
+            return ops.dwconv_bn_silu(x, w, g, b, stride, padding, True)
+
         assert torch.autograd.gradcheck(train, (x, w, g, b))
         assert torch.autograd.gradcheck(infer, (x, w, g, b))
 

@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-
-import fused_mbconv
 from conftest import DEVICE
 from eager import dw_triplet
+
+import fused_mbconv
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

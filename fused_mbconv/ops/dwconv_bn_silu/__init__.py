@@ -81,7 +81,8 @@ def check_inputs(
     out_w = output_size(x.shape[3], k, stride, left, right)
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {k}, stride {stride}, padding {list(padding)}"
+            f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {k}, stride {stride}, "
+            f"padding {list(padding)}"
         )
     return out_h, out_w
 
