@@ -86,3 +86,17 @@ def test_environment_variable():
     assert done.returncode == 0 and done.stdout.strip() == "reference", done.stderr
     bad = _backend_in_subprocess("fastest")
     assert bad.returncode != 0 and "FUSED_MBCONV_BACKEND: expected one of" in bad.stderr
+
+
+def test_auto_on_cuda_keeps_training_ops_on_the_reference_until_validated(monkeypatch):
+    """"auto" takes the fused inference kernels on CUDA but not yet the training ones (see
+    bench/results/2026-11-26_h200_first_contact.md); an explicit backend still reaches them."""
+    from fused_mbconv import backend as backend_module
+
+    if "triton" not in IMPLS["forward_infer"].backends():
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(backend_module, "available_backends", lambda: ["auto", "triton", "reference"])
+    cuda = torch.device("cuda")
+    assert IMPLS["forward_infer"].pick(cuda) is IMPLS["forward_infer"]._by_backend["triton"]
+    for op in ("forward_train", "backward"):
+        assert IMPLS[op].pick(cuda) is IMPLS[op]._by_backend["reference"]
