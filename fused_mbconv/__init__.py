@@ -9,7 +9,7 @@
 """
 
 from fused_mbconv import models, nn, ops
-from fused_mbconv.backend import available_backends, backend, get_backend, set_backend
+from fused_mbconv.backends import available_backends, backend, get_backend, set_backend
 from fused_mbconv.convert import ConversionSummary, convert, revert
 from fused_mbconv.models import (
     efficientnet_b0,

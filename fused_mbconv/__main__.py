@@ -28,7 +28,7 @@ from torch import nn
 import fused_mbconv
 from fused_mbconv import parity
 from fused_mbconv._timing import time_calls
-from fused_mbconv.backend import BACKENDS
+from fused_mbconv.backends import BACKENDS
 from fused_mbconv.models import VARIANTS, create_efficientnet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -226,8 +226,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=generator)
     labels = torch.randint(0, 1000, (args.batch,), generator=generator)
     runner = Runner(device, dtype, args.channels_last)
-    # process-wide, not the thread-local ``with fused_mbconv.backend(...)``: autograd runs the
-    # backward of CUDA tensors on its own thread, which a thread-local choice does not reach
     fused_mbconv.set_backend(args.backend)
     checks = check_parity(tv, fused, runner, x, labels)
     timer = Timer(device, warmup=3 if device.type == "cuda" else 1, repeats=args.steps)

@@ -91,7 +91,7 @@ def test_environment_variable():
 def test_auto_on_cuda_keeps_training_ops_on_the_reference_until_validated(monkeypatch):
     """"auto" takes the fused inference kernels on CUDA but not yet the training ones (see
     bench/results/2026-11-26_h200_first_contact.md); an explicit backend still reaches them."""
-    from fused_mbconv import backend as backend_module
+    from fused_mbconv import backends as backend_module
 
     if "triton" not in IMPLS["forward_infer"].backends():
         pytest.skip("triton is not installed")

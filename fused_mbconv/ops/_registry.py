@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from fused_mbconv import backend as _backend
+from fused_mbconv import backends as _backend
 
 # "auto" preference on CUDA devices, fastest first. Issue #6 replaces this with a measured table.
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")

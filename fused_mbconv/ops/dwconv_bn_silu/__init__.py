@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from fused_mbconv import _extension
-from fused_mbconv import backend as _backend
+from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_UNVALIDATED, Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference

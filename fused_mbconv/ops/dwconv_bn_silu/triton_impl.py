@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.backend import _triton_interpreted
+from fused_mbconv.backends import _triton_interpreted
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step

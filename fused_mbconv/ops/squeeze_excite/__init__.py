@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_mbconv import backend as _backend
+from fused_mbconv import backends as _backend
 from fused_mbconv._checks import (
     check_nonempty_batch,
     check_same_device,

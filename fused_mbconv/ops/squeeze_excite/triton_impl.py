@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from fused_mbconv import backend as _backend
+from fused_mbconv import backends as _backend
 from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops.squeeze_excite import IMPLS, reference
 
-_INTERPRETED = _backend._triton_interpreted()
+_INTERPRETED = _backend.triton_interpreted()
 
 
 # The kernels take microseconds: 10 ms of timed runs rank configs as well as do_bench's default

@@ -19,7 +19,7 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "reference")
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -40,7 +40,7 @@ def _missing(name: str) -> str | None:
     if name == "triton":
         if not triton_importable():
             return "the 'triton' package is not installed (pip install triton)"
-        if not (torch.cuda.is_available() or _triton_interpreted()):
+        if not (torch.cuda.is_available() or triton_interpreted()):
             return "no CUDA device is visible and TRITON_INTERPRET=1 is not set"
         return None
     if name == "cuda":
@@ -110,7 +110,7 @@ def check_usable(name: str, device: torch.device) -> None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs CUDA tensors only; got a tensor on {device}")
-    if name == "triton" and device.type != "cuda" and not _triton_interpreted():
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
         raise RuntimeError(
             f"backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a tensor on {device}"
         )
