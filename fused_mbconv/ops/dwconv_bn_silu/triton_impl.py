@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.backends import _triton_interpreted
+from fused_mbconv.backends import triton_interpreted
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step
@@ -52,7 +52,7 @@ def _configs(gpu_configs: Sequence[tuple[int, int, int]]) -> list[triton.Config]
     """(BLOCK_P, BLOCK_C, num_warps) triples as autotune configs. The interpreter gets a single
     config (tuning there would run every kernel once per config) with big tiles: it pays per
     operation, not per element, so fewer tiles run faster."""
-    if _triton_interpreted():
+    if triton_interpreted():
         gpu_configs = [(128, 32, 1)]
     return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in gpu_configs]
 
