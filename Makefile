@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fused_mbconv-installed
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp kernels/*.cu kernels/*.cuh)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
 
 .PHONY: setup demo test test-gpu bench lint clean
 

@@ -2,14 +2,12 @@
 // backward): argument checks, device guard, dtype dispatch, tiling and fp32 workspaces, and the
 // launches on the current stream, each checked.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include "dwconv_bn_silu.cuh"
+#include "host_utils.h"
 
 namespace fused_mbconv {
 namespace {
@@ -17,12 +15,6 @@ namespace {
 // Pixel indices inside one image plane are ints in the kernels (int64 division per pixel would
 // cost more than the convolution); chunk bounds stay below 2^31 when planes are below 2^30.
 constexpr int64_t kMaxPlanePixels = int64_t{1} << 30;
-
-void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " (the device of x), got ",
-              t.device());
-}
 
 void check_vector(const at::Tensor& t, const char* name, const at::Tensor& x) {
   check_cuda(t, name, x);
@@ -84,51 +76,6 @@ void check_activation(const at::Tensor& t, const char* name, const at::Tensor& x
               ", ", s.out_w, ") (the convolution of x ", x.sizes(), "), got ", t.scalar_type(), " ", t.sizes());
 }
 
-void copy_strides(const at::Tensor& t, int64_t (&strides)[4]) {
-  for (int d = 0; d < 4; ++d) strides[d] = t.stride(d);
-}
-
-// Channels are innermost in memory (channels_last): threads then run along channels.
-bool channels_inner(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1; }
-
-// 16-byte vectors of channels are possible when x and y have channel stride 1, every other
-// stride and C are multiples of the vector width, and both base pointers are 16-byte aligned.
-int vector_width(const at::Tensor& x, const at::Tensor& y) {
-  const int64_t vec = 16 / x.element_size();
-  if (x.size(1) % vec != 0) return 1;
-  for (const at::Tensor* t : {&x, &y}) {
-    if (t->stride(1) != 1 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return 1;
-    for (const int d : {0, 2, 3}) {
-      if (t->stride(d) % vec != 0) return 1;
-    }
-  }
-  return static_cast<int>(vec);
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<scalar_t>{}) for x's dtype.
-template <typename F>
-void dispatch_dtype(const at::Tensor& x, F&& f) {
-  switch (x.scalar_type()) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<__half>{}); break;
-    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, "x: expected float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
-
-void check_launch(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, kernel, ": kernel launch failed: ", cudaGetErrorString(err));
-}
-
-at::Tensor float_workspace(const at::Tensor& x, at::IntArrayRef sizes) {
-  return at::empty(sizes, x.options().dtype(at::kFloat));
-}
-
 // y = silu((conv(x) - mean) * scale + shift), squeeze_sum += spatial sums of y.
 template <typename scalar_t>
 void run_apply(const at::Tensor& x, const at::Tensor& weight, const float* mean, const float* scale,
@@ -136,7 +83,7 @@ void run_apply(const at::Tensor& x, const at::Tensor& weight, const float* mean,
                const std::optional<at::Tensor>& squeeze_sum, cudaStream_t stream) {
   DWConvFwdParams p{};
   p.shape = shape;
-  const int vec = vector_width(x, y);
+  const int vec = vector_width({&x, &y});
   p.tiling = make_tiling(shape.batch, shape.channels, shape.out_h * shape.out_w, vec, vec > 1 || channels_inner(x),
                          kApplyMinPixelsPerLane);
   copy_strides(x, p.x_stride);
@@ -163,7 +110,7 @@ void dwconv_bn_silu_infer(const at::Tensor& x, const at::Tensor& weight, const a
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x, [&](auto tag) {
+  dispatch_dtype(x, "x", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     run_apply<scalar_t>(x, weight, nullptr, scale.data_ptr<float>(), shift.data_ptr<float>(), shape, weight.size(2),
                         stride, y, squeeze_sum, stream);
@@ -200,7 +147,7 @@ void dwconv_bn_silu_train(const at::Tensor& x, const at::Tensor& weight, const a
   p.mean = mean.data_ptr<float>();
   p.var = var.data_ptr<float>();
   p.scale = scale.data_ptr<float>();
-  dispatch_dtype(x, [&](auto tag) {
+  dispatch_dtype(x, "x", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     check_launch(launch_dwconv_stats<scalar_t>(p, static_cast<int>(k), static_cast<int>(stride), stream),
                  "dwconv_stats_kernel");
@@ -255,7 +202,7 @@ void dwconv_bn_silu_backward(const at::Tensor& grad_y, const std::optional<at::T
   p.dx = grad_x.data_ptr();
   const int64_t channels = shape.channels;
 
-  dispatch_dtype(x, [&](auto tag) {
+  dispatch_dtype(x, "x", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     // pass 1, over output pixels: dbeta = sum dz, dgamma = sum dz * xhat
     p.tiling = make_tiling(shape.batch, channels, shape.out_h * shape.out_w, 1, channels_inner(x),

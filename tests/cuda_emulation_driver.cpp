@@ -1,7 +1,9 @@
 // Driver for tests/test_cuda_kernels_on_cpu.py: fills the kernels' parameter blocks and calls the
 // launchers of kernels/*.cu (compiled for the CPU through cuda_emulation.h) in the order the host
-// code csrc/dwconv_bn_silu.cpp does, on tensors the test wrote as raw files.
+// code csrc/dwconv_bn_silu.cpp and csrc/squeeze_excite.cpp does, on tensors the test wrote as raw
+// files.
 //
+// Depthwise conv + BN + SiLU:
 //   driver op=infer|train|bwd dtype=f32|f16|bf16 dir=DIR k= stride= n= c= h= w= pad_top= pad_left=
 //          out_h= out_w= vec= inner=0|1 x_strides=a,b,c,d y_strides=... (infer/train)
 //          dy_strides=... dx_strides=... (bwd) y_numel= dx_numel= squeeze=0|1 training=0|1 eps=
@@ -9,6 +11,19 @@
 // (train) / gamma, beta, mean, invstd, dy, dsq (bwd, dsq when squeeze=1), fp32 unless x's dtype.
 // Outputs in DIR: y, squeeze_sum (infer/train), mean_out, var (train), dx, dweight, dgamma, dbeta
 // (bwd).
+//
+// Squeeze-excite over the activations (strides as the host passes them: flat planes have the flat
+// pixel stride in the last place):
+//   driver op=se_squeeze|se_scale|se_scale_bwd dtype= dir= n= c= h= w= vec= inner=0|1 flat=0|1
+//          x_strides= y_strides= y_numel= (scale: y; bwd: dx) dy_strides= (bwd)
+//          gate_strides= gate_float=0|1 (scale, bwd) out_float=0|1 (bwd: grad_gate in fp32)
+// Inputs: x, gate, dy. Outputs: pooled (squeeze), y (scale), dx, dgate (bwd). Prints the tiling's
+// chunks per image and vector width.
+// The excite:
+//   driver op=se_excite|se_excite_bwd dtype= dir= n= c= r= pooled_strides=a,b grad_strides=a,b
+//          grad_float=0|1 (bwd)
+// Inputs: pooled, w1 (R, C), b1, w2 (C, R), b2 (fp32), dg (bwd). Outputs: gate (excite),
+// dpooled, dw1, db1, dw2, db2 (bwd).
 #include "cuda_emulation.h"
 
 #include <fstream>
@@ -17,6 +32,7 @@
 #include <string>
 
 #include "dwconv_bn_silu.cuh"
+#include "squeeze_excite.cuh"
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }  // the emulated launches fail loudly
 
@@ -81,9 +97,121 @@ void check(cudaError_t err, const char* kernel) {
   }
 }
 
+void strides2_arg(const std::string& key, int64_t (&strides)[2]) {
+  std::stringstream s(arg(key));
+  std::string item;
+  for (int64_t& v : strides) {
+    std::getline(s, item, ',');
+    v = std::stoll(item);
+  }
+}
+
+template <typename scalar_t>
+int run_se_plane(const std::string& op) {
+  const cudaStream_t stream = nullptr;
+  const int64_t n = int_arg("n"), c = int_arg("c"), h = int_arg("h"), w = int_arg("w");
+  const bool flat = int_arg("flat") != 0;
+  const int vec = static_cast<int>(int_arg("vec"));
+  const size_t nc_bytes = sizeof(float) * n * c;
+  const bool reduces = op != "se_scale";
+  SEPlaneParams p{};
+  p.batch = n;
+  p.channels = c;
+  p.width = static_cast<int>(w);
+  p.tiling = make_tiling(n, c, static_cast<int>(h * w), vec, vec > 1 || int_arg("inner") != 0,
+                         reduces ? kReduceMinPixelsPerLane : kApplyMinPixelsPerLane);
+  strides_arg("x_strides", p.x_stride);
+  Buffer x = load("x"), gate, dy, y, out(nc_bytes), partial(sizeof(float) * p.tiling.rows * c);
+  p.x = x.as<scalar_t>();
+  p.partial = p.tiling.chunks > 1 ? partial.as<float>() : nullptr;
+  p.out_scale = 1.f;
+  std::printf("chunks=%d vec=%d\n", p.tiling.chunks, p.tiling.vec);
+  if (op != "se_squeeze") {
+    gate = load("gate");
+    p.gate.data = gate.as<float>();
+    strides2_arg("gate_strides", p.gate.stride);
+    p.gate.is_float = int_arg("gate_float") != 0;
+    y = Buffer(sizeof(scalar_t) * int_arg("y_numel"));
+    strides_arg("y_strides", p.y_stride);
+    p.y = y.as<scalar_t>();
+  }
+  if (op == "se_squeeze") {
+    p.out = {out.as<float>(), false};
+    p.out_scale = static_cast<float>(1.0 / static_cast<double>(h * w));
+    check(launch_se_squeeze<scalar_t>(p, flat, stream), "se_squeeze");
+    if (p.tiling.chunks > 1) check(launch_se_sum_chunks<scalar_t>(p, stream), "se_sum_chunks");
+    save("pooled", out, sizeof(scalar_t) * n * c);
+  } else if (op == "se_scale") {
+    check(launch_se_scale<scalar_t>(p, flat, stream), "se_scale");
+    save("y", y, sizeof(scalar_t) * int_arg("y_numel"));
+  } else {
+    dy = load("dy");
+    p.dy = dy.as<scalar_t>();
+    strides_arg("dy_strides", p.dy_stride);
+    const bool out_float = int_arg("out_float") != 0;
+    p.out = {out.as<float>(), out_float};
+    check(launch_se_scale_backward<scalar_t>(p, flat, stream), "se_scale_backward");
+    if (p.tiling.chunks > 1) check(launch_se_sum_chunks<scalar_t>(p, stream), "se_sum_chunks");
+    save("dx", y, sizeof(scalar_t) * int_arg("y_numel"));
+    save("dgate", out, (out_float ? sizeof(float) : sizeof(scalar_t)) * n * c);
+  }
+  return 0;
+}
+
+template <typename scalar_t>
+int run_se_excite(const std::string& op) {
+  const cudaStream_t stream = nullptr;
+  SEExciteParams p{};
+  p.batch = int_arg("n");
+  p.channels = int_arg("c");
+  p.reduced = int_arg("r");
+  const int64_t n = p.batch, c = p.channels, r = p.reduced;
+  p.c_lanes = c < 32 ? pow2_ceil(c) : 32;
+  p.r_lanes = r < 32 ? pow2_ceil(r) : 32;
+  strides2_arg("pooled_strides", p.pooled_stride);
+  Buffer pooled = load("pooled"), w1 = load("w1"), b1 = load("b1"), w2 = load("w2"), b2 = load("b2");
+  p.pooled = pooled.as<scalar_t>();
+  p.w1 = w1.as<float>();
+  p.b1 = b1.as<float>();
+  p.w2 = w2.as<float>();
+  p.b2 = b2.as<float>();
+  Buffer per_hidden(sizeof(float) * 3 * n * r), dlogits(sizeof(float) * n * c);
+  p.act = per_hidden.as<float>();
+  p.hidden = p.act + n * r;
+  p.dhidden = p.act + 2 * n * r;
+  p.dlogits = dlogits.as<float>();
+  if (op == "se_excite") {
+    Buffer gate(sizeof(scalar_t) * n * c);
+    p.gate = gate.as<scalar_t>();
+    check(launch_se_excite<scalar_t>(p, stream), "se_excite");
+    save("gate", gate, sizeof(scalar_t) * n * c);
+    return 0;
+  }
+  Buffer dg = load("dg"), dpooled(sizeof(scalar_t) * n * c), dw1(sizeof(float) * r * c), db1(sizeof(float) * r),
+      dw2(sizeof(float) * c * r), db2(sizeof(float) * c);
+  p.grad_gate.data = dg.as<float>();
+  strides2_arg("grad_strides", p.grad_gate.stride);
+  p.grad_gate.is_float = int_arg("grad_float") != 0;
+  p.grad_pooled = dpooled.as<scalar_t>();
+  p.grad_w1 = dw1.as<float>();
+  p.grad_b1 = db1.as<float>();
+  p.grad_w2 = dw2.as<float>();
+  p.grad_b2 = db2.as<float>();
+  check(launch_se_excite_backward_samples<scalar_t>(p, stream), "se_excite_backward_samples");
+  check(launch_se_excite_backward_weights<scalar_t>(p, stream), "se_excite_backward_weights");
+  save("dpooled", dpooled, sizeof(scalar_t) * n * c);
+  save("dw1", dw1, sizeof(float) * r * c);
+  save("db1", db1, sizeof(float) * r);
+  save("dw2", dw2, sizeof(float) * c * r);
+  save("db2", db2, sizeof(float) * c);
+  return 0;
+}
+
 template <typename scalar_t>
 int run() {
   const std::string op = arg("op");
+  if (op == "se_excite" || op == "se_excite_bwd") return run_se_excite<scalar_t>(op);
+  if (op.rfind("se_", 0) == 0) return run_se_plane<scalar_t>(op);
   const int k = static_cast<int>(int_arg("k")), stride = static_cast<int>(int_arg("stride"));
   DWConvShape shape{};
   shape.batch = int_arg("n");

@@ -1,16 +1,23 @@
-"""The CUDA depthwise kernels themselves, run on the CPU against the reference.
+"""The CUDA kernels themselves (depthwise conv + BN + SiLU, squeeze-excite), run on the CPU
+against the reference.
 
 The test copies kernels/*.cu, rewrites each ``kernel<<<...>>>(args)`` into a call of
 tests/cuda_emulation.h (a block = 256 OS threads, __syncthreads a barrier, __shared__ a static),
 compiles them with the host compiler and drives them through tests/cuda_emulation_driver.cpp the
-way csrc/dwconv_bn_silu.cpp does. So the kernels' indexing, tiling, vector paths, block
-reductions, combines and atomics execute here; the GPU run of tests/test_dwconv_bn_silu.py still
-checks what emulation cannot (fast-math intrinsics, warps, the memory model, the host code).
+way csrc/dwconv_bn_silu.cpp and csrc/squeeze_excite.cpp do. So the kernels' indexing, tiling,
+vector paths, block reductions, combines and atomics execute here; the GPU runs of
+tests/test_dwconv_bn_silu.py and tests/test_squeeze_excite.py still check what emulation cannot
+(fast-math intrinsics, warps, the memory model, the host code).
+
+Tolerances are relative to the output's scale: a few units in the last place of the output dtype
+(bf16 2^-8, fp16 2^-10), and room for reordered fp32 sums; inputs are the same rounded values on
+both sides, so only the kernels' own rounding counts.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import shutil
 import subprocess
@@ -21,6 +28,7 @@ import pytest
 import torch
 
 from fused_mbconv.ops.dwconv_bn_silu import output_size, reference
+from fused_mbconv.ops.squeeze_excite import reference as se_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -237,3 +245,190 @@ ODD_CASES = [  # (shape, layout, vectorised)
 def test_odd_shapes(driver, tmp_path, shape, layout, vectorised, k, stride, padding):
     check_forward(driver, tmp_path, shape, torch.float32, layout, vectorised, k, stride, padding, training=True)
     check_backward(driver, tmp_path, shape, torch.float32, layout, k, stride, padding, training=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# squeeze-excite kernels (kernels/squeeze_excite.cu) against fused_mbconv/ops/squeeze_excite/reference.py
+
+
+def make_activation(shape, dtype, layout, seed=0):
+    """x of ``shape``; "padded": every other channel of a channels-last tensor three columns wider
+    (no stride 1, and (H, W) cannot be walked as one flat index)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = (torch.randn(shape, generator=g) + torch.randn(n, c, 1, 1, generator=g)).to(dtype)
+    if layout == "padded":
+        wide = torch.zeros(n, h, w + 3, 2 * c, dtype=dtype).permute(0, 3, 1, 2)
+        return wide[:, ::2, :, :w].copy_(x)
+    if layout == "strided":  # every other column: flat planes with pixel stride 2
+        return torch.zeros(n, c, h, 2 * w, dtype=dtype)[..., ::2].copy_(x)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _flat(*tensors: torch.Tensor) -> bool:
+    """csrc/squeeze_excite.cpp's flat_planes."""
+    return all(t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3) for t in tensors)
+
+
+def _plane_strides(t: torch.Tensor, flat: bool) -> str:
+    """csrc/squeeze_excite.cpp's plane_strides: with flat planes, the flat pixel stride last."""
+    s = list(t.stride())
+    if flat and t.shape[3] == 1:
+        s[3] = s[2]
+    return ",".join(map(str, s))
+
+
+def _vector_width(*tensors: torch.Tensor) -> int:
+    """csrc/host_utils.h's vector_width (the driver's buffers are 16-byte aligned)."""
+    vec = 16 // tensors[0].element_size()
+    if tensors[0].shape[1] % vec:
+        return 1
+    for t in tensors:
+        if t.stride(1) != 1 or any(t.stride(d) % vec for d in (0, 2, 3)):
+            return 1
+    return vec
+
+
+def _like_glue(x: torch.Tensor) -> torch.Tensor:
+    """The output the glue allocates for x (empty_like_layout)."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else None
+    return torch.empty_like(x, memory_format=fmt or torch.contiguous_format)
+
+
+def run_driver(driver, tmp: Path, **args) -> str:
+    done = subprocess.run([str(driver), f"dir={tmp}", *(f"{k}={v}" for k, v in args.items())], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def run_plane_op(driver, tmp: Path, op: str, x: torch.Tensor, *others: torch.Tensor, **extra) -> dict:
+    """Runs op on x (and ``others``, the activations the host also checks for vectors and flat
+    planes); returns the tiling the driver used."""
+    n, c, h, w = x.shape
+    flat = _flat(x, *others)
+    _write(tmp / "x", x)
+    out = run_driver(driver, tmp, op=op, dtype=DTYPE_NAMES[x.dtype], n=n, c=c, h=h, w=w, vec=_vector_width(x, *others),
+                     inner=int(c > 1 and x.stride(1) == 1), flat=int(flat), x_strides=_plane_strides(x, flat),
+                     **{k: (_plane_strides(v, flat) if isinstance(v, torch.Tensor) else v) for k, v in extra.items()})  # fmt: skip
+    return dict(item.split("=") for item in out.split())
+
+
+def _gate(n, c, dtype, seed=3):
+    """(N, C) in ``dtype``, transposed in memory (not contiguous)."""
+    return torch.rand(c, n, generator=torch.Generator().manual_seed(seed)).to(dtype).t()
+
+
+SE_SHAPES = [(1, 17, 13, 11), (3, 72, 7, 9), (3, 17, 1, 21), (1, 72, 20, 1), (1, 3, 64, 64), (2, 16, 40, 40)]
+SE_LAYOUTS = ["nchw", "channels_last", "padded", "strided"]
+SE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", SE_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", SE_LAYOUTS)
+@pytest.mark.parametrize("shape", SE_SHAPES, ids=str)
+def test_se_squeeze(driver, tmp_path, shape, layout, dtype):
+    x = make_activation(shape, dtype, layout)
+    tiling = run_plane_op(driver, tmp_path, "se_squeeze", x)
+    pooled = _read(tmp_path / "pooled", torch.empty(shape[:2], dtype=dtype))
+    _assert_close(pooled, se_reference.squeeze(x.double()), f"pooled (chunks {tiling['chunks']}, vec {tiling['vec']})")
+
+
+@pytest.mark.parametrize("gate_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", SE_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", SE_LAYOUTS)
+@pytest.mark.parametrize("shape", SE_SHAPES, ids=str)
+def test_se_scale(driver, tmp_path, shape, layout, dtype, gate_dtype):
+    x = make_activation(shape, dtype, layout)
+    y_like = _like_glue(x)
+    gate = _gate(*shape[:2], dtype if gate_dtype == "same" else torch.float32)
+    _write(tmp_path / "gate", gate)
+    run_plane_op(driver, tmp_path, "se_scale", x, y_like, y_strides=y_like, y_numel=y_like.numel(),
+                 gate_strides=f"{gate.stride(0)},{gate.stride(1)}", gate_float=int(gate.dtype == torch.float32))  # fmt: skip
+    expected = x.double() * gate.double()[:, :, None, None]
+    _assert_close(_read(tmp_path / "y", y_like), expected, "y")
+
+
+@pytest.mark.parametrize("gate_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", SE_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", SE_LAYOUTS + ["broadcast_grad"])
+@pytest.mark.parametrize("shape", SE_SHAPES, ids=str)
+def test_se_scale_backward(driver, tmp_path, shape, layout, dtype, gate_dtype):
+    x = make_activation(shape, dtype, "channels_last" if layout == "broadcast_grad" else layout)
+    g = torch.Generator().manual_seed(4)
+    if layout == "broadcast_grad":  # what y.sum() hands the backward: every stride 0
+        dy = torch.randn(1, generator=g).to(dtype).reshape(1, 1, 1, 1).expand(shape)
+    else:  # grad_y in yet another layout than x
+        dy = make_activation(shape, dtype, "channels_last" if layout == "nchw" else "nchw", seed=5)
+    dx_like = _like_glue(x)
+    gate = _gate(*shape[:2], dtype if gate_dtype == "same" else torch.float32)
+    _write(tmp_path / "gate", gate)
+    _write(tmp_path / "dy", dy)
+    tiling = run_plane_op(driver, tmp_path, "se_scale_bwd", x, dy, dx_like, dy_strides=dy, y_strides=dx_like,
+                          y_numel=dx_like.numel(), gate_strides=f"{gate.stride(0)},{gate.stride(1)}",
+                          gate_float=int(gate.dtype == torch.float32), out_float=int(gate.dtype == torch.float32))  # fmt: skip
+    dx_ref, dgate_ref = se_reference.scale_backward(dy.double(), x.double(), gate.double())
+    _assert_close(_read(tmp_path / "dx", dx_like), dx_ref, "dx")
+    dgate = _read(tmp_path / "dgate", torch.empty(shape[:2], dtype=gate.dtype))
+    _assert_close(dgate, dgate_ref, f"dgate (chunks {tiling['chunks']})")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_se_shapes_cover_every_path(driver, tmp_path, layout):
+    """SE_SHAPES take both the one-chunk path (the tile kernel writes the result) and the split of
+    H*W into chunks (a second kernel adds their partial sums), and in channels_last both the
+    16-byte vector path (C = 72) and the scalar one (C = 17)."""
+    tilings = [run_plane_op(driver, tmp_path, "se_squeeze", make_activation(s, torch.float32, layout)) for s in SE_SHAPES]
+    chunks = {int(t["chunks"]) for t in tilings}
+    assert 1 in chunks and max(chunks) > 1, chunks
+    if layout == "channels_last":
+        assert {int(t["vec"]) for t in tilings} == {1, 4}
+
+
+# (N, C, R): one and several groups of kExciteSamples = 4 samples (a partial last one), C and R
+# below, at and above the 32 reduction lanes, R = 1
+EXCITE_SHAPES = [(1, 17, 4), (3, 72, 18), (5, 3, 1), (9, 40, 10), (2, 1, 1), (6, 130, 33)]
+
+
+def _excite_inputs(n, c, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pooled = (torch.randn(c, n, generator=g)).to(dtype).t()  # (N, C), not contiguous
+    w1 = torch.randn(r, c, generator=g) * (1.5 / math.sqrt(c))
+    b1 = torch.randn(r, generator=g) * 0.5
+    w2 = torch.randn(c, r, generator=g) * (1.5 / math.sqrt(r))
+    b2 = torch.randn(c, generator=g) * 0.5
+    return pooled, w1, b1, w2, b2
+
+
+def _write_excite(tmp: Path, pooled, w1, b1, w2, b2) -> dict:
+    _write(tmp / "pooled", pooled)
+    for name, t in dict(w1=w1, b1=b1, w2=w2, b2=b2).items():
+        _write(tmp / name, t)
+    return dict(n=pooled.shape[0], c=pooled.shape[1], r=w1.shape[0], dtype=DTYPE_NAMES[pooled.dtype],
+                pooled_strides=f"{pooled.stride(0)},{pooled.stride(1)}")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", SE_DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,r", EXCITE_SHAPES, ids=str)
+def test_se_excite(driver, tmp_path, n, c, r, dtype):
+    inputs = _excite_inputs(n, c, r, dtype)
+    run_driver(driver, tmp_path, op="se_excite", **_write_excite(tmp_path, *inputs))
+    gate = _read(tmp_path / "gate", torch.empty(n, c, dtype=dtype))
+    _assert_close(gate, se_reference.excite(*(t.double() for t in inputs)), "gate")
+
+
+@pytest.mark.parametrize("grad_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", SE_DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,r", EXCITE_SHAPES, ids=str)
+def test_se_excite_backward(driver, tmp_path, n, c, r, dtype, grad_dtype):
+    inputs = _excite_inputs(n, c, r, dtype)
+    dg = torch.randn(n, c, generator=torch.Generator().manual_seed(7)).to(dtype if grad_dtype == "same" else torch.float32)
+    _write(tmp_path / "dg", dg)
+    run_driver(driver, tmp_path, op="se_excite_bwd", grad_strides=f"{dg.stride(0)},{dg.stride(1)}",
+               grad_float=int(dg.dtype == torch.float32), **_write_excite(tmp_path, *inputs))  # fmt: skip
+    refs = se_reference.excite_backward(dg.double(), *(t.double() for t in inputs))
+    outputs = [_read(tmp_path / "dpooled", torch.empty(n, c, dtype=dtype))] + [
+        _read(tmp_path / name, torch.empty(like.shape)) for name, like in zip(["dw1", "db1", "dw2", "db2"], refs[1:])
+    ]
+    for name, actual, expected in zip(["dpooled", "dw1", "db1", "dw2", "db2"], outputs, refs, strict=True):
+        _assert_close(actual, expected, name)

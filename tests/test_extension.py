@@ -47,12 +47,35 @@ def test_extension_is_built_and_loaded():
     assert _extension.loaded(), _extension.load_error()
 
 
+# The kernel entry points csrc/extension.cpp defines, one CUDA implementation each.
+CUDA_SCHEMAS = [
+    "dwconv_bn_silu_infer",
+    "dwconv_bn_silu_train",
+    "dwconv_bn_silu_backward",
+    "se_squeeze",
+    "se_excite",
+    "se_excite_backward",
+    "se_scale",
+    "se_scale_backward",
+]
+
+
 @pytest.mark.skipif(not TOOLKIT, reason="built only where a CUDA toolkit is found")
 def test_every_cuda_kernel_is_registered_for_cuda():
     names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fused_mbconv_cuda::")]
-    assert names, "fused_mbconv._C registered no kernels"
+    assert sorted(names) == sorted(f"fused_mbconv_cuda::{s}" for s in CUDA_SCHEMAS)
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+
+
+@pytest.mark.skipif(not TOOLKIT, reason="built only where a CUDA toolkit is found")
+def test_every_op_has_a_cuda_backend():
+    """Each public op's implementation table has a "cuda" entry once the extension is loaded."""
+    from fused_mbconv.ops.dwconv_bn_silu import IMPLS as DW_IMPLS
+    from fused_mbconv.ops.squeeze_excite import IMPLS as SE_IMPLS
+
+    for impls in [*DW_IMPLS.values(), *SE_IMPLS.values()]:
+        assert "cuda" in impls.backends(), impls.op_name
 
 
 def test_every_public_op_has_one_implementation_for_all_devices():

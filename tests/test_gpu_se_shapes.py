@@ -1,14 +1,15 @@
-"""The Triton squeeze-excite kernels on every squeeze-excite shape of EfficientNet-B0..B7, at batch
-2, channels_last, bf16 and fp32: output and gradients (x and the four weights) against the fp64
-reference, within conftest's bound from eager PyTorch's error. GPU only (far too big for the
-interpreter); the shape table itself is checked against torchvision's models anywhere."""
+"""The fused squeeze-excite kernels (Triton and CUDA backends) on every squeeze-excite shape of
+EfficientNet-B0..B7, at batch 2, channels_last, bf16 and fp32: output and gradients (x and the four
+weights) against the fp64 reference, within conftest's bound from eager PyTorch's error. GPU only
+(far too big for the interpreter); the shape table itself is checked against torchvision's models
+anywhere."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision
-from conftest import BACKENDS
+from conftest import backend_params
 from test_squeeze_excite import check_functional
 
 import fused_mbconv
@@ -41,9 +42,10 @@ def test_shapes_are_torchvisions(variant):
 SHAPES = sorted({shape for variant in VARIANTS for shape in se_shapes(variant)})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in BACKENDS, reason="needs a CUDA device and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("channels,reduced,size", SHAPES, ids=lambda v: str(v))
-def test_efficientnet_se_shape(channels, reduced, size, dtype):
-    with fused_mbconv.backend("triton"):
+def test_efficientnet_se_shape(channels, reduced, size, dtype, backend_name):
+    with fused_mbconv.backend(backend_name):
         check_functional((2, channels, size, size), reduced, dtype, "channels_last", "4d")

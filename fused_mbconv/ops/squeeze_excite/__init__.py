@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fused_mbconv import _extension
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import (
     check_nonempty_batch,
@@ -195,6 +196,8 @@ def _backward_scale(ctx, grad_y):
 se_scale.register_autograd(_backward_scale, setup_context=_setup_scale)
 
 
-# The Triton backend registers itself in IMPLS when imported, where Triton is installed.
+# The other backends register themselves in IMPLS when imported, where they can run.
 if _backend.triton_importable():
     from fused_mbconv.ops.squeeze_excite import triton_impl  # noqa: E402, F401
+if _extension.loaded():
+    from fused_mbconv.ops.squeeze_excite import cuda_impl  # noqa: E402, F401
