@@ -27,8 +27,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log into $OUT/N
 
 step build 150 env TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -e .
 step tests 170 env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider tests
+# depthwise: the vectorised channels_last paths and strided layouts; squeeze-excite (CUDA
+# backend): every weight form and layout, a broadcast upstream gradient, C = 72 (16-byte vectors)
 step sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "test_channels_last_vector_width or (test_parity and float32 and strided)"
+  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
+  "test_channels_last_vector_width or (test_parity and float32 and strided) or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
 step bench_dwconv 150 $PY bench/bench_dwconv.py --out "$OUT/dwconv.csv"
 step main 60 $PY -m fused_mbconv --device cuda
 cat "$OUT/summary.txt"
