@@ -224,3 +224,28 @@ def test_opcheck_layouts(backend, layout):
         differentiable = op in (ops.se_squeeze, ops.se_excite, ops.se_scale)
         args = tuple(a.detach().requires_grad_(differentiable) for a in args)
         opcheck(op, args)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_deterministic(backend, layout):
+    """Two runs give the same bits: fixed-order reductions, no float atomics. The plane (48 x 48,
+    3 channels) is split into chunks whose partial sums are added afterwards; the excite has
+    several groups of samples."""
+    shape = (1, 3, 48, 48)
+    skip_if_slow(backend, torch.Size(shape).numel())
+    x = make_input(shape, torch.float32, layout)
+    dy = make_input(shape, torch.float32, layout, seed=3)
+    w = [t.detach() for t in weights_as(make_weights(40, 10), torch.float32, "4d")]
+    pooled = torch.randn(9, 40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    grad_gate = torch.randn(9, 40, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run():
+        gate = ops.se_excite(pooled, *w)
+        x_gate = gate[:1, :3].contiguous()
+        dx, dgate = ops.se_scale_backward(dy, x, x_gate)
+        return [ops.se_squeeze(x), gate, ops.se_scale(x, x_gate), dx, dgate,
+                *ops.se_excite_backward(grad_gate, pooled, *w)]  # fmt: skip
+
+    names = ["pooled", "gate", "y", "dx", "dgate", "dpooled", "dw1", "db1", "dw2", "db2"]
+    for name, a, b in zip(names, run(), run(), strict=True):
+        assert torch.equal(a, b), f"{name} differs between two runs"
