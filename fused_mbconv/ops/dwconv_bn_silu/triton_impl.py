@@ -19,13 +19,10 @@ the partials. Only the squeeze is summed with atomics (fp32, one add per tile an
 
 Kernels run on the current CUDA stream and allocate through torch, so they can be captured in a
 CUDA graph once every shape has been autotuned (run the model once before capturing).
-FUSED_MBCONV_TRITON_AUTOTUNE=0 skips the tuning (first config), for test sweeps over many shapes.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,13 +31,13 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.backends import triton_interpreted
+from fused_mbconv.ops._triton import autotune, cast, chan_merge, multiprocessors, reference_for_fp64, sum_rows
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step
 # of its loop but the last of all is a full BLOCK_P tile (BLOCK_P <= CHUNK_ALIGN).
 CHUNK_ALIGN = 256
-# Partial sums are combined BLOCK_G rows at a time, BLOCK_L columns per program.
+# The per-chunk statistics are merged BLOCK_G chunks at a time, BLOCK_L channels per program.
 BLOCK_G, BLOCK_L = 32, 128
 
 
@@ -48,49 +45,28 @@ BLOCK_G, BLOCK_L = 32, 128
 # configurations
 
 
-def _configs(gpu_configs: Sequence[tuple[int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_P, BLOCK_C, num_warps) triples as autotune configs. The interpreter gets a single
-    config (tuning there would run every kernel once per config) with big tiles: it pays per
-    operation, not per element, so fewer tiles run faster."""
-    if triton_interpreted():
-        gpu_configs = [(128, 32, 1)]
+def _tile_configs(gpu_configs: Sequence[tuple[int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_P, BLOCK_C, num_warps) triples as autotune configs."""
     return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in gpu_configs]
 
 
-def _autotuning_enabled() -> bool:
-    return os.environ.get("FUSED_MBCONV_TRITON_AUTOTUNE", "1") != "0"
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose channel block is wider than the channels (masked lanes do no work);
-    with FUSED_MBCONV_TRITON_AUTOTUNE=0 keep only the first left (no compiling and timing of
-    the others: for test sweeps over many shapes)."""
+def _prune_channel_blocks(configs, named_args, **kwargs):
+    """Drop configs whose channel block is wider than the channels (masked lanes do no work)."""
     widest_useful = triton.next_power_of_2({**named_args, **kwargs}["C"])
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest_useful]
-    kept = kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
-    return kept if _autotuning_enabled() else kept[:1]
-
-
-def _quick_bench(fn, quantiles):
-    # the default (25 ms warm-up, 100 ms of repeats per config) is far longer than these
-    # kernels need to rank configs, and every new shape pays it
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _autotune(gpu_configs, key, **kwargs):
-    return triton.autotune(
-        configs=_configs(gpu_configs),
-        key=key,
-        prune_configs_by={"early_config_prune": _prune_configs},
-        do_bench=_quick_bench,
-        **kwargs,
-    )
+    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
 
 
 # 16 elements per thread: the K*K unrolled taps keep many loads in flight, and bigger tiles
 # spill registers (ptxas, sm_90). Few configs: each is compiled per kernel specialization.
-_TILE_CONFIGS = [(64, 32, 4), (32, 64, 4), (128, 32, 8), (64, 64, 8)]
+_TILE_CONFIGS = _tile_configs([(64, 32, 4), (32, 64, 4), (128, 32, 8), (64, 64, 8)])
+# The interpreter pays per operation, not per element, so fewer, bigger tiles run faster.
+_TILE_INTERPRETED = _tile_configs([(128, 32, 1)])[0]
 _TILE_KEY = ["C", "P_OUT", "K", "STRIDE"]
+
+
+def _autotune(key, **kwargs):
+    return autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED, prune=_prune_channel_blocks, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,19 +134,6 @@ def _chunk(C, M, chunk, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel update of (count, mean, M2 = sum of squared deviations):
-    delta = mean_b - mean_a, n = n_a + n_b,
-    mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-    Unlike E[c^2] - E[c]^2 it never subtracts two large numbers, so fp32 holds up when the
-    mean is large against the spread."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    frac_b = n_b / n
-    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
-
-
-@triton.jit
 def _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ: tl.constexpr):
     mask = ok_p[:, None] & mask_c[None, :]
     dy = tl.load(dy_ptr + _tile_offsets(n, oh, ow, cs, sdy), mask=mask, other=0.0).to(tl.float32)
@@ -195,7 +158,7 @@ def _bn_silu_backward(c, dy, mean, invstd, gamma, beta):
 # forward kernels
 
 
-@_autotune(_TILE_CONFIGS, key=_TILE_KEY, reset_to_zero=["sq_ptr"])
+@_autotune(_TILE_KEY, reset_to_zero=["sq_ptr"])
 @triton.jit
 def _conv_bn_silu_kernel(
     x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, y_ptr, sq_ptr,
@@ -224,14 +187,14 @@ def _conv_bn_silu_kernel(
     z = c * _load_channels(scale_ptr, cs, mask_c)[None, :] + _load_channels(shift_ptr, cs, mask_c)[None, :]
     y = z * tl.sigmoid(z)
     mask = ok_p[:, None] & mask_c[None, :]
-    tl.store(y_ptr + _tile_offsets(n, oh, ow, cs, sy), y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + _tile_offsets(n, oh, ow, cs, sy), cast(y, y_ptr.dtype.element_ty), mask=mask)
     if WITH_SQUEEZE:
         # the unrounded fp32 y, as the reference averages before casting
         partial = tl.sum(tl.where(mask, y, 0.0), axis=0) * inv_p_out
         tl.atomic_add(sq_ptr + n.to(tl.int64) * C + cs, partial, mask=mask_c, sem="relaxed")
 
 
-@_autotune(_TILE_CONFIGS, key=_TILE_KEY)
+@_autotune(_TILE_KEY)
 @triton.jit
 def _conv_stats_kernel(
     x_ptr, w_ptr, mean_part_ptr, m2_part_ptr,
@@ -250,7 +213,7 @@ def _conv_stats_kernel(
         tile_count = tl.minimum(end - s, BLOCK_P).to(tl.float32)
         tile_mean = tl.sum(c, axis=0) / tile_count  # masked positions hold c = 0
         dev = tl.where(ok_p[:, None], c - tile_mean[None, :], 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tl.sum(dev * dev, axis=0))
+        count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tl.sum(dev * dev, axis=0))
     row = tl.program_id(0) * C + cs
     tl.store(mean_part_ptr + row, mean, mask=mask_c)
     tl.store(m2_part_ptr + row, m2, mask=mask_c)
@@ -282,7 +245,7 @@ def _combine_stats_kernel(
         mean_b = tl.sum(n_g[:, None] * mean_g, axis=0) / n_b
         dev = mean_g - mean_b[None, :]
         m2_b = tl.sum(m2_g + n_g[:, None] * dev * dev, axis=0)
-        count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
     var = m2 / count
     tl.store(mean_ptr + cs, mean, mask=mask_c)
     tl.store(var_ptr + cs, var, mask=mask_c)
@@ -293,7 +256,7 @@ def _combine_stats_kernel(
 # backward kernels
 
 
-@_autotune(_TILE_CONFIGS, key=_TILE_KEY)
+@_autotune(_TILE_KEY)
 @triton.jit
 def _dz_sums_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, part_ptr,
@@ -324,7 +287,7 @@ def _dz_sums_kernel(
     tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
 
-@_autotune(_TILE_CONFIGS, key=_TILE_KEY)
+@_autotune(_TILE_KEY)
 @triton.jit
 def _dconv_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, sums_ptr,
@@ -366,7 +329,7 @@ def _dconv_kernel(
             dc = a[None, :] * dz  # dz = 0 where masked
             sum_dz += tl.sum(dz, axis=0)
             sum_dz_xhat += tl.sum(dz * xhat, axis=0)
-        tl.store(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc), dc.to(dc_ptr.dtype.element_ty), mask=mask)
+        tl.store(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc), cast(dc, dc_ptr.dtype.element_ty), mask=mask)
         # dweight from the unrounded fp32 dc; the taps were just loaded by _conv (cache hits)
         x_n = n.to(tl.int64) * sx[0]
         for kh in tl.static_range(K):
@@ -383,7 +346,7 @@ def _dconv_kernel(
         tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
 
-@_autotune(_TILE_CONFIGS, key=["C", "P_IN", "K", "STRIDE"])
+@_autotune(["C", "P_IN", "K", "STRIDE"])
 @triton.jit
 def _dx_kernel(
     dc_ptr, w_ptr, dx_ptr,
@@ -410,21 +373,8 @@ def _dx_kernel(
             dc = tl.load(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc), mask=ok[:, None] & mask_c[None, :], other=0.0)
             wv = tl.load(w_c + kh * sw[2] + kw * sw[3], mask=mask_c, other=0.0).to(tl.float32)
             acc += dc.to(tl.float32) * wv[None, :]
-    tl.store(dx_ptr + _tile_offsets(n, ih, iw, cs, sdx), acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + _tile_offsets(n, ih, iw, cs, sdx), cast(acc, dx_ptr.dtype.element_ty),
              mask=ok_p[:, None] & mask_c[None, :])  # fmt: skip
-
-
-@triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, rows, L, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[l] = sum over rows of part[row, l], in fp32, in a fixed order (deterministic)."""
-    ls = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = ls < L
-    acc = tl.zeros((BLOCK_L,), tl.float32)
-    for g0 in range(0, rows, BLOCK_G):
-        gs = g0 + tl.arange(0, BLOCK_G)
-        mask = (gs < rows)[:, None] & mask_l[None, :]
-        acc += tl.sum(tl.load(part_ptr + gs[:, None] * L + ls[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + ls, acc.to(out_ptr.dtype.element_ty), mask=mask_l)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,16 +422,11 @@ class _Geometry:
                 "pad_t": self.pad_t, "pad_l": self.pad_l, "K": self.k, "STRIDE": self.stride}  # fmt: skip
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _chunking(geo: _Geometry, device: torch.device) -> tuple[int, int]:
     """(groups, chunk): the output positions cut into ``groups`` chunks of ``chunk`` positions,
     enough for a few programs per multiprocessor (a channel block of ~32 per program); partial
     sums are then a few hundred rows at most, cheap to combine."""
-    programs = 4 * _multiprocessors(device) if device.type == "cuda" else 4
+    programs = 4 * multiprocessors(device)
     groups = max(1, programs // triton.cdiv(geo.c, 32))
     chunk = triton.cdiv(triton.cdiv(geo.m, groups), CHUNK_ALIGN) * CHUNK_ALIGN
     return triton.cdiv(geo.m, chunk), chunk
@@ -491,24 +436,7 @@ def _channel_grid(groups: int):
     return lambda meta: (groups, triton.cdiv(meta["C"], meta["BLOCK_C"]))
 
 
-def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (any shape, contiguous, L elements) = part (rows, L) summed over rows."""
-    rows, length = part.shape
-    _sum_rows_kernel[(triton.cdiv(length, BLOCK_L),)](part, out, rows, length, BLOCK_G=BLOCK_G, BLOCK_L=BLOCK_L)
-    return out
-
-
-def _reference_for_fp64(fn):
-    """Calls with an fp64 tensor run the reference implementation (fp64 math); the kernels
-    compute in fp32."""
-    fallback = getattr(reference, fn.__name__)
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        fp64 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
-        return fallback(*args) if fp64 else fn(*args)
-
-    return wrapper
+_reference_for_fp64 = reference_for_fp64(reference)
 
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
@@ -604,7 +532,7 @@ def backward(
     sums = torch.empty(2 * geo.c, **f32)
     if training:
         _dz_sums_kernel[grid](grad_y, dsq, x, weight, *per_channel, sums_part, **dy_args, **conv_args)
-        _sum_rows(sums_part, sums)
+        sum_rows(sums_part, sums)
 
     # dc in x's dtype, as eager autograd holds it: it is written once and read once
     dc = empty_like_layout(x, (geo.n, geo.c, geo.h_out, geo.w_out))
@@ -615,8 +543,8 @@ def backward(
         **dy_args, **conv_args,
     )  # fmt: skip
     if not training:
-        _sum_rows(sums_part, sums)
-    dweight = _sum_rows(dw_part, torch.empty((geo.c, 1, geo.k, geo.k), dtype=weight.dtype, device=x.device))
+        sum_rows(sums_part, sums)
+    dweight = sum_rows(dw_part, torch.empty((geo.c, 1, geo.k, geo.k), dtype=weight.dtype, device=x.device))
 
     dx = empty_like_layout(x, x.shape)
     grid_dx = lambda meta: (triton.cdiv(meta["NP_IN"], meta["BLOCK_P"]), triton.cdiv(meta["C"], meta["BLOCK_C"]))  # noqa: E731

@@ -14,57 +14,24 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from fused_mbconv import backends as _backend
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops._triton import (
+    INTERPRETED,
+    autotune,
+    cast,
+    device_of,
+    multiprocessors,
+    reference_for_fp64,
+    sum_rows,
+)
 from fused_mbconv.ops.squeeze_excite import IMPLS, reference
 
-_INTERPRETED = _backend.triton_interpreted()
-
-
-# The kernels take microseconds: 10 ms of timed runs rank configs as well as do_bench's default
-# 100 ms, at a tenth of the cost paid on each new shape.
-_bench = functools.partial(triton.testing.do_bench, warmup=2, rep=10)
-
-
-def _autotune(interpreted: dict, configs: list[triton.Config], key: list[str]):
-    """Autotune over ``configs``, keyed on shape; under the interpreter (which runs a kernel in
-    numpy, one program at a time) a single small config instead."""
-    if _INTERPRETED:
-        return triton.autotune(configs=[triton.Config(interpreted)], key=key)
-    return triton.autotune(configs=configs, key=key, do_bench=_bench)
-
-
-# Triton's interpreter casts fp32 -> bf16 by truncation (it ignores the rounding mode), where
-# the GPU rounds to nearest even: under the interpreter, round in the bits before the cast.
-_ROUND_BF16_IN_BITS: tl.constexpr = tl.constexpr(_INTERPRETED)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    """fp32 ``x`` in ``dtype``, rounded to nearest even (what the GPU's cast does)."""
-    if _ROUND_BF16_IN_BITS:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-def _use_reference(primary: torch.Tensor, *others: torch.Tensor) -> bool:
-    # fp64 math is the reference's job (the kernels compute in fp32); empty tensors launch nothing
-    return primary.dtype == torch.float64 or any(t.numel() == 0 for t in (primary, *others))
-
-
-def _device_of(t: torch.Tensor):
-    """Launch on ``t``'s GPU whatever the current device is (a no-op for interpreted CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# fp64 math is the reference's job (the kernels compute in fp32); empty tensors launch nothing
+_reference_for_fp64 = reference_for_fp64(reference, empty=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,14 +68,7 @@ def _hw_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr):
 # tests' small shapes take the split path too.
 _WAVES = 4
 _NOMINAL_BLOCK_C = 64
-_MIN_CHUNK = 16 if _INTERPRETED else 512
-
-
-@functools.cache
-def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _WAVES
-    return _WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+_MIN_CHUNK = 16 if INTERPRETED else 512
 
 
 def _hw_chunk(x: torch.Tensor) -> tuple[int, int]:
@@ -116,39 +76,26 @@ def _hw_chunk(x: torch.Tensor) -> tuple[int, int]:
     split only when N * C alone leaves the GPU idle."""
     n, c, h, w = x.shape
     tiles = n * triton.cdiv(c, _NOMINAL_BLOCK_C)
-    splits = max(1, min(triton.cdiv(_target_programs(x.device), tiles), triton.cdiv(h * w, _MIN_CHUNK)))
+    splits = max(1, min(triton.cdiv(_WAVES * multiprocessors(x.device), tiles), triton.cdiv(h * w, _MIN_CHUNK)))
     chunk = triton.cdiv(h * w, splits)
     return chunk, triton.cdiv(h * w, chunk)
 
 
 def _reduction_output(x: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Where a (N, C) reduction over H*W lands: the result itself, or fp32 partials per split."""
+    """Where a (N, C) reduction over H*W lands: the result itself, or fp32 partials per split,
+    split-major so that ``sum_rows`` adds them."""
     n, c = x.shape[:2]
     if splits == 1:
         return torch.empty((n, c), dtype=dtype, device=x.device)
-    return torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, C, SPLITS, BLOCK_C: tl.constexpr):
-    # out[n, c] = sum_s part[n, s, c], s in increasing order; grid (N, cdiv(C, BLOCK_C))
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(part_ptr + (n * SPLITS + s) * C + c, mask=c < C, other=0.0)
-    tl.store(out_ptr + n * C + c, _cast(acc, out_ptr.dtype.element_ty), mask=c < C)
+    return torch.empty((splits, n, c), dtype=torch.float32, device=x.device)
 
 
 def _finish(reduced: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (N, C) result in ``dtype`` from ``_reduction_output``'s tensor."""
     if reduced.dim() == 2:
         return reduced
-    n, splits, c = reduced.shape
-    out = torch.empty((n, c), dtype=dtype, device=reduced.device)
-    block_c = min(1024, triton.next_power_of_2(c))
-    _sum_splits_kernel[(n, triton.cdiv(c, block_c))](reduced, out, c, splits, BLOCK_C=block_c)
-    return out
+    splits, n, c = reduced.shape
+    return sum_rows(reduced.view(splits, n * c), torch.empty((n, c), dtype=dtype, device=reduced.device))
 
 
 _HW_TILE_CONFIGS = [
@@ -156,9 +103,9 @@ _HW_TILE_CONFIGS = [
     for bhw, bc, warps in [(64, 32, 4), (16, 128, 4), (128, 16, 4), (32, 128, 8)]
 ]
 # a tail in both directions on the tests' small shapes (C = 17, H*W > 32)
-_HW_TILE_INTERPRETED = {"BLOCK_HW": 32, "BLOCK_C": 16}
-# N is a kernel argument for the key only (the grid grows with it); the channel stride brings in
-# the layout: 1 for channels_last, H*W for NCHW
+_HW_TILE_INTERPRETED = triton.Config({"BLOCK_HW": 32, "BLOCK_C": 16})
+# N is in the key as the grid grows with it; the channel stride brings in the layout: 1 for
+# channels_last, H*W for NCHW
 _HW_REDUCE_KEY = ["N", "C", "HW", "CHUNK", "s_xc"]
 # Sizes that only bound loops and split indices: not specialised on (== 1, divisible by 16), which
 # would compile a kernel per shape class. C and the strides are: they decide vector loads.
@@ -169,14 +116,14 @@ _HW_NO_SPECIALIZE = ["N", "HW", "W", "CHUNK", "SPLITS"]
 # squeeze
 
 
-@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, _HW_REDUCE_KEY)
+@autotune(_HW_TILE_CONFIGS, _HW_REDUCE_KEY, interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
 def _squeeze_kernel(
     x_ptr, out_ptr, N, C, HW, W, CHUNK, SPLITS, inv_hw,
     s_xn, s_xc, s_xh, s_xw,
     FLAT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # grid (N * SPLITS, cdiv(C, BLOCK_C)): out[n, (split,) c] = sum of x[n, c, chunk] / HW
+    # grid (N * SPLITS, cdiv(C, BLOCK_C)): out[(split,) n, c] = sum of x[n, c, chunk] / HW
     n = tl.program_id(0) // SPLITS
     split = tl.program_id(0) % SPLITS
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -189,20 +136,19 @@ def _squeeze_kernel(
         mask = (hw[:, None] < end) & (c[None, :] < C)
         x = tl.load(x_base + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None], mask=mask, other=0.0)
         acc += x.to(tl.float32)
-    # out is (N, C) when SPLITS == 1, else (N, SPLITS, C): the same flat index either way
+    # out is (N, C) when SPLITS == 1, else (SPLITS, N, C): the same flat index either way
     out = tl.sum(acc, axis=0) * inv_hw
-    tl.store(out_ptr + (n.to(tl.int64) * SPLITS + split) * C + c, _cast(out, out_ptr.dtype.element_ty), mask=c < C)
+    tl.store(out_ptr + (split.to(tl.int64) * N + n) * C + c, cast(out, out_ptr.dtype.element_ty), mask=c < C)
 
 
 @IMPLS["squeeze"].register("triton")
+@_reference_for_fp64
 def squeeze(x: torch.Tensor) -> torch.Tensor:
-    if _use_reference(x):
-        return reference.squeeze(x)
     n, c, h, w = x.shape
     chunk, splits = _hw_chunk(x)
     out = _reduction_output(x, splits, x.dtype)
     flat = _hw_flat(x)
-    with _device_of(x):
+    with device_of(x):
         grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         _squeeze_kernel[grid](x, out, n, c, h * w, w, chunk, splits, 1.0 / (h * w), *_strides(x, flat), FLAT=flat)
         return _finish(out, x.dtype)
@@ -212,7 +158,7 @@ def squeeze(x: torch.Tensor) -> torch.Tensor:
 # scale and its backward
 
 
-@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, ["N", "C", "HW", "s_xc"])
+@autotune(_HW_TILE_CONFIGS, ["N", "C", "HW", "s_xc"], interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=["N", "HW", "W"])
 def _scale_kernel(
     x_ptr, gate_ptr, y_ptr, N, C, HW, W,
@@ -230,17 +176,16 @@ def _scale_kernel(
     x_off = n * s_xn + c64[None, :] * s_xc + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None]
     y = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) * gate[None, :]
     y_off = n * s_yn + c64[None, :] * s_yc + _hw_offsets(hw, W, s_yh, s_yw, FLAT)[:, None]
-    tl.store(y_ptr + y_off, _cast(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_off, cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @IMPLS["scale"].register("triton")
+@_reference_for_fp64
 def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    if _use_reference(x, gate):
-        return reference.scale(x, gate)
     n, c, h, w = x.shape
     y = empty_like_layout(x, x.shape)
     flat = _hw_flat(x, y)
-    with _device_of(x):
+    with device_of(x):
         grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         _scale_kernel[grid](
             x, gate, y, n, c, h * w, w, *gate.stride(), *_strides(x, flat), *_strides(y, flat), FLAT=flat
@@ -248,7 +193,7 @@ def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@_autotune(_HW_TILE_INTERPRETED, _HW_TILE_CONFIGS, _HW_REDUCE_KEY)
+@autotune(_HW_TILE_CONFIGS, _HW_REDUCE_KEY, interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
 def _scale_backward_kernel(
     dy_ptr, x_ptr, gate_ptr, dx_ptr, dgate_ptr, N, C, HW, W, CHUNK, SPLITS,
@@ -257,7 +202,7 @@ def _scale_backward_kernel(
 ):  # fmt: skip
     # grid (N * SPLITS, cdiv(C, BLOCK_C)), over the chunk of H*W of the program's split:
     #   dx = dy * gate                       (y = x * gate)
-    #   dgate[n, (split,) c] = sum dy * x    (fp32; the splits' partials are added afterwards)
+    #   dgate[(split,) n, c] = sum dy * x    (fp32; the splits' partials are added afterwards)
     n = tl.program_id(0) // SPLITS
     split = tl.program_id(0) % SPLITS
     n64 = n.to(tl.int64)
@@ -275,22 +220,21 @@ def _scale_backward_kernel(
         dx_off = n64 * s_dxn + c64 * s_dxc + _hw_offsets(hw, W, s_dxh, s_dxw, FLAT)[:, None]
         dy = tl.load(dy_ptr + dy_off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + dx_off, _cast(dy * gate[None, :], dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dx_off, cast(dy * gate[None, :], dx_ptr.dtype.element_ty), mask=mask)
         acc += dy * x
     dgate = tl.sum(acc, axis=0)
-    tl.store(dgate_ptr + (n64 * SPLITS + split) * C + c, _cast(dgate, dgate_ptr.dtype.element_ty), mask=c < C)
+    tl.store(dgate_ptr + (split.to(tl.int64) * N + n64) * C + c, cast(dgate, dgate_ptr.dtype.element_ty), mask=c < C)
 
 
 @IMPLS["scale_backward"].register("triton")
+@_reference_for_fp64
 def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_reference(x, gate, grad_y):
-        return reference.scale_backward(grad_y, x, gate)
     n, c, h, w = x.shape
     chunk, splits = _hw_chunk(x)
     dx = empty_like_layout(x, x.shape)
     dgate = _reduction_output(x, splits, gate.dtype)
     flat = _hw_flat(grad_y, x, dx)
-    with _device_of(x):
+    with device_of(x):
         grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         _scale_backward_kernel[grid](
             grad_y, x, gate, dx, dgate, n, c, h * w, w, chunk, splits,
@@ -311,7 +255,7 @@ _EXCITE_CONFIGS = [
     for bc, br, warps in [(32, 16, 2), (64, 32, 4), (128, 32, 8)]
 ]
 # tails on the tests' sizes (C = 17, R = 4; C = 72, R = 18 takes several chunks of each)
-_EXCITE_INTERPRETED = {"BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_R": 16}
+_EXCITE_INTERPRETED = triton.Config({"BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_R": 16})
 _EXCITE_KEY = ["N", "C", "R"]
 # tiny matrices, scalar loads: one compiled kernel per config and dtype, whatever the sizes
 _EXCITE_NO_SPECIALIZE = ["N", "C", "R", "s_pn", "s_pc", "s_w1r", "s_w1c", "s_b1", "s_w2c", "s_w2r", "s_b2"]
@@ -332,7 +276,7 @@ def _hidden(p_ptr, w1_ptr, b1_ptr, rows, r, N, C, R, s_pn, s_pc, s_w1r, s_w1c, s
     return h + tl.load(b1_ptr + r * s_b1, mask=r < R, other=0.0).to(tl.float32)[None, :]
 
 
-@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED)
 @triton.jit(do_not_specialize=_EXCITE_NO_SPECIALIZE)
 def _excite_kernel(
     p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, N, C, R,
@@ -353,7 +297,7 @@ def _excite_kernel(
         logits = tl.dot(h * tl.sigmoid(h), w2t.to(tl.float32), logits, input_precision="ieee")
     logits += tl.load(b2_ptr + cols * s_b2, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     mask = (rows[:, None] < N) & (cols[None, :] < C)
-    gate = _cast(tl.sigmoid(logits), gate_ptr.dtype.element_ty)
+    gate = cast(tl.sigmoid(logits), gate_ptr.dtype.element_ty)
     tl.store(gate_ptr + rows[:, None] * C + cols[None, :], gate, mask=mask)
 
 
@@ -363,14 +307,13 @@ def _matrix(w: torch.Tensor) -> torch.Tensor:
 
 
 @IMPLS["excite"].register("triton")
+@_reference_for_fp64
 def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
-    if _use_reference(pooled, w1, w2):
-        return reference.excite(pooled, w1, b1, w2, b2)
     n, c = pooled.shape
     r = w1.shape[0]
     w1m, w2m = _matrix(w1), _matrix(w2)
     gate = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
-    with _device_of(pooled):
+    with device_of(pooled):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         _excite_kernel[grid](
             pooled, w1m, b1, w2m, b2, gate, n, c, r,
@@ -379,7 +322,7 @@ def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
     return gate
 
 
-@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED)
 @triton.jit(do_not_specialize=[*_EXCITE_NO_SPECIALIZE, "s_dgn", "s_dgc"])
 def _excite_backward_samples_kernel(
     dg_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, dl_ptr, dh_ptr, dp_ptr, N, C, R,
@@ -439,11 +382,11 @@ def _excite_backward_samples_kernel(
             w1 = tl.load(w1_ptr + r[:, None] * s_w1r + c[None, :] * s_w1c,
                          mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)  # fmt: skip
             dp = tl.dot(dh, w1.to(tl.float32), dp, input_precision="ieee")
-        tl.store(dp_ptr + rows[:, None] * C + c[None, :], _cast(dp, dp_ptr.dtype.element_ty),
+        tl.store(dp_ptr + rows[:, None] * C + c[None, :], cast(dp, dp_ptr.dtype.element_ty),
                  mask=row_mask & (c[None, :] < C))  # fmt: skip
 
 
-@_autotune(_EXCITE_INTERPRETED, _EXCITE_CONFIGS, _EXCITE_KEY)
+@autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED)
 @triton.jit(do_not_specialize=["N", "C", "R", "s_pn", "s_pc"])
 def _excite_backward_weights_kernel(
     p_ptr, h_ptr, dl_ptr, dh_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, N, C, R, s_pn, s_pc,
@@ -469,14 +412,14 @@ def _excite_backward_weights_kernel(
             dw2 = tl.dot(dl_t, h * tl.sigmoid(h), dw2, input_precision="ieee")
             dw1t = tl.dot(p_t.to(tl.float32), dh, dw1t, input_precision="ieee")
         mask = col_mask[:, None] & (r[None, :] < R)
-        tl.store(dw2_ptr + cols[:, None] * R + r[None, :], _cast(dw2, dw2_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw1_ptr + r[None, :] * C + cols[:, None], _cast(dw1t, dw1_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw2_ptr + cols[:, None] * R + r[None, :], cast(dw2, dw2_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw1_ptr + r[None, :] * C + cols[:, None], cast(dw1t, dw1_ptr.dtype.element_ty), mask=mask)
     db2 = tl.zeros([BLOCK_C], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         mask = (rows[:, None] < N) & col_mask[None, :]
         db2 += tl.sum(tl.load(dl_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(db2_ptr + cols, _cast(db2, db2_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(db2_ptr + cols, cast(db2, db2_ptr.dtype.element_ty), mask=col_mask)
     if tl.program_id(0) == 0:
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
@@ -486,13 +429,12 @@ def _excite_backward_weights_kernel(
                 dh = tl.load(dh_ptr + rows[:, None] * R + r[None, :], mask=(rows[:, None] < N) & (r[None, :] < R),
                              other=0.0)  # fmt: skip
                 db1 += tl.sum(dh, axis=0)
-            tl.store(db1_ptr + r, _cast(db1, db1_ptr.dtype.element_ty), mask=r < R)
+            tl.store(db1_ptr + r, cast(db1, db1_ptr.dtype.element_ty), mask=r < R)
 
 
 @IMPLS["excite_backward"].register("triton")
+@_reference_for_fp64
 def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
-    if _use_reference(pooled, w1, w2):
-        return reference.excite_backward(grad_gate, pooled, w1, b1, w2, b2)
     n, c = pooled.shape
     r = w1.shape[0]
     w1m, w2m = _matrix(w1), _matrix(w2)
@@ -500,7 +442,7 @@ def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
     dlogits = torch.empty((n, c), dtype=torch.float32, device=pooled.device)
     dpooled = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     dw1, db1, dw2, db2 = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (w1, b1, w2, b2))
-    with _device_of(pooled):
+    with device_of(pooled):
         _excite_backward_samples_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             grad_gate, pooled, w1m, b1, w2m, b2, h, dlogits, dh, dpooled, n, c, r,
             *grad_gate.stride(), *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),

@@ -1,0 +1,163 @@
+"""What the Triton backends of the ops share: autotuning, rounding casts, Chan's merge of
+(count, mean, M2), a deterministic sum of partial rows, and the host-side plumbing (launch device,
+multiprocessor count, the fp64 fallback to the reference). The per-op choices (tile configs,
+tuning keys, how a reduction is split) stay in each op's ``triton_impl``.
+
+FUSED_MBCONV_TRITON_AUTOTUNE=0 skips the tuning of every kernel (first config), for test sweeps
+over many shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from fused_mbconv.backends import triton_interpreted
+
+INTERPRETED = triton_interpreted()
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning
+
+
+def autotuning_enabled() -> bool:
+    return os.environ.get("FUSED_MBCONV_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _quick_bench(fn, quantiles=None):
+    # the default (25 ms warm-up, 100 ms of repeats per config) is far longer than these
+    # kernels need to rank configs, and every new shape pays it
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(
+    configs: list[triton.Config],
+    key: list[str],
+    *,
+    interpreted: triton.Config | None = None,
+    prune=None,
+    **kwargs,
+):
+    """``triton.autotune`` over ``configs``, keyed on ``key``, timed briefly (``do_bench=`` to
+    override). ``prune(configs, named_args, **kwargs) -> configs`` (triton's early_config_prune
+    signature) drops configs before any is compiled; with autotuning disabled only the first
+    config left runs. Other ``kwargs`` go to ``triton.autotune`` (reset_to_zero, ...).
+
+    Under the interpreter (which runs a kernel in numpy, one program at a time, tuning would run
+    it once per config) only ``interpreted`` runs, by default ``configs[0]``."""
+    if INTERPRETED:
+        return triton.autotune(configs=[configs[0] if interpreted is None else interpreted], key=key, **kwargs)
+
+    def early_prune(configs, named_args, **call_kwargs):
+        kept = prune(configs, named_args, **call_kwargs) if prune is not None else configs
+        return kept if autotuning_enabled() else kept[:1]
+
+    kwargs.setdefault("do_bench", _quick_bench)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+# Triton's interpreter casts fp32 -> bf16 by truncation (it ignores the rounding mode), where
+# the GPU rounds to nearest even: under the interpreter, round in the bits before the cast.
+_ROUND_BF16_IN_BITS: tl.constexpr = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even (what the GPU's cast does)."""
+    if _ROUND_BF16_IN_BITS:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s parallel update of (count, mean, M2 = sum of squared deviations):
+    delta = mean_b - mean_a, n = n_a + n_b,
+    mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+    Unlike E[c^2] - E[c]^2 it never subtracts two large numbers, so fp32 holds up when the
+    mean is large against the spread."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac_b = n_b / n
+    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
+
+
+# Partial rows are summed _SUM_BLOCK_G rows at a time, _SUM_BLOCK_L columns per program.
+_SUM_BLOCK_G, _SUM_BLOCK_L = 32, 128
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, rows, L, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[l] = sum over rows of part[row, l], in fp32, in a fixed order (deterministic)."""
+    ls = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = ls < L
+    acc = tl.zeros((BLOCK_L,), tl.float32)
+    for g0 in range(0, rows, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        mask = (gs < rows)[:, None] & mask_l[None, :]
+        acc += tl.sum(tl.load(part_ptr + gs[:, None] * L + ls[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + ls, cast(acc, out_ptr.dtype.element_ty), mask=mask_l)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of a CUDA ``device``; 1 for any other device (the interpreter's CPU)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU whatever the current device is (a no-op for interpreted CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (any shape, contiguous, L elements, any float dtype) = the fp32 ``part`` (rows, L),
+    contiguous, summed over rows in a fixed order: a deterministic end to a split reduction."""
+    rows, length = part.shape
+    if part.dtype != torch.float32 or not part.is_contiguous():
+        raise ValueError(f"part: expected a contiguous fp32 tensor, got {part.dtype}, strides {part.stride()}")
+    if out.numel() != length or not out.is_contiguous():
+        raise ValueError(f"out: expected {length} contiguous elements, got shape {tuple(out.shape)}")
+    grid = (triton.cdiv(length, _SUM_BLOCK_L),)
+    _sum_rows_kernel[grid](part, out, rows, length, BLOCK_G=_SUM_BLOCK_G, BLOCK_L=_SUM_BLOCK_L)
+    return out
+
+
+def reference_for_fp64(reference_module, *, empty: bool = False):
+    """A decorator for an op's Triton implementation: calls with an fp64 tensor argument (and,
+    with ``empty``, calls with an empty one: nothing to launch) run the function of the same
+    name in ``reference_module`` instead. The kernels compute in fp32; fp64 math is the
+    reference's job."""
+
+    def use_reference(tensors) -> bool:
+        return any(t.dtype == torch.float64 or (empty and t.numel() == 0) for t in tensors)
+
+    def decorator(fn):
+        fallback = getattr(reference_module, fn.__name__)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            return fallback(*args, **kwargs) if use_reference(tensors) else fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorator

@@ -1,0 +1,150 @@
+"""The helpers that the Triton backends share (fused_mbconv.ops._triton)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="needs a GPU or TRITON_INTERPRET=1")
+
+if "triton" in BACKENDS:
+    import triton
+    import triton.language as tl
+
+    from fused_mbconv.ops import _triton
+
+    @triton.jit
+    def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(y_ptr + offs, _triton.cast(x, y_ptr.dtype.element_ty), mask=offs < n)
+
+    @triton.jit
+    def _chan_merge_kernel(a_ptr, b_ptr, out_ptr):
+        n, mean, m2 = _triton.chan_merge(
+            tl.load(a_ptr),
+            tl.load(a_ptr + 1),
+            tl.load(a_ptr + 2),
+            tl.load(b_ptr),
+            tl.load(b_ptr + 1),
+            tl.load(b_ptr + 2),
+        )
+        tl.store(out_ptr, n)
+        tl.store(out_ptr + 1, mean)
+        tl.store(out_ptr + 2, m2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cast_rounds_to_nearest_even(dtype):
+    one = 1.0
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 0.0}[dtype]
+    # ties (1 + ulp/2 goes down to the even 1, 1 + 3 ulp/2 up to the even 1 + 2 ulp), then
+    # values off the ties, of both signs
+    x = torch.tensor([one + ulp / 2, one + 1.5 * ulp, -(one + 1.5 * ulp), one + 0.7 * ulp], dtype=torch.float32)
+    x = torch.cat([x, torch.randn(60, generator=torch.Generator().manual_seed(0))]).to(DEVICE)
+    y = torch.empty_like(x, dtype=dtype)
+    _cast_kernel[(1,)](x, y, x.numel(), BLOCK=64)
+    torch.testing.assert_close(y, x.to(dtype), rtol=0, atol=0)
+
+
+def test_chan_merge_matches_the_pooled_moments():
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        1000 + torch.randn(7, generator=gen, dtype=torch.float64),
+        1000 + torch.randn(5, generator=gen, dtype=torch.float64),
+    )
+
+    def moments(v):
+        return [float(v.numel()), v.mean().item(), ((v - v.mean()) ** 2).sum().item()]
+
+    out = torch.empty(3, dtype=torch.float32, device=DEVICE)
+    args = (torch.tensor(moments(t), dtype=torch.float32, device=DEVICE) for t in (a, b))
+    _chan_merge_kernel[(1,)](*args, out)
+    torch.testing.assert_close(
+        out.cpu(), torch.tensor(moments(torch.cat([a, b])), dtype=torch.float32), rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_rows(dtype):
+    # integer values: every order of the fp32 sum is exact, so only the final rounding differs
+    part = torch.randint(-300, 300, (70, 300), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    out = torch.empty((3, 100), dtype=dtype, device=DEVICE)
+    assert _triton.sum_rows(part, out) is out
+    torch.testing.assert_close(out.flatten(), part.sum(0).to(dtype), rtol=0, atol=0)
+
+
+def test_sum_rows_rejects_mismatched_tensors():
+    part = torch.zeros((4, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="part"):
+        _triton.sum_rows(part.t(), torch.empty(4, device=DEVICE))
+    with pytest.raises(ValueError, match="out"):
+        _triton.sum_rows(part, torch.empty(7, device=DEVICE))
+
+
+def test_multiprocessors_of_a_cpu_device():
+    assert _triton.multiprocessors(torch.device("cpu")) == 1
+
+
+def _autotuned(monkeypatch, prune=None):
+    """An autotuned kernel as built on a GPU (whatever this machine is), and its configs."""
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+
+    @_triton.autotune(configs, key=["n"], prune=prune)
+    @triton.jit
+    def kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    kernel.nargs = {"x_ptr": None, "n": 100}
+    return kernel, configs
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_autotune_prunes_then_keeps_the_first_when_disabled(monkeypatch, enabled):
+    monkeypatch.setenv("FUSED_MBCONV_TRITON_AUTOTUNE", "1" if enabled else "0")
+    kernel, configs = _autotuned(monkeypatch, prune=lambda configs, named_args, **kwargs: configs[1:])
+    assert kernel.prune_configs({}) == (configs[1:] if enabled else configs[1:2])
+
+
+def test_autotune_without_prune(monkeypatch):
+    monkeypatch.setenv("FUSED_MBCONV_TRITON_AUTOTUNE", "0")
+    kernel, configs = _autotuned(monkeypatch)
+    assert kernel.prune_configs({}) == configs[:1]
+
+
+def test_autotune_under_the_interpreter_runs_one_config(monkeypatch):
+    monkeypatch.setattr(_triton, "INTERPRETED", True)
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32)]
+    only = triton.Config({"BLOCK": 8})
+
+    def kernel(x_ptr, BLOCK: tl.constexpr):
+        pass
+
+    assert _triton.autotune(configs, key=[])(triton.jit(kernel)).configs == configs[:1]
+    assert _triton.autotune(configs, key=[], interpreted=only)(triton.jit(kernel)).configs == [only]
+
+
+def test_reference_for_fp64():
+    calls = []
+    reference = types.SimpleNamespace(op=lambda *args: calls.append("reference"))
+
+    def op(x, maybe=None):
+        calls.append("kernel")
+
+    fp64_only = _triton.reference_for_fp64(reference)(op)
+    with_empty = _triton.reference_for_fp64(reference, empty=True)(op)
+    fp32, fp64, empty = torch.ones(2), torch.ones(2, dtype=torch.float64), torch.ones(0)
+    for fn, args, expected in [
+        (fp64_only, (fp32, None), "kernel"),
+        (fp64_only, (fp32, fp64), "reference"),
+        (fp64_only, (empty,), "kernel"),
+        (with_empty, (fp32, empty), "reference"),
+        (with_empty, (fp32, fp32), "kernel"),
+    ]:
+        fn(*args)
+        assert calls.pop() == expected, (fn, args)
+    assert fp64_only.__name__ == "op"
