@@ -8,7 +8,8 @@ What is recognised (everything else is left as it is, and the summary says why):
 - torchvision's SqueezeExcitation with SiLU and sigmoid (and fused_mbconv's PlainSqueezeExcite)
   -> ``SqueezeExcite`` over the same fc1/fc2;
 - torchvision's MBConv -> ``fused_mbconv.models.MBConv`` over the same block, which hands the
-  depthwise kernel's squeeze to the SE;
+  depthwise kernel's squeeze to the SE, and its projection (1x1 conv + BN) -> ``ProjectBN``, which
+  applies the SE gate, stochastic depth and the residual inside its GEMM;
 - timm's InvertedResidual and DepthwiseSeparableConv (EfficientNet, MobileNet families) with a
   SiLU depthwise stage -> ``FusedTimmBlock`` over the same children.
 
@@ -28,7 +29,7 @@ from torch import nn
 from fused_mbconv.models.layers import Conv2dSame, PlainSqueezeExcite
 from fused_mbconv.models.mbconv import MBConv
 from fused_mbconv.models.timm_block import FusedTimmBlock
-from fused_mbconv.nn import DWConvBNAct, SqueezeExcite, is_fusable
+from fused_mbconv.nn import DWConvBNAct, ProjectBN, SqueezeExcite, is_fusable, is_projection
 
 _TIMM_BLOCKS = "timm.models._efficientnet_blocks"
 
@@ -79,6 +80,8 @@ def revert(model: nn.Module) -> nn.Module:
         return nn.Sequential(_self_padding_conv(model), model[1], model[2]).train(model.training)
     if isinstance(model, SqueezeExcite):
         return PlainSqueezeExcite(model.fc1, model.fc2).train(model.training)
+    if isinstance(model, ProjectBN):
+        return nn.Sequential(model[0], model[1]).train(model.training)
     return model
 
 
@@ -197,6 +200,11 @@ def _torchvision_mbconv(m: nn.Module, path: str, reasons: dict[str, str]) -> Opt
         return None
     if not (isinstance(m.block[-3], DWConvBNAct) and isinstance(m.block[-2], SqueezeExcite)):
         return None  # its parts were left, with their reasons; the block itself has nothing to add
+    project = m.block[-1]
+    if isinstance(project, nn.Sequential) and len(project) == 2 and is_projection(project[0], project[1]):
+        fused = ProjectBN.from_modules(project[0], project[1]).train(project.training)
+        fused.__dict__["_original"] = project
+        m.block[-1] = fused
     return MBConv(m.block, m.stochastic_depth, m.use_res_connect)
 
 

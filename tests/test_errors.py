@@ -106,3 +106,37 @@ def test_module_wrong_channel_count():
     block = fused_mbconv.nn.DWConvBNAct(8).eval()
     with pytest.raises(ValueError, match=r"weight: expected shape \(3, 1, 3, 3\), got \(8, 1, 3, 3\)"):
         block(torch.randn(1, 3, 8, 8))
+
+
+def project_args(**over):
+    args = dict(
+        x=torch.randn(2, C, 5, 5), gate=torch.rand(2, C), weight=torch.randn(3, C, 1, 1), scale=torch.rand(3),
+        shift=torch.randn(3), residual=torch.randn(2, 3, 5, 5), branch_scale=torch.ones(2),
+    )  # fmt: skip
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over,error,pattern",
+    [
+        (dict(x=torch.randn(2, C, 5)), ValueError, r"x: expected a 4-D tensor, got 3-D"),
+        (dict(weight=torch.randn(3, C + 1, 1, 1)), ValueError, r"weight: expected shape \(\*, 4, 1, 1\), got \(3, 5, 1, 1\)"),
+        (dict(weight=torch.randn(3, C, 3, 3)), ValueError, r"weight: expected shape \(\*, 4, 1, 1\), got \(3, 4, 3, 3\)"),
+        (dict(gate=torch.rand(2, C + 1)), ValueError, r"gate: expected shape \(2, 4\), got \(2, 5\)"),
+        (dict(residual=torch.randn(2, 4, 5, 5)), ValueError, r"residual: expected shape \(2, 3, 5, 5\), got \(2, 4, 5, 5\)"),
+        (dict(branch_scale=torch.ones(3)), ValueError, r"branch_scale: expected shape \(2\), got \(3,\)"),
+        (dict(shift=torch.randn(4)), ValueError, r"shift: expected shape \(3\), got \(4,\)"),
+        (dict(x=torch.randn(2, C, 5, 5).int()), TypeError, r"x: expected dtype in .*got int32"),
+        (dict(gate=torch.rand(2, C, device="meta")), ValueError, r"gate: expected a tensor on cpu \(the device of x\), got meta"),
+    ],
+)
+def test_project_bad_input(over, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.project_bn(**project_args(**over))
+
+
+def test_project_module_wrong_channel_count():
+    block = fused_mbconv.nn.ProjectBN(8, 4).eval()
+    with pytest.raises(ValueError, match=r"weight: expected shape \(\*, 3, 1, 1\), got \(4, 8, 1, 1\)"):
+        block(torch.randn(1, 3, 8, 8))

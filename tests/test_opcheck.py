@@ -52,9 +52,30 @@ def se_samples(dtype, requires_grad):
     yield ops.se_scale_backward, (_t(2, C, 5, 3, dtype=dtype), x.detach(), gate.detach())
 
 
+def project_samples(dtype, requires_grad):
+    """With every optional input and with none; (O, C, 1, 1) and (O, C) weights; channels_last."""
+    o = 5
+    x = _t(2, C, 4, 3, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(requires_grad)
+    gate, residual = _t(2, C, dtype=dtype, requires_grad=requires_grad), _t(2, o, 4, 3, dtype=dtype, requires_grad=requires_grad)
+    noise = torch.tensor([0.0, 2.0], device=DEVICE, dtype=dtype)
+    gamma, beta = _t(o, positive=True, requires_grad=requires_grad), _t(o, requires_grad=requires_grad)
+    for weight, extras in [(_t(o, C, 1, 1, requires_grad=requires_grad), (gate, residual, noise)),
+                           (_t(o, C, requires_grad=requires_grad), (None, None, None))]:  # fmt: skip
+        g, r, bs = extras
+        yield ops.project_bn, (x, g, weight, gamma, beta, r, bs)
+        yield ops.project_bn_train, (x, g, weight, gamma, beta, 1e-3, r, bs)
+        z, mean, invstd = _t(2, o, 4, 3, dtype=dtype), _t(o), _t(o, positive=True)
+        for training in (True, False):
+            yield ops.project_bn_backward, (
+                _t(2, o, 4, 3, dtype=dtype), x.detach(), None if g is None else g.detach(), weight.detach(), z,
+                gamma.detach(), mean, invstd, bs, training,
+            )  # fmt: skip
+
+
 def all_samples(dtype, requires_grad):
     yield from dw_samples(dtype, requires_grad)
     yield from se_samples(dtype, requires_grad)
+    yield from project_samples(dtype, requires_grad)
 
 
 def test_every_op_is_sampled():

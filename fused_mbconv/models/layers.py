@@ -6,6 +6,8 @@ state_dict keys match: ``ConvBNAct`` (Conv2dNormActivation), ``StochasticDepth``
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -68,6 +70,7 @@ class StochasticDepth(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # written out rather than through stochastic_depth_noise, which TorchScript cannot compile
         if not self.training or self.p == 0.0:
             return x
         survival = 1.0 - self.p
@@ -78,6 +81,23 @@ class StochasticDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode=row"
+
+
+def stochastic_depth_noise(module: nn.Module, like: torch.Tensor) -> tuple[bool, Optional[torch.Tensor]]:
+    """(fusable, noise) for a consumer that applies stochastic depth itself: ``noise`` (N,) the
+    per-sample factor (None: keep every sample as is) drawn exactly as ``module`` (ours or
+    torchvision's, "row" mode) would draw it for a batch like ``like``, from the same random
+    stream. ``fusable`` is False for what cannot be a per-sample factor (torchvision's "batch"
+    mode): the caller then runs ``module`` itself."""
+    if getattr(module, "mode", "row") != "row":
+        return False, None
+    if not module.training or module.p == 0.0:
+        return True, None
+    survival = 1.0 - module.p
+    noise = like.new_empty(like.shape[0]).bernoulli_(survival)
+    if survival > 0.0:
+        noise.div_(survival)
+    return True, noise
 
 
 class PlainSqueezeExcite(nn.Module):

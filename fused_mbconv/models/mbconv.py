@@ -1,21 +1,25 @@
 """The MBConv block (inverted residual + squeeze-excite) with torchvision's layout:
-``block`` = [expand ConvBNAct (absent when the expand ratio is 1), depthwise, SE, project
-ConvBNAct without activation] and ``stochastic_depth``, so its state_dict keys are torchvision's.
+``block`` = [expand ConvBNAct (absent when the expand ratio is 1), depthwise, SE, projection
+(1x1 conv + BN)] and ``stochastic_depth``, so its state_dict keys are torchvision's.
 
-With the fused modules in place (DWConvBNAct, SqueezeExcite), the depthwise kernel's squeeze
-by-product feeds the SE, which then skips its own pass over the expanded tensor. With plain
+With the fused modules in place (DWConvBNAct, SqueezeExcite, ProjectBN), the depthwise kernel's
+squeeze by-product feeds the SE, whose gate the projection applies in its GEMM, with the
+stochastic depth and the residual in its epilogue: the expanded tensor is written once (by the
+depthwise kernel) and read once (by the projection). With plain
 modules in place (after ``fused_mbconv.revert``) it runs them one after the other as torchvision
 does, which is also the only path TorchScript sees.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from fused_mbconv.models.config import Block
-from fused_mbconv.models.layers import ConvBNAct, StochasticDepth, conv2d
-from fused_mbconv.nn import DWConvBNAct, SqueezeExcite
+from fused_mbconv.models.layers import ConvBNAct, StochasticDepth, conv2d, stochastic_depth_noise
+from fused_mbconv.nn import DWConvBNAct, ProjectBN, SqueezeExcite
 
 
 class MBConv(nn.Module):
@@ -40,27 +44,43 @@ class MBConv(nn.Module):
         layers += [
             DWConvBNAct.from_modules(depthwise, nn.BatchNorm2d(hidden, eps=eps, momentum=momentum)),
             SqueezeExcite(hidden, spec.squeeze_channels),
-            ConvBNAct(hidden, spec.out_channels, 1, activation=False, **norm),
+            ProjectBN(hidden, spec.out_channels, eps=eps, momentum=momentum),
         ]
         use_res_connect = spec.stride == 1 and spec.in_channels == spec.out_channels
         return cls(nn.Sequential(*layers), StochasticDepth(stochastic_depth_prob), use_res_connect)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            result = self.block(x)
-        else:
-            result = self._run_block(x)
+        if not torch.jit.is_scripting():
+            fused = self._run_fused(x)
+            if fused is not None:
+                return fused
+        result = self.block(x)
         if self.use_res_connect:
             result = self.stochastic_depth(result)
             result += x
         return result
 
     @torch.jit.unused
-    def _run_block(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The block on the fused ops, or None when its depthwise stage and SE are plain modules.
+        With a ProjectBN the SE gate, stochastic depth and the residual all happen inside it."""
         *expand, depthwise, se, project = self.block
         if not (isinstance(depthwise, DWConvBNAct) and isinstance(se, SqueezeExcite)):
-            return self.block(x)
+            return None
+        h = x
         for layer in expand:
-            x = layer(x)
-        x, pooled = depthwise(x, with_squeeze=True)
-        return project(se(x, pooled=pooled))
+            h = layer(h)
+        h, pooled = depthwise(h, with_squeeze=True)
+        if isinstance(project, ProjectBN):
+            if not self.use_res_connect:
+                return project(h, se.gate(pooled))
+            fusable, noise = stochastic_depth_noise(self.stochastic_depth, x)
+            if fusable:
+                return project(h, se.gate(pooled), residual=x, branch_scale=noise)
+            result = project(h, se.gate(pooled))
+        else:
+            result = project(se(h, pooled=pooled))
+        if self.use_res_connect:
+            result = self.stochastic_depth(result)
+            result += x
+        return result

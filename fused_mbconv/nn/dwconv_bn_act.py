@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fused_mbconv.nn import functional as F
+from fused_mbconv.nn.batch_norm import BatchNormCall, cached_fold
 from fused_mbconv.ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
 PADDING_MODES = ("same", "tf")
@@ -85,48 +86,14 @@ class DWConvBNAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor, with_squeeze: bool = False):
         conv, bn = self[0], self[1]
-        # BatchNorm bookkeeping exactly as nn.BatchNorm2d.forward does it
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        keep_running = not bn.training or bn.track_running_stats
+        call = BatchNormCall.of(bn)
         y, squeeze = F.dwconv_bn_silu(
-            x, conv.weight, bn.weight, bn.bias,
-            bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-            training=batch_stats, momentum=momentum, eps=bn.eps,
+            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
+            training=call.batch_stats, momentum=call.momentum, eps=bn.eps,
             stride=self.stride, padding=self.padding_for(x), with_squeeze=with_squeeze,
-            folded=None if batch_stats else self._cached_fold(),
+            folded=None if call.batch_stats else cached_fold(self, bn),
         )  # fmt: skip
         return (y, squeeze) if with_squeeze else y
-
-    def _cached_fold(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The BN fold (scale, shift) for inference, computed once and reused until a BN tensor
-        changes: in-place updates (optimizer steps, load_state_dict, running statistics) bump
-        the tensors' version counters, and replacing a tensor (.to(), .data =) changes its
-        address. None, meaning "fold on this call", while autograd records the BN parameters
-        (the fold must be in the graph), under torch.compile (the compiler fuses the fold into
-        its own graph) and for inference-mode tensors (they have no version counter)."""
-        bn = self[1]
-        tensors = [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-        if (
-            torch.compiler.is_compiling()
-            or any(t.is_inference() for t in tensors)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        ):
-            return None
-        # results made inside inference_mode cannot be saved for a backward outside it: key on it
-        key = (bn.eps, torch.is_inference_mode_enabled(), *((t.data_ptr(), t._version) for t in tensors))
-        cache = getattr(self, "_fold_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                scale, shift = F.fold_batch_norm(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-            # the detached views keep the keyed storages alive, so no new tensor can reuse an address
-            cache = (key, [t.detach() for t in tensors], scale, shift)
-            self._fold_cache = cache
-        return cache[2], cache[3]
 
     def extra_repr(self) -> str:
         return f"padding={self.padding_mode!r}"

@@ -51,6 +51,24 @@ def fold_batch_norm(
     return scale, shift
 
 
+def _update_running_stats(running_mean, running_var, mean, var, y, momentum: float) -> None:
+    """nn.BatchNorm2d's update from the batch ``mean`` and biased ``var`` of ``y``'s channels:
+    a lerp by ``momentum``, the variance made unbiased."""
+    if running_mean is None or running_var is None:
+        return
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
+    """(gamma, beta) of a BN, ones and zeros for affine=False."""
+    gamma = bn_weight if bn_weight is not None else like.new_ones(channels, dtype=torch.float32)
+    beta = bn_bias if bn_bias is not None else like.new_zeros(channels, dtype=torch.float32)
+    return gamma, beta
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     # the ops are opaque to autocast: cast the activation the way eager conv2d would under AMP
     if torch.is_autocast_enabled(x.device.type):
@@ -85,14 +103,9 @@ def dwconv_bn_silu(
     x = _autocast_input(x)
     channels = x.shape[1]
     if training:
-        gamma = bn_weight if bn_weight is not None else x.new_ones(channels, dtype=torch.float32)
-        beta = bn_bias if bn_bias is not None else x.new_zeros(channels, dtype=torch.float32)
+        gamma, beta = _batch_norm_affine(bn_weight, bn_bias, channels, x)
         y, squeeze, mean, var = ops.dwconv_bn_silu_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
-        if running_mean is not None and running_var is not None:
-            count = y.shape[0] * y.shape[2] * y.shape[3]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        _update_running_stats(running_mean, running_var, mean, var, y, momentum)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
@@ -114,5 +127,51 @@ def squeeze_excite(
     x = _autocast_input(x)
     if pooled is None:
         pooled = ops.se_squeeze(x)
-    gate = ops.se_excite(pooled, reduce_weight, reduce_bias, expand_weight, expand_bias)
-    return ops.se_scale(x, gate)
+    return ops.se_scale(x, se_gate(pooled, reduce_weight, reduce_bias, expand_weight, expand_bias))
+
+
+def se_gate(
+    pooled: torch.Tensor,
+    reduce_weight: torch.Tensor,
+    reduce_bias: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: torch.Tensor,
+) -> torch.Tensor:
+    """sigmoid(W2 silu(W1 pooled + b1) + b2): the squeeze-excite gate (N, C) from pooled (N, C)."""
+    return ops.se_excite(_autocast_input(pooled), reduce_weight, reduce_bias, expand_weight, expand_bias)
+
+
+def project_bn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    gate: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    branch_scale: Optional[torch.Tensor] = None,
+    folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """branch_scale * BatchNorm2d(conv1x1(x * gate)) + residual, one fused op, with nn.BatchNorm2d's
+    semantics (``training``, ``momentum``, running buffers and ``folded`` as ``dwconv_bn_silu``).
+
+    x (N, C, H, W); weight (O, C, 1, 1); gate (N, C) (the SE's); residual (N, O, H, W) (the
+    block's input); branch_scale (N,) (stochastic depth's per-sample factor). Returns (N, O, H, W).
+    """
+    x = _autocast_input(x)
+    if gate is not None:
+        gate = gate.to(x.dtype)
+    if training:
+        gamma, beta = _batch_norm_affine(bn_weight, bn_bias, weight.shape[0], x)
+        y, _, mean, var = ops.project_bn_train(x, gate, weight, gamma, beta, eps, residual, branch_scale)
+        _update_running_stats(running_mean, running_var, mean, var, y, momentum)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
+    scale, shift = folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+    return ops.project_bn(x, gate, weight, scale, shift, residual, branch_scale)

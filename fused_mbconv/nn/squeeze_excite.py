@@ -23,6 +23,7 @@ class SqueezeExcite(nn.Module):
 
     ``forward(x, pooled=None)``: x (N, C, H, W) -> (N, C, H, W). Pass ``pooled`` (N, C), the
     spatial mean of x, when it is already known (DWConvBNAct's ``with_squeeze``) to skip a pass.
+    ``gate(pooled)`` gives the gate alone, for a consumer that scales x itself.
     """
 
     def __init__(
@@ -39,3 +40,8 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
         return F.squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, pooled)
+
+    def gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        """sigmoid(fc2(silu(fc1(pooled)))) (N, C) from the spatial mean ``pooled`` (N, C), for a
+        consumer that applies the gate itself (``ProjectBN``)."""
+        return F.se_gate(pooled, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)

@@ -9,6 +9,7 @@ from fused_mbconv.ops.dwconv_bn_silu import (
     dwconv_bn_silu_backward,
     dwconv_bn_silu_train,
 )
+from fused_mbconv.ops.project_bn import project_bn, project_bn_backward, project_bn_train
 from fused_mbconv.ops.squeeze_excite import (
     se_excite,
     se_excite_backward,
@@ -26,4 +27,7 @@ __all__ = [
     "se_excite_backward",
     "se_scale",
     "se_scale_backward",
+    "project_bn",
+    "project_bn_train",
+    "project_bn_backward",
 ]

@@ -1,0 +1,84 @@
+"""ProjectBN: an MBConv block's projection (1x1 conv + BatchNorm2d, no activation) as one fused op
+that also takes the squeeze-excite gate, the stochastic-depth factor and the residual.
+
+Laid out like torchvision's ``Conv2dNormActivation`` without activation (``0`` nn.Conv2d,
+``1`` nn.BatchNorm2d), so state_dicts carry over both ways; ``from_modules`` wraps existing
+modules without copying their parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fused_mbconv.nn import functional as F
+from fused_mbconv.nn.batch_norm import BatchNormCall, cached_fold
+
+
+class ProjectBN(nn.Sequential):
+    """y = branch_scale * BN(conv1x1(x * gate)) + residual.
+
+    Args:
+        in_channels: C. out_channels: O.
+        eps, momentum: as nn.BatchNorm2d.
+
+    ``forward(x, gate=None, residual=None, branch_scale=None)``: x (N, C, H, W), gate (N, C) (a
+    squeeze-excite's, applied to x on the way in), residual (N, O, H, W), branch_scale (N,) ->
+    (N, O, H, W). Without the optional arguments it is conv1x1 + BN.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory),
+            nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
+        )
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ProjectBN":
+        """Wrap an existing 1x1 conv and its BatchNorm, sharing their Parameters and buffers."""
+        if not is_projection(conv, bn):
+            raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
+        self = cls.__new__(cls)
+        nn.Sequential.__init__(self, conv, bn)
+        return self
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gate: Optional[torch.Tensor] = None,
+        residual: Optional[torch.Tensor] = None,
+        branch_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        call = BatchNormCall.of(bn)
+        return F.project_bn(
+            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
+            training=call.batch_stats, momentum=call.momentum, eps=bn.eps,
+            gate=gate, residual=residual, branch_scale=branch_scale,
+            folded=None if call.batch_stats else cached_fold(self, bn),
+        )  # fmt: skip
+
+
+def is_projection(conv: nn.Module, bn: nn.Module) -> bool:
+    """True when (conv, bn) is a bias-free, ungrouped, unstrided 1x1 conv + BatchNorm2d."""
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding in ((0, 0), "valid")
+        and conv.out_channels == bn.num_features
+    )

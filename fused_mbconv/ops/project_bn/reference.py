@@ -1,0 +1,97 @@
+"""Reference implementation of the projection ops in plain torch ops (fp32 math, fp64 for fp64
+inputs, cast back): the CPU path and the ground truth of the fused kernels.
+
+Shapes: x (N, C, H, W); gate (N, C) or None; weight (O, C) or (O, C, 1, 1); per-channel vectors
+(O,); residual (N, O, H, W) or None; branch_scale (N,) or None; y and z (N, O, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fused_mbconv._checks import empty_like_layout
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1).to(dtype)
+
+
+def _gated(x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    """x * gate in the compute dtype."""
+    xf = x.to(_acc(x))
+    return xf if gate is None else xf * gate.to(xf.dtype)[:, :, None, None]
+
+
+def _project(x: torch.Tensor, gate: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """z = weight @ (x * gate) over channels, in the compute dtype."""
+    xg = _gated(x, gate)
+    return torch.einsum("oc,nchw->nohw", _matrix(weight, xg.dtype), xg)
+
+
+def _per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(dtype)[None, :, None, None]
+
+
+def _epilogue(x, normalized, residual, branch_scale) -> torch.Tensor:
+    """branch_scale * normalized + residual, in x's dtype and layout."""
+    y = normalized
+    if branch_scale is not None:
+        y = y * branch_scale.to(y.dtype)[:, None, None, None]
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    out = empty_like_layout(x, y.shape)
+    return out.copy_(y)
+
+
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torch.Tensor:
+    z = _project(x, gate, weight)
+    return _epilogue(x, z * _per_channel(scale, z.dtype) + _per_channel(shift, z.dtype), residual, branch_scale)
+
+
+def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+    z = _project(x, gate, weight)
+    mean = z.mean(dim=(0, 2, 3))
+    var = z.var(dim=(0, 2, 3), unbiased=False)
+    zhat = (z - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+    normalized = zhat * _per_channel(gamma, z.dtype) + _per_channel(beta, z.dtype)
+    y = _epilogue(x, normalized, residual, branch_scale)
+    z_out = empty_like_layout(x, z.shape).copy_(z)
+    return y, z_out, mean, var
+
+
+def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
+    acc = _acc(x)
+    dy = grad_y.to(acc)
+    if branch_scale is not None:
+        dy = dy * branch_scale.to(acc)[:, None, None, None]
+    zhat = (z.to(acc) - _per_channel(mean, acc)) * _per_channel(invstd, acc)
+    dbeta = dy.sum(dim=(0, 2, 3))
+    dgamma = (dy * zhat).sum(dim=(0, 2, 3))
+    dz = dy
+    if training:  # the batch statistics depend on z too
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        dz = dy - (dbeta / count)[None, :, None, None] - zhat * (dgamma / count)[None, :, None, None]
+    dz = dz * _per_channel(gamma.to(acc) * invstd.to(acc), acc)
+    w = _matrix(weight, acc)
+    dxg = torch.einsum("oc,nohw->nchw", w, dz)
+    dweight = torch.einsum("nohw,nchw->oc", dz, _gated(x, gate))
+    dx = empty_like_layout(x, x.shape)
+    if gate is None:
+        dx.copy_(dxg)
+        dgate = x.new_empty(0)
+    else:
+        dx.copy_(dxg * gate.to(acc)[:, :, None, None])
+        dgate = (dxg * x.to(acc)).sum(dim=(2, 3)).to(gate.dtype)
+    return (
+        dx,
+        dgate,
+        dweight.to(weight.dtype).reshape(weight.shape),
+        dgamma.to(gamma.dtype),
+        dbeta.to(gamma.dtype),
+    )

@@ -1,0 +1,554 @@
+"""Triton backend of the projection ops (see ``__init__``): a GEMM over channels whose prologue
+multiplies each input channel by its sample's SE gate and whose epilogue applies the BatchNorm,
+the stochastic-depth factor and the residual.
+
+The GEMM is (positions x C) @ (C x O). A tile holds BLOCK_M positions of one sample, so the gate
+is one (BLOCK_K,) vector per step of the channel loop, and the per-sample sums of the backward
+stay inside a program. Tensors are addressed as (n, channel, flat hw) through their strides, so
+NCHW and channels_last run the same code (other layouts are copied to channels_last first).
+
+Memory passes (x: the wide input, C channels; y, z, dy, dz: O channels, a sixth of x in MBConv):
+
+- inference: one pass: reads x (and the residual), writes y. The gated x never exists in memory.
+- training forward: pass 1 reads x, writes z and per-tile (mean, M2) partials of z; pass 2 reads
+  z (and the residual), writes y.
+- backward: reads dy and z for the BN backward's two sums; writes dz; GEMM dz @ W reads dz, x and
+  writes dx with the gate's gradient (per-tile partials); GEMM dz^T @ (x * gate) reads dz and x for
+  the weight's gradient (split over positions, partials summed in a fixed order).
+
+Every reduction is deterministic (partials, then a fixed-order sum). fp32 inputs multiply in
+TF32 when torch allows it for convolutions (``torch.backends.cudnn.allow_tf32``, what the eager
+1x1 conv does), else in full fp32; fp16/bf16 inputs multiply in their dtype with fp32
+accumulation, the gated x rounded to that dtype as eager's ``x * gate`` is.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_mbconv._checks import empty_like_layout, memory_format_of
+from fused_mbconv.ops import _triton
+from fused_mbconv.ops._triton import cast
+from fused_mbconv.ops.project_bn import IMPLS, reference
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+
+
+def _gemm_configs(triples):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in triples
+    ]
+
+
+# (BLOCK_M positions, BLOCK_N output channels, BLOCK_K reduced channels, warps, stages)
+_GEMM_CONFIGS = _gemm_configs([
+    (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+    (128, 32, 64, 4, 4), (64, 32, 64, 4, 4),
+])  # fmt: skip
+# the interpreter runs one program at a time in numpy: tails in every direction on the tests'
+# small shapes (C = 24, O = 20, H*W = 45)
+_GEMM_INTERPRETED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Drop configs whose output-channel block is wider than the output channels (masked lanes
+    do no work)."""
+    widest = max(16, triton.next_power_of_2({**named_args, **kwargs}["N_COLS"]))
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_N"] <= widest]
+    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_N"])]
+
+
+_MIN_BLOCK_M = min(cfg.kwargs["BLOCK_M"] for cfg in (*_GEMM_CONFIGS, _GEMM_INTERPRETED))
+
+
+def _gemm_autotune(key):
+    return _triton.autotune(_GEMM_CONFIGS, key, interpreted=_GEMM_INTERPRETED, prune=_prune_gemm)
+
+
+# elementwise / reduction tiles over (positions, channels) of the narrow tensors
+_TILE_CONFIGS = [
+    triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in [(64, 32, 4), (32, 64, 4), (128, 32, 8)]
+]
+_TILE_INTERPRETED = triton.Config({"BLOCK_P": 32, "BLOCK_C": 16})
+
+
+def _tile_autotune(key):
+    return _triton.autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED)
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and not (torch.backends.cudnn.allow_tf32 and x.is_cuda):
+        return "ieee"
+    return "tf32"  # the default: TF32 for fp32 operands, ignored for fp16/bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+
+# Triton's interpreter multiplies fp16/bf16 tl.dot operands wrongly (triton 3.8: errors of 1e10
+# on a 16 x 16 bf16 product): interpreted, the operands go up to fp32 first, which gives the
+# exact products the tensor cores make.
+_DOT_IN_FP32: tl.constexpr = tl.constexpr(_triton.INTERPRETED)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _offsets(n64, p, c, s_n, s_c, s_p):
+    """int64 offsets of the (positions, channels) tile [n, c, p] of a tensor with strides
+    (s_n, s_c, s_p), p the flat (h, w) index."""
+    return n64 * s_n + p.to(tl.int64)[:, None] * s_p + c.to(tl.int64)[None, :] * s_c
+
+
+@triton.jit
+def _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE: tl.constexpr):
+    """x[n, k, p] * gate[n, k] as a (positions, channels) tile in x's dtype, the operand of tl.dot."""
+    mask = mask_p[:, None] & (k < C)[None, :]
+    a = tl.load(x_ptr + _offsets(n64, p, k, s_xn, s_xc, s_xp), mask=mask, other=0.0)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + n64 * s_gn + k * s_gc, mask=k < C, other=0.0).to(tl.float32)
+        a = cast(a.to(tl.float32) * g[None, :], x_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def _tile_position(pid, HW, BLOCK_M: tl.constexpr):
+    """Sample and positions of tile ``pid``: tiles never straddle two samples."""
+    tiles = tl.cdiv(HW, BLOCK_M)
+    n = pid // tiles
+    p = (pid - n * tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return n.to(tl.int64), p, p < HW
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
+@triton.jit(do_not_specialize=["HW"])
+def _project_kernel(
+    x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, bs_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
+    C, N_COLS, HW,
+    s_xn, s_xc, s_xp, s_gn, s_gc, s_wo, s_wc, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
+    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BS: tl.constexpr,
+    STATS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid (N * cdiv(HW, BLOCK_M), cdiv(O, BLOCK_N)); O is N_COLS.
+    #   acc[p, o] = sum_k x[n, k, p] * gate[n, k] * w[o, k]                  (fp32)
+    #   AFFINE: y = bs[n] * (scale[o] * acc + shift[o]) + res[n, o, p]       else y = acc
+    #   STATS: the tile's (mean, M2) of acc per o, for the batch statistics (Chan's merge later)
+    n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_o = o < N_COLS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
+        wt = tl.load(w_ptr + o[None, :].to(tl.int64) * s_wo + k[:, None] * s_wc,
+                     mask=(k < C)[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+        acc = _dot(a, cast(wt.to(tl.float32), x_ptr.dtype.element_ty), acc, PRECISION)
+    mask = mask_p[:, None] & mask_o[None, :]
+    if STATS:
+        # statistics of z as stored (rounded to its dtype), which the backward reads back: with
+        # the unrounded mean, sum(z - mean) over the batch would not vanish, and its error would
+        # reach the weight gradient through every position
+        z = cast(acc, y_ptr.dtype.element_ty).to(tl.float32)
+        count = tl.sum(mask_p.to(tl.float32), axis=0)
+        mean = tl.sum(z, axis=0) / count  # masked rows hold exact zeros
+        dev = tl.where(mask, z - mean[None, :], 0.0)
+        row = tl.program_id(0).to(tl.int64) * N_COLS + o
+        tl.store(mean_part_ptr + row, mean, mask=mask_o)
+        tl.store(m2_part_ptr + row, tl.sum(dev * dev, axis=0), mask=mask_o)
+    if AFFINE:
+        scale = tl.load(scale_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :] + shift[None, :]
+    if HAS_BS:
+        acc *= tl.load(bs_ptr + n64).to(tl.float32)
+    if HAS_RES:
+        acc += tl.load(res_ptr + _offsets(n64, p, o, s_rn, s_rc, s_rp), mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + _offsets(n64, p, o, s_yn, s_yc, s_yp), cast(acc, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_stats_kernel(
+    mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, HW, tiles_per_sample, tiles, tile_rows,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Merge the per-tile (mean, M2) of every channel into the batch mean and biased variance.
+    A block of tiles merges at once: mean_b = sum(n_t mean_t) / n_b,
+    M2_b = sum(M2_t + n_t (mean_t - mean_b)^2); blocks then merge by Chan's update. A tile holds
+    ``tile_rows`` positions, fewer when it is the last of its sample."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cs < C
+    count = 0.0
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for g0 in range(0, tiles, BLOCK_G):
+        ts = g0 + tl.arange(0, BLOCK_G)
+        first = (ts % tiles_per_sample) * tile_rows
+        n_t = tl.where(ts < tiles, tl.minimum(tile_rows, HW - first), 0).to(tl.float32)
+        mask = (ts < tiles)[:, None] & mask_c[None, :]
+        offs = ts.to(tl.int64)[:, None] * C + cs[None, :]
+        mean_t = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
+        m2_t = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / n_b
+        dev = mean_t - mean_b[None, :]
+        m2_b = tl.sum(m2_t + n_t[:, None] * dev * dev, axis=0)
+        count, mean, m2 = _triton.chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+    tl.store(mean_ptr + cs, mean, mask=mask_c)
+    tl.store(var_ptr + cs, m2 / count, mask=mask_c)
+
+
+@_tile_autotune(["C", "HW"])
+@triton.jit(do_not_specialize=["HW"])
+def _normalize_kernel(
+    z_ptr, a_ptr, b_ptr, res_ptr, bs_ptr, y_ptr, C, HW,
+    s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
+    HAS_RES: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): y = bs[n] * (a[c] * z + b[c]) + res,
+    # a = gamma * invstd and b = beta - mean * a: the BN of the training forward
+    n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = mask_p[:, None] & (c < C)[None, :]
+    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + c, mask=c < C, other=0.0)
+    b = tl.load(b_ptr + c, mask=c < C, other=0.0)
+    y = z * a[None, :] + b[None, :]
+    if HAS_BS:
+        y *= tl.load(bs_ptr + n64).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp), mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp), cast(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@_tile_autotune(["C", "HW", "CHUNK"])
+@triton.jit(do_not_specialize=["HW", "CHUNK", "SPLITS"])
+def _dy_sums_kernel(
+    dy_ptr, z_ptr, bs_ptr, mean_ptr, invstd_ptr, part_ptr, C, HW, CHUNK, SPLITS,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp,
+    HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * SPLITS, cdiv(C, BLOCK_C)), each program over one CHUNK of a sample's H*W:
+    #   part[row, c] = sum dyb,  part[row, C + c] = sum dyb * zhat     (row = n * SPLITS + split)
+    #   dyb = dy * bs[n] (the gradient of the BN output), zhat = (z - mean) * invstd
+    n64 = (tl.program_id(0) // SPLITS).to(tl.int64)
+    start = (tl.program_id(0) % SPLITS) * CHUNK
+    end = tl.minimum(start + CHUNK, HW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    sum_dy = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    sum_dyz = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < end)[:, None] & mask_c[None, :]
+        dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
+        sum_dy += dy
+        sum_dyz += tl.where(mask, dy * (z - mean[None, :]) * invstd[None, :], 0.0)
+    scale = 1.0
+    if HAS_BS:
+        scale = tl.load(bs_ptr + n64).to(tl.float32)
+    row = part_ptr + tl.program_id(0).to(tl.int64) * 2 * C + c
+    tl.store(row, tl.sum(sum_dy, axis=0) * scale, mask=mask_c)
+    tl.store(row + C, tl.sum(sum_dyz, axis=0) * scale, mask=mask_c)
+
+
+@_tile_autotune(["C", "HW"])
+@triton.jit(do_not_specialize=["HW"])
+def _dz_kernel(
+    dy_ptr, z_ptr, bs_ptr, coef_ptr, dz_ptr, C, HW,
+    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_qn, s_qc, s_qp,
+    HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): the BN backward, per element
+    #   dz = k1[c] * bs[n] * dy + k2[c] * z + k3[c]   (coefficients from the host: ``_dz_coefficients``)
+    n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = mask_p[:, None] & (c < C)[None, :]
+    dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp), mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
+    k1 = tl.load(coef_ptr + c, mask=c < C, other=0.0)
+    k2 = tl.load(coef_ptr + C + c, mask=c < C, other=0.0)
+    k3 = tl.load(coef_ptr + 2 * C + c, mask=c < C, other=0.0)
+    if HAS_BS:
+        dy *= tl.load(bs_ptr + n64).to(tl.float32)
+    dz = dy * k1[None, :] + z * k2[None, :] + k3[None, :]
+    tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
+
+
+@_gemm_autotune(["N_COLS", "K", "HW", "s_xc"])
+@triton.jit(do_not_specialize=["HW"])
+def _dx_kernel(
+    dz_ptr, w_ptr, x_ptr, gate_ptr, dx_ptr, dgate_part_ptr, N_COLS, K, HW,
+    s_qn, s_qc, s_qp, s_wo, s_wc, s_xn, s_xc, s_xp, s_gn, s_gc, s_dxn, s_dxc, s_dxp,
+    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid (N * cdiv(HW, BLOCK_M), cdiv(C, BLOCK_N)); C is N_COLS, O is K (the reduced length).
+    #   dxg[p, c] = sum_o dz[n, o, p] * w[o, c]      (the gradient of x * gate)
+    #   dx = dxg * gate[n, c];   dgate_part[tile, c] = sum_p dxg * x[n, c, p]
+    n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_c = c < N_COLS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        dz = tl.load(dz_ptr + _offsets(n64, p, k, s_qn, s_qc, s_qp), mask=mask_p[:, None] & (k < K)[None, :],
+                     other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + k[:, None].to(tl.int64) * s_wo + c[None, :] * s_wc,
+                    mask=(k < K)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+        acc = _dot(dz, cast(w.to(tl.float32), dz_ptr.dtype.element_ty), acc, PRECISION)
+    mask = mask_p[:, None] & mask_c[None, :]
+    if HAS_GATE:
+        x = tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp), mask=mask, other=0.0).to(tl.float32)
+        dgate = tl.sum(acc * x, axis=0)
+        tl.store(dgate_part_ptr + tl.program_id(0).to(tl.int64) * N_COLS + c, dgate, mask=mask_c)
+        acc *= tl.load(gate_ptr + n64 * s_gn + c * s_gc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx_ptr + _offsets(n64, p, c, s_dxn, s_dxc, s_dxp), cast(acc, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
+@triton.jit(do_not_specialize=["N", "HW"])
+def _dweight_kernel(
+    dz_ptr, x_ptr, gate_ptr, part_ptr, N, C, N_COLS, HW,
+    s_qn, s_qc, s_qp, s_xn, s_xc, s_xp, s_gn, s_gc,
+    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid (cdiv(O, BLOCK_N), cdiv(C, BLOCK_K), splits); O is N_COLS. The position tiles (BLOCK_M
+    # positions of one sample) are dealt out to the splits in consecutive runs:
+    #   part[split, o, c] = sum over the split's positions of dz[n, o, p] * x[n, c, p] * gate[n, c]
+    o = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    tiles = N * tl.cdiv(HW, BLOCK_M)
+    per_split = tl.cdiv(tiles, tl.num_programs(2))
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for t in range(split * per_split, tl.minimum((split + 1) * per_split, tiles)):
+        n64, p, mask_p = _tile_position(t, HW, BLOCK_M)
+        dz_t = tl.load(dz_ptr + tl.trans(_offsets(n64, p, o, s_qn, s_qc, s_qp)),
+                       mask=(o < N_COLS)[:, None] & mask_p[None, :], other=0.0)  # fmt: skip
+        xg = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, c, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
+        acc = _dot(dz_t, xg, acc, PRECISION)
+    offs = (split.to(tl.int64) * N_COLS + o[:, None]) * C + c[None, :]
+    tl.store(part_ptr + offs, acc, mask=(o < N_COLS)[:, None] & (c < C)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its (H, W) walk as one flat index (NCHW, channels_last), else a
+    channels_last copy."""
+    _, _, h, w = x.shape
+    if h == 1 or w == 1 or x.stride(2) == w * x.stride(3):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(s_n, s_c, s_p) of 4-D ``t`` whose (H, W) walk as one flat index p."""
+    s_n, s_c, s_h, s_w = t.stride()
+    return s_n, s_c, (s_h if t.shape[3] == 1 else s_w)
+
+
+def _like(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in ``x``'s memory format, so both walk their positions alike."""
+    return None if t is None else _layout(t.contiguous(memory_format=memory_format_of(x)))
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _tiles(n: int, hw: int, block: int) -> int:
+    return n * triton.cdiv(hw, block)
+
+
+def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool):
+    """Launch ``_project_kernel`` into ``out``; with ``stats`` returns the per-tile (mean, M2)
+    partials and the tile height they were made with."""
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    wm = _matrix(weight)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    placeholder = out  # pointer arguments of disabled features are never read
+    launch = {}
+
+    def grid(meta):
+        launch["rows"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
+        return _tiles(n, h * w, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"])
+
+    # the partials' row count depends on the tile height the tuner picks: size for the smallest
+    parts = [torch.empty((_tiles(n, h * w, _MIN_BLOCK_M), o), **f32) for _ in range(2)] if stats else [out, out]
+    res = _like(out, residual)
+    _project_kernel[grid](
+        x, placeholder if gate is None else gate, wm,
+        placeholder if scale is None else scale, placeholder if shift is None else shift,
+        placeholder if res is None else res, placeholder if branch_scale is None else branch_scale,
+        out, *parts, c, o, h * w,
+        *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
+        *(_strides(res) if res is not None else (0, 0, 0)), *_strides(out),
+        HAS_GATE=gate is not None, AFFINE=scale is not None, HAS_RES=res is not None,
+        HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x),
+    )  # fmt: skip
+    return (parts, launch["rows"]) if stats else None
+
+
+@IMPLS["forward_infer"].register("triton")
+@_triton.reference_for_fp64(reference)
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torch.Tensor:
+    x = _layout(x)
+    y = empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:]))
+    with _triton.device_of(x):
+        _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False)
+    return y
+
+
+@IMPLS["forward_train"].register("triton")
+@_triton.reference_for_fp64(reference)
+def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+    x = _layout(x)
+    n, _, h, w = x.shape
+    o = weight.shape[0]
+    z = empty_like_layout(x, (n, o, h, w))
+    y = torch.empty_like(z)
+    mean, var = (torch.empty(o, dtype=torch.float32, device=x.device) for _ in range(2))
+    with _triton.device_of(x):
+        (mean_part, m2_part), rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
+        tiles_per_sample = triton.cdiv(h * w, rows)
+        block_c = min(128, triton.next_power_of_2(o))
+        _combine_stats_kernel[(triton.cdiv(o, block_c),)](
+            mean_part, m2_part, mean, var, o, h * w, tiles_per_sample, n * tiles_per_sample, rows,
+            BLOCK_G=32, BLOCK_C=block_c,
+        )  # fmt: skip
+        a = gamma.float() * torch.rsqrt(var + eps)
+        b = beta.float() - mean * a
+        res = _like(z, residual)
+        bs = branch_scale
+        _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+            z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
+            *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
+            HAS_RES=res is not None, HAS_BS=bs is not None,
+        )  # fmt: skip
+    return y, z, mean, var
+
+
+def _dz_coefficients(sums, count, gamma, mean, invstd, training: bool) -> torch.Tensor:
+    """(k1 | k2 | k3), each (O,), with dz = k1 * dyb + k2 * z + k3 the BN backward:
+    dz = gamma * invstd * (dyb - [sum dyb + zhat * sum dyb zhat] / count), zhat = (z - mean) * invstd;
+    in inference only the first term."""
+    o = gamma.shape[0]
+    k1 = gamma.float() * invstd.float()
+    if not training:
+        return torch.cat([k1, torch.zeros_like(k1), torch.zeros_like(k1)])
+    sum_dy, sum_dyz = sums[:o] / count, sums[o:] / count
+    k2 = -k1 * invstd.float() * sum_dyz
+    k3 = -k1 * sum_dy - k2 * mean.float()
+    return torch.cat([k1, k2, k3])
+
+
+def _hw_splits(n: int, o: int, hw: int, device: torch.device) -> tuple[int, int]:
+    """(chunk, splits) of H*W for a per-sample reduction: more than one split only when the
+    samples alone (a program per sample and 32 channels) leave the GPU idle."""
+    programs = 4 * _triton.multiprocessors(device)
+    splits = max(1, min(triton.cdiv(programs, n * triton.cdiv(o, 32)), triton.cdiv(hw, _MIN_CHUNK)))
+    chunk = triton.cdiv(hw, splits)
+    return chunk, triton.cdiv(hw, chunk)
+
+
+# a split of H*W reduces at least this many positions (interpreted: small, so tests split too)
+_MIN_CHUNK = 16 if _triton.INTERPRETED else 1024
+
+
+@IMPLS["backward"].register("triton")
+@_triton.reference_for_fp64(reference)
+def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
+    x = _layout(x)
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    hw = h * w
+    wm = _matrix(weight)
+    dy, z = _like(x, grad_y), _like(x, z)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    bs = dy if branch_scale is None else branch_scale  # a placeholder pointer when absent
+    has_bs, has_gate = branch_scale is not None, gate is not None
+    gate_arg, gate_strides = (gate, gate.stride()) if has_gate else (x, (0, 0))
+    precision = _precision(x)
+    with _triton.device_of(x):
+        # the BN backward's two sums, then dz = its per-element formula
+        chunk, splits = _hw_splits(n, o, hw, x.device)
+        part = torch.empty((n * splits, 2 * o), **f32)
+        _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
+            dy, z, bs, mean.float().contiguous(), invstd.float().contiguous(), part, o, hw, chunk, splits,
+            *_strides(dy), *_strides(z), HAS_BS=has_bs,
+        )  # fmt: skip
+        sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
+        coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
+        dz = torch.empty_like(z)
+        _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+            dy, z, bs, coef, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), HAS_BS=has_bs
+        )
+
+        # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
+        dx = empty_like_layout(x, x.shape)
+        dgate_part = torch.empty((_tiles(n, hw, _MIN_BLOCK_M), c), **f32) if has_gate else dx
+        rows = {}
+
+        def dx_grid(meta):
+            rows["dx"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
+            return _tiles(n, hw, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+
+        _dx_kernel[dx_grid](
+            dz, wm, x, gate_arg, dx, dgate_part, c, o, hw,
+            *_strides(dz), *wm.stride(), *_strides(x), *gate_strides, *_strides(dx),
+            HAS_GATE=has_gate, PRECISION=precision,
+        )  # fmt: skip
+        dgate = x.new_empty(0)
+        if has_gate:
+            tiles_per_sample = triton.cdiv(hw, rows["dx"])
+            per_sample = dgate_part[: n * tiles_per_sample].view(n, tiles_per_sample, c)
+            dgate = per_sample.sum(dim=1).to(gate.dtype)  # a fixed-order reduction: deterministic
+
+        # the weight's gradient reduces over every position: split them to fill the GPU
+        programs = 4 * _triton.multiprocessors(x.device)
+        fewest_blocks = min(triton.cdiv(o, cfg.kwargs["BLOCK_N"]) * triton.cdiv(c, cfg.kwargs["BLOCK_K"])
+                            for cfg in _GEMM_CONFIGS)  # fmt: skip
+        max_splits = max(1, min(_tiles(n, hw, _MIN_BLOCK_M), programs // fewest_blocks))
+        part_w = torch.empty((max_splits, o, c), **f32)
+
+        def dweight_grid(meta):
+            tiles = _tiles(n, hw, meta["BLOCK_M"])
+            blocks = triton.cdiv(o, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"])
+            per_split = triton.cdiv(tiles, max(1, min(tiles, programs // blocks)))
+            rows["splits"] = triton.cdiv(tiles, per_split)
+            return triton.cdiv(o, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_K"]), rows["splits"]
+
+        _dweight_kernel[dweight_grid](
+            dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,
+            HAS_GATE=has_gate, PRECISION=precision,
+        )  # fmt: skip
+        dweight = part_w[: rows["splits"]].sum(dim=0).to(weight.dtype).reshape(weight.shape)
+    # copies: op outputs must not alias each other
+    return dx, dgate, dweight, sums[o:].to(gamma.dtype, copy=True), sums[:o].to(gamma.dtype, copy=True)

@@ -1,0 +1,203 @@
+"""Parity of the projection op (SE gate + 1x1 conv + BatchNorm + stochastic depth + residual) and
+``fused_mbconv.nn.ProjectBN`` against eager PyTorch (``project_eager``: x * gate, conv2d,
+F.batch_norm, multiply, add): outputs, running statistics and every gradient, in every dtype
+and layout, train and eval, with and without the optional inputs; plus the batch statistics'
+numerical soundness and the MBConv wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import DEVICE, FLOOR, assert_matches, skip_if_slow
+from test_squeeze_excite import make_input
+
+import fused_mbconv
+from fused_mbconv import ops
+from fused_mbconv.nn import ProjectBN
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+# N, C (wide input), O (output), H, W: no size a multiple of the interpreter's tiles (32, 16)
+SHAPE = (2, 24, 20, 5, 9)
+EPS, MOMENTUM = 1e-3, 0.1
+
+
+def project_eager(x, gate, weight, gamma, beta, running_mean, running_var, residual, noise, training):
+    """The unfused computation, in torch ops as torchvision's MBConv runs it."""
+    if gate is not None:
+        x = x * gate[:, :, None, None]
+    z = TF.conv2d(x, weight)
+    y = TF.batch_norm(z, running_mean, running_var, gamma, beta, training, MOMENTUM, EPS)
+    if noise is not None:
+        y = y * noise[:, None, None, None]
+    return y if residual is None else y + residual
+
+
+def make_case(dtype, layout, with_extras, seed=0):
+    """(x, tensors) for ``project_eager``: fp64 weights made once; x, gate and the residual in
+    ``dtype``; one sample dropped and one kept by the noise when ``with_extras``."""
+    n, c, o, h, w = SHAPE
+    g = torch.Generator().manual_seed(seed)
+    x = make_input((n, c, h, w), dtype, layout, seed=seed + 1)
+    weight = torch.randn(o, c, 1, 1, generator=g, dtype=torch.float64) / c**0.5
+    gamma = torch.rand(o, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(o, generator=g, dtype=torch.float64)
+    stats = (torch.randn(o, generator=g, dtype=torch.float64) * 0.3, torch.rand(o, generator=g, dtype=torch.float64) + 0.5)
+    extras = {"gate": None, "residual": None, "noise": None}
+    if with_extras:
+        extras = {
+            "gate": torch.rand(n, c, generator=g).to(DEVICE, dtype),
+            "residual": torch.randn(n, o, h, w, generator=g).to(DEVICE, dtype),
+            "noise": torch.tensor([0.0, 1.25], dtype=torch.float64),
+        }
+    return x, weight, gamma, beta, stats, extras
+
+
+def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training):
+    """Forward + backward of the fused module or the eager code with parameters in ``dtype``
+    (fp32 for fp16/bf16, as under AMP the parameters stay fp32). Returns (outputs, names)."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, gm, bt = (t.to(DEVICE, param_dtype).requires_grad_(True) for t in (weight, gamma, beta))
+    running = [t.to(DEVICE, param_dtype).clone() for t in stats]
+    x = x.detach().requires_grad_(True)
+    gate, residual, noise = extras["gate"], extras["residual"], extras["noise"]
+    leaves = [x, w, gm, bt]
+    if gate is not None:
+        gate = gate.detach().to(dtype).requires_grad_(True)
+        residual = residual.detach().to(dtype).requires_grad_(True)
+        noise = noise.to(DEVICE, x.dtype)
+        leaves += [gate, residual]
+    if fn_kind == "fused":
+        module = ProjectBN(weight.shape[1], weight.shape[0], eps=EPS, momentum=MOMENTUM).to(DEVICE, param_dtype)
+        with torch.no_grad():
+            module[0].weight = torch.nn.Parameter(w)
+            module[1].weight, module[1].bias = torch.nn.Parameter(gm), torch.nn.Parameter(bt)
+            module[1].running_mean.copy_(running[0])
+            module[1].running_var.copy_(running[1])
+        module.train(training)
+        leaves[1:4] = [module[0].weight, module[1].weight, module[1].bias]
+        y = module(x, gate, residual, noise)
+        running = [module[1].running_mean, module[1].running_var]
+    else:
+        wc = w.to(x.dtype) if x.dtype != param_dtype else w  # what autocast does to the conv weight
+        y = project_eager(x, gate, wc, gm, bt, *running, residual, noise, training)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.device)
+    grads = torch.autograd.grad((y.double() * dy).sum(), leaves)
+    names = ["y", "dx", "dweight", "dgamma", "dbeta", "dgate", "dresidual"][: 1 + len(leaves)]
+    outputs = [y, *grads]
+    if training:
+        outputs += running
+        names += ["running_mean", "running_var"]
+    return outputs, names
+
+
+def check(dtype, layout, training, with_extras):
+    x, *case = make_case(dtype, layout, with_extras)
+    fused, names = run("fused", dtype, x, *case, training)
+    eager, _ = run("eager", dtype, x, *case, training)
+    exact, _ = run("eager", torch.float64, x.double(), *case, training)
+    for name, a, e, ex in zip(names, fused, eager, exact, strict=True):
+        if a.dtype != e.dtype:  # eager under AMP gives the BN grads in fp32 too; compare values
+            e = e.to(a.dtype)
+        assert_matches(a, e, ex, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_eager(backend, dtype, layout, training):
+    skip_if_slow(backend, SHAPE[0] * SHAPE[1] * SHAPE[3] * SHAPE[4])
+    check(dtype, layout, training, with_extras=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_without_gate_residual_or_noise(backend, training):
+    """Plain conv1x1 + BN: every optional input absent."""
+    check(torch.float32, "channels_last", training, with_extras=False)
+
+
+def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(backend):
+    """z with mean ~1e4 and spread ~1: E[z^2] - E[z]^2 in fp32 loses the variance entirely."""
+    n, c, o, h, w = 3, 16, 18, 7, 11
+    g = torch.Generator().manual_seed(3)
+    x = (1000.0 + torch.randn(n, c, h, w, generator=g)).to(DEVICE)
+    weight = torch.full((o, c, 1, 1), 0.6, dtype=torch.float64) + 0.05 * torch.randn(o, c, 1, 1, generator=g, dtype=torch.float64)
+    ones, zeros = torch.ones(o, device=DEVICE), torch.zeros(o, device=DEVICE)
+    _, _, mean, var = ops.project_bn_train(x, None, weight.float().to(DEVICE), ones, zeros, EPS, None, None)
+    z = torch.einsum("oc,nchw->nohw", weight.flatten(1).to(DEVICE), x.double())
+    exact_var = z.var(dim=(0, 2, 3), unbiased=False)
+    assert exact_var.min() > 1 and z.mean() > 5e3
+    # fp32 z carries ~1e4 * 6e-8 absolute error per element; the variance must keep ~1e-3 relative
+    torch.testing.assert_close(var.double(), exact_var, rtol=2e-2, atol=0)
+    torch.testing.assert_close(mean.double(), z.mean(dim=(0, 2, 3)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("o", [1, 33])
+def test_odd_widths_and_one_pixel(backend, o):
+    """A single output channel or a width past one tile; 1 x 1 spatial with a batch of 3."""
+    for n, c, h, w in [(3, 5, 1, 1), (2, 40, 3, 4)]:
+        skip_if_slow(backend, n * c * h * w)
+        x = torch.randn(n, c, h, w, device=DEVICE)
+        weight = torch.randn(o, c, device=DEVICE) / c**0.5
+        gate = torch.rand(n, c, device=DEVICE)
+        scale, shift = torch.rand(o, device=DEVICE) + 0.5, torch.randn(o, device=DEVICE)
+        y = ops.project_bn(x, gate, weight, scale, shift, None, None)
+        expected = TF.conv2d(x * gate[:, :, None, None], weight[:, :, None, None]) * scale[:, None, None] + shift[:, None, None]
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=FLOOR[torch.float32] * 10)
+
+
+def test_gradcheck_fp64():
+    n, c, o, h, w = 2, 5, 3, 3, 4
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, positive=False):
+        v = torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5 if positive else torch.randn(*shape, generator=g, dtype=torch.float64)
+        return v.to(DEVICE).requires_grad_(True)
+
+    x, gate, weight, residual = t(n, c, h, w), t(n, c, positive=True), t(o, c, 1, 1), t(n, o, h, w)
+    gamma, beta = t(o, positive=True), t(o)
+    noise = torch.tensor([2.0, 0.5], dtype=torch.float64, device=DEVICE)
+
+    def train(x, gate, weight, gamma, beta, residual):
+        return ops.project_bn_train(x, gate, weight, gamma, beta, EPS, residual, noise)[0]
+
+    def infer(x, gate, weight, gamma, beta, residual):
+        return ops.project_bn(x, gate, weight, gamma, beta, residual, noise)
+
+    assert torch.autograd.gradcheck(train, (x, gate, weight, gamma, beta, residual))
+    assert torch.autograd.gradcheck(infer, (x, gate, weight, gamma, beta, residual))
+
+
+def test_from_modules_shares_parameters_and_rejects_non_projections():
+    conv, bn = torch.nn.Conv2d(8, 4, 1, bias=False), torch.nn.BatchNorm2d(4)
+    fused = ProjectBN.from_modules(conv, bn)
+    assert fused[0].weight is conv.weight and fused[1].running_var is bn.running_var
+    assert list(fused.state_dict()) == list(torch.nn.Sequential(conv, bn).state_dict())
+    with pytest.raises(ValueError, match="conv, bn: not a bias-free 1x1 conv"):
+        ProjectBN.from_modules(torch.nn.Conv2d(8, 4, 3, bias=False), bn)
+
+
+def test_mbconv_runs_gate_noise_and_residual_inside_the_projection(monkeypatch):
+    """A B0 block with a residual: the fused model sends the SE gate, the stochastic-depth noise and
+    the shortcut to project_bn_train, and its output equals the unfused computation of the same
+    modules with the same random draws."""
+    model = fused_mbconv.efficientnet_b0(stochastic_depth_prob=0.5).to(DEVICE).train()
+    block = model.features[2][1]  # stride 1, 24 -> 24 channels: has the residual
+    assert block.use_res_connect
+    calls = []
+    real = ops.project_bn_train
+
+    def spy(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+        calls.append((gate is not None, residual is not None, branch_scale is not None))
+        return real(x, gate, weight, gamma, beta, eps, residual, branch_scale)
+
+    monkeypatch.setattr(ops, "project_bn_train", spy)
+    x = torch.randn(4, 24, 9, 9, device=DEVICE)
+    torch.manual_seed(5)
+    fused = block(x)
+    assert calls == [(True, True, True)]
+    plain = fused_mbconv.revert(block)
+    torch.manual_seed(5)
+    expected = plain(x)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
