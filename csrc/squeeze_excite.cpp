@@ -208,7 +208,7 @@ void se_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor&
 
   const c10::cuda::CUDAGuard guard(pooled.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::Tensor act = float_workspace(pooled, {p.batch, p.reduced});
+  const at::Tensor act = float_workspace(pooled, {excite_column_blocks(p.channels), p.batch, p.reduced});
   p.act = act.data_ptr<float>();
   p.gate = gate.data_ptr();
   dispatch_dtype(pooled, "pooled", [&](auto tag) {

@@ -182,11 +182,11 @@ __device__ __forceinline__ int samples_in(const SEExciteParams& p, int64_t n0) {
 }
 
 // FC1 for the block's samples: act[n, r] = silu(h), h = b1[r] + sum_c w1[r, c] pooled[n, c] (and
-// hidden[n, r] = h when hidden is given). Threads: row lanes (hidden units) x c_lanes lanes
+// hidden[n, r] = h when hidden is given); act and hidden are (N, R) workspaces. Threads: row lanes (hidden units) x c_lanes lanes
 // striding over C, fastest, so a warp reads consecutive weights of a row; the c lanes merge by
 // reduce_lanes. Every thread of the block must call it.
 template <typename scalar_t>
-__device__ void excite_hidden(const SEExciteParams& p, int64_t n0, SampleSum* red, float* hidden) {
+__device__ void excite_hidden(const SEExciteParams& p, int64_t n0, SampleSum* red, float* act, float* hidden) {
   const int lanes = p.c_lanes, rows = kThreads / lanes;
   const LaneCoord lane = {static_cast<int>(threadIdx.x) / lanes, static_cast<int>(threadIdx.x) % lanes};
   const int count = samples_in(p, n0);
@@ -211,16 +211,17 @@ __device__ void excite_hidden(const SEExciteParams& p, int64_t n0, SampleSum* re
       for (int i = 0; i < kExciteSamples; ++i) {
         if (i >= count) continue;
         const float h = s.v[i] + b;
-        p.act[(n0 + i) * p.reduced + r] = silu(h);
+        act[(n0 + i) * p.reduced + r] = silu(h);
         if (hidden != nullptr) hidden[(n0 + i) * p.reduced + r] = h;
       }
     }
   }
 }
 
-// FC2 logits of column c for the block's samples, from act: b2[c] + sum_r w2[c, r] act[n, r].
+// FC2 logits of column c for the block's samples, from act (N, R): b2[c] + sum_r w2[c, r] act[n, r].
 // One thread per column; act rows are the same address across a warp (a broadcast).
-__device__ __forceinline__ SampleSum excite_logits(const SEExciteParams& p, int64_t n0, int count, int64_t c) {
+__device__ __forceinline__ SampleSum excite_logits(const SEExciteParams& p, const float* act, int64_t n0, int count,
+                                                   int64_t c) {
   SampleSum s;
   const float b = p.b2[c];
 #pragma unroll
@@ -230,25 +231,34 @@ __device__ __forceinline__ SampleSum excite_logits(const SEExciteParams& p, int6
     const float w = w_row[r];
 #pragma unroll
     for (int i = 0; i < kExciteSamples; ++i) {
-      if (i < count) s.v[i] = fmaf(w, p.act[(n0 + i) * p.reduced + r], s.v[i]);
+      if (i < count) s.v[i] = fmaf(w, act[(n0 + i) * p.reduced + r], s.v[i]);
     }
   }
   return s;
 }
 
-// One block per group of kExciteSamples samples: FC1 into the act workspace, a barrier (global
-// writes of the block are then visible to it), FC2 and the sigmoid.
+// Work item = (group of kExciteSamples samples, block of kThreads columns), one column a thread:
+// small batches still spread over several SMs. Each item recomputes its samples' FC1 (R x C
+// multiply-adds a sample, a few microseconds) into its own act rows, so items never share
+// workspace; a barrier (global writes of the block are then visible to it), then FC2 and the
+// sigmoid of its columns.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) se_excite_kernel(const SEExciteParams p) {
   __shared__ SampleSum red[kThreads];
   auto* gate = static_cast<scalar_t*>(p.gate);
-  for (int64_t n0 = blockIdx.x * static_cast<int64_t>(kExciteSamples); n0 < p.batch;
-       n0 += static_cast<int64_t>(gridDim.x) * kExciteSamples) {  // block-uniform loop
-    excite_hidden<scalar_t>(p, n0, red, nullptr);
+  const int64_t column_blocks = excite_column_blocks(p.channels);
+  const int64_t items = (p.batch + kExciteSamples - 1) / kExciteSamples * column_blocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // block-uniform loop
+    const int64_t group = item / column_blocks, column_block = item - group * column_blocks;
+    const int64_t n0 = group * kExciteSamples;
+    float* act = p.act + column_block * p.batch * p.reduced;
+    // the first barrier inside (reduce_lanes) also orders the previous item's reads of act
+    excite_hidden<scalar_t>(p, n0, red, act, nullptr);
     __syncthreads();
     const int count = samples_in(p, n0);
-    for (int64_t c = threadIdx.x; c < p.channels; c += kThreads) {
-      const SampleSum logits = excite_logits(p, n0, count, c);
+    const int64_t c = column_block * kThreads + threadIdx.x;
+    if (c < p.channels) {
+      const SampleSum logits = excite_logits(p, act, n0, count, c);
 #pragma unroll
       for (int i = 0; i < kExciteSamples; ++i) {
         if (i < count) gate[(n0 + i) * p.channels + c] = from_float<scalar_t>(sigmoid(logits.v[i]));
@@ -271,11 +281,11 @@ __global__ void __launch_bounds__(kThreads) se_excite_backward_samples_kernel(co
   for (int64_t n0 = blockIdx.x * static_cast<int64_t>(kExciteSamples); n0 < p.batch;
        n0 += static_cast<int64_t>(gridDim.x) * kExciteSamples) {  // block-uniform loop
     const int count = samples_in(p, n0);
-    excite_hidden<scalar_t>(p, n0, red, p.hidden);
+    excite_hidden<scalar_t>(p, n0, red, p.act, p.hidden);
     __syncthreads();
 
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-      const SampleSum logits = excite_logits(p, n0, count, c);
+      const SampleSum logits = excite_logits(p, p.act, n0, count, c);
 #pragma unroll
       for (int i = 0; i < kExciteSamples; ++i) {
         if (i >= count) continue;
@@ -412,7 +422,8 @@ cudaError_t launch_se_sum_chunks(const SEPlaneParams& p, cudaStream_t stream) {
 
 template <typename scalar_t>
 cudaError_t launch_se_excite(const SEExciteParams& p, cudaStream_t stream) {
-  se_excite_kernel<scalar_t><<<excite_grid(p), kThreads, 0, stream>>>(p);
+  const int64_t items = ceil_div(p.batch, kExciteSamples) * excite_column_blocks(p.channels);
+  se_excite_kernel<scalar_t><<<grid_size(items), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

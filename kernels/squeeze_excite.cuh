@@ -65,6 +65,10 @@ cudaError_t launch_se_sum_chunks(const SEPlaneParams& p, cudaStream_t stream);
 // Samples per block of the excite kernels: each weight load serves this many samples.
 constexpr int kExciteSamples = 4;
 
+// The excite forward splits the C gate columns into blocks of kThreads, each with its own act
+// workspace rows: act is (excite_column_blocks(C), N, R) there.
+DWCONV_HD int64_t excite_column_blocks(int64_t channels) { return (channels + kThreads - 1) / kThreads; }
+
 // The excite: h = pooled @ w1^T + b1 (N, R), a = silu(h), gate = sigmoid(a @ w2^T + b2) (N, C).
 // Weights fp32 contiguous as matrices; fp32 workspaces (N, R) / (N, C) in global memory, written
 // and read back by the same block (no size limit from shared memory).
@@ -79,7 +83,7 @@ struct SEExciteParams {
   const float* __restrict__ w2;     // (C, R)
   const float* __restrict__ b2;     // (C,)
   // workspaces, each written and read by one kernel (so not __restrict__: no read-only cache)
-  float* act;      // (N, R) silu(h)
+  float* act;      // (N, R) silu(h); forward: (excite_column_blocks(C), N, R)
   float* hidden;   // backward: (N, R) h
   float* dhidden;  // backward: (N, R) dL/dh
   float* dlogits;  // backward: (N, C) dL/d(a @ w2^T + b2)

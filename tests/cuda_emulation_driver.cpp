@@ -181,7 +181,8 @@ int run_se_excite(const std::string& op) {
   p.dhidden = p.act + 2 * n * r;
   p.dlogits = dlogits.as<float>();
   if (op == "se_excite") {
-    Buffer gate(sizeof(scalar_t) * n * c);
+    Buffer gate(sizeof(scalar_t) * n * c), act(sizeof(float) * excite_column_blocks(c) * n * r);
+    p.act = act.as<float>();
     p.gate = gate.as<scalar_t>();
     check(launch_se_excite<scalar_t>(p, stream), "se_excite");
     save("gate", gate, sizeof(scalar_t) * n * c);

@@ -386,8 +386,8 @@ def test_se_shapes_cover_every_path(driver, tmp_path, layout):
 
 
 # (N, C, R): one and several groups of kExciteSamples = 4 samples (a partial last one), C and R
-# below, at and above the 32 reduction lanes, R = 1
-EXCITE_SHAPES = [(1, 17, 4), (3, 72, 18), (5, 3, 1), (9, 40, 10), (2, 1, 1), (6, 130, 33)]
+# below, at and above the 32 reduction lanes, R = 1, C over one and two blocks of 256 gate columns
+EXCITE_SHAPES = [(1, 17, 4), (3, 72, 18), (5, 3, 1), (9, 40, 10), (2, 1, 1), (6, 130, 33), (2, 300, 20), (5, 520, 8)]
 
 
 def _excite_inputs(n, c, r, dtype, seed=0):
