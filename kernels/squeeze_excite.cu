@@ -252,7 +252,6 @@ __global__ void __launch_bounds__(kThreads) se_excite_kernel(const SEExciteParam
     const int64_t group = item / column_blocks, column_block = item - group * column_blocks;
     const int64_t n0 = group * kExciteSamples;
     float* act = p.act + column_block * p.batch * p.reduced;
-    // the first barrier inside (reduce_lanes) also orders the previous item's reads of act
     excite_hidden<scalar_t>(p, n0, red, act, nullptr);
     __syncthreads();
     const int count = samples_in(p, n0);
