@@ -33,5 +33,6 @@ step sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
   "test_channels_last_vector_width or (test_parity and float32 and strided) or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
 step bench_dwconv 150 $PY bench/bench_dwconv.py --out "$OUT/dwconv.csv"
+step bench_se_project 120 $PY bench/bench_se_project.py --quick --out -  # CSV into its log: 8 files max
 step main 60 $PY -m fused_mbconv --device cuda
 cat "$OUT/summary.txt"

@@ -1,8 +1,10 @@
-"""The benchmark tooling: CSV columns, the report's speedup arithmetic, and a tiny CPU run of
-``python -m bench`` end to end (timings themselves are never asserted)."""
+"""The benchmark tooling: CSV columns, the report's speedup arithmetic, a tiny CPU run of
+``python -m bench`` end to end, and the per-op benchmarks' shapes and CPU-checkable parts
+(timings themselves are never asserted)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,56 @@ def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
     bench_dwconv.main(["--list-shapes"])
     out = capsys.readouterr().out
     assert "EfficientNet-B5" in out and "c48_k3_s1_h228" in out  # B5's first depthwise layer
+
+
+def test_se_project_shapes_b0():
+    from fused_mbconv.models.config import SEProjectShape, se_project_shapes
+
+    shapes = se_project_shapes("b0")
+    # B0's 16 blocks give 12 distinct shapes: each stage's first block, plus its repeats when it has any
+    assert len(shapes) == 12
+    # stage 1 (expand 1, 32 -> 16, stride 1) after the stem's stride 2: C = 32, R = 32 // 4 = 8,
+    # H = 224 / 2 = 112, no residual (32 != 16)
+    assert shapes[0] == SEProjectShape(channels=32, squeeze=8, out=16, size=112, residual=False)
+    assert shapes[0].name == "c32_r8_o16_h112"
+    # stage 2's repeat (expand 6, 24 -> 24, stride 1) at 56: C = 144, R = 6, with the residual
+    assert shapes[2] == SEProjectShape(144, 6, 24, 56, True)
+    assert shapes[-1] == SEProjectShape(1152, 48, 320, 7, False)
+
+
+def test_se_project_benchmark_lists_b5_shapes_without_a_gpu():
+    # as a user runs it, with no GPU visible
+    script = ROOT / "bench" / "bench_se_project.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script), "--list-shapes"], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [ln.split()[0] for ln in done.stdout.splitlines()[1:]]
+    assert "EfficientNet-B5" in done.stdout
+    assert len(lines) == 14
+    assert lines[0] == "c48_r12_o24_h228" and lines[-1] == "c3072_r128_o512_h15_res"
+
+
+def test_se_project_benchmark_paths_agree_on_cpu():
+    # the fused path shares eager's Parameters and, with the squeeze given, computes the same output
+    # and (train) the same gradients, the squeeze's broadcast gradient included
+    import torch
+
+    import fused_mbconv
+    from bench import bench_se_project as bench
+    from fused_mbconv.models.config import SEProjectShape
+
+    for shape in (SEProjectShape(16, 4, 8, 5, False), SEProjectShape(16, 4, 16, 5, True)):
+        modules = bench.make_modules(shape, "default", device="cpu", dtype=torch.float64)
+        eager, fused = modules["eager"], modules["triton"]
+        assert [id(p) for p in eager.parameters()] == [id(p) for p in fused.parameters()]
+        h, pooled, x_in = bench.make_inputs(shape, "cpu", torch.float64, batch=3)
+        with fused_mbconv.backend("reference"):
+            for mode in bench.MODES:
+                torch.manual_seed(1)  # the same random upstream gradient for both
+                expected = bench.step_fn(eager, mode, shape, h, pooled, x_in)()
+                torch.manual_seed(1)
+                actual = bench.step_fn(fused, mode, shape, h, pooled, x_in)()
+                torch.testing.assert_close(actual, expected)
+                if mode == "train":
+                    assert len(actual) == 1 + shape.residual + 7  # h, (x_in), fc1 and fc2 (w, b), conv, bn (w, b)

@@ -165,3 +165,29 @@ def depthwise_shapes(variant: str) -> list[DWShape]:
     """The distinct depthwise conv shapes of one EfficientNet variant, in network order."""
     layers = layer_shapes(VARIANTS[variant])
     return list(dict.fromkeys(DWShape(s.expanded, s.block.kernel_size, s.block.stride, s.in_size) for s in layers))
+
+
+class SEProjectShape(NamedTuple):
+    """One block's squeeze-excite + projection: the depthwise output (``channels`` C, ``size`` x
+    size, the block's output size), squeezed to ``squeeze`` R channels, projected to ``out``
+    O channels; ``residual`` when the block adds its input (stride 1, same width in and out)."""
+
+    channels: int
+    squeeze: int
+    out: int
+    size: int  # output height = width
+    residual: bool
+
+    @property
+    def name(self) -> str:
+        return f"c{self.channels}_r{self.squeeze}_o{self.out}_h{self.size}" + ("_res" if self.residual else "")
+
+
+def se_project_shapes(variant: str) -> list[SEProjectShape]:
+    """The distinct squeeze-excite + projection shapes of one EfficientNet variant, in network order."""
+    shapes = []
+    for s in layer_shapes(VARIANTS[variant]):
+        b = s.block
+        residual = b.stride == 1 and b.in_channels == b.out_channels  # MBConv's use_res_connect
+        shapes.append(SEProjectShape(s.expanded, b.squeeze_channels, b.out_channels, s.out_size, residual))
+    return list(dict.fromkeys(shapes))
