@@ -128,15 +128,15 @@ def test_autotune_under_the_interpreter_runs_one_config(monkeypatch):
     assert _triton.autotune(configs, key=[], interpreted=only)(triton.jit(kernel)).configs == [only]
 
 
-def test_reference_for_fp64():
+def test_triton_entry():
     calls = []
     reference = types.SimpleNamespace(op=lambda *args: calls.append("reference"))
 
     def op(x, maybe=None):
         calls.append("kernel")
 
-    fp64_only = _triton.reference_for_fp64(reference)(op)
-    with_empty = _triton.reference_for_fp64(reference, empty=True)(op)
+    fp64_only = _triton.triton_entry(reference)(op)
+    with_empty = _triton.triton_entry(reference, empty=True)(op)
     fp32, fp64, empty = torch.ones(2), torch.ones(2, dtype=torch.float64), torch.ones(0)
     for fn, args, expected in [
         (fp64_only, (fp32, None), "kernel"),

@@ -1,6 +1,7 @@
-"""What the Triton backends of the ops share: autotuning, rounding casts, Chan's merge of
-(count, mean, M2), a deterministic sum of partial rows, and the host-side plumbing (launch device,
-multiprocessor count, the fp64 fallback to the reference). The per-op choices (tile configs,
+"""What the Triton backends of the ops share: autotuning, rounding casts and a dot that the
+interpreter computes right, Chan's merge of (count, mean, M2), a deterministic sum of partial
+rows, and the host-side plumbing (launch device, multiprocessor count, the fp64 fallback to the
+reference). The per-op choices (tile configs,
 tuning keys, how a reduction is split) stay in each op's ``triton_impl``.
 
 FUSED_MBCONV_TRITON_AUTOTUNE=0 skips the tuning of every kernel (first config), for test sweeps
@@ -94,6 +95,21 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
 
 
+# Triton's interpreter multiplies fp16/bf16 tl.dot operands wrongly (triton 3.8: errors of 1e10
+# on a 16 x 16 bf16 product): interpreted, the operands go up to fp32 first, which gives the
+# exact products the tensor cores make.
+_DOT_IN_FP32: tl.constexpr = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation, ``PRECISION`` as tl.dot's input_precision."""
+    if _DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 # Partial rows are summed _SUM_BLOCK_G rows at a time, _SUM_BLOCK_L columns per program.
 _SUM_BLOCK_G, _SUM_BLOCK_L = 32, 128
 
@@ -141,10 +157,11 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reference_for_fp64(reference_module, *, empty: bool = False):
-    """A decorator for an op's Triton implementation: calls with an fp64 tensor argument (and,
-    with ``empty``, calls with an empty one: nothing to launch) run the function of the same
-    name in ``reference_module`` instead. The kernels compute in fp32; fp64 math is the
+def triton_entry(reference_module, *, empty: bool = False):
+    """A decorator for an op's Triton implementation: its kernels launch on the device of its
+    first tensor argument, whatever the current device is; calls with an fp64 tensor argument
+    (and, with ``empty``, calls with an empty one: nothing to launch) run the function of the
+    same name in ``reference_module`` instead. The kernels compute in fp32; fp64 math is the
     reference's job."""
 
     def use_reference(tensors) -> bool:
@@ -156,7 +173,10 @@ def reference_for_fp64(reference_module, *, empty: bool = False):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            return fallback(*args, **kwargs) if use_reference(tensors) else fn(*args, **kwargs)
+            if use_reference(tensors):
+                return fallback(*args, **kwargs)
+            with device_of(tensors[0]):
+                return fn(*args, **kwargs)
 
         return wrapper
 

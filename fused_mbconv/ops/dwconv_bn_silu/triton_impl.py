@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.ops._triton import autotune, cast, chan_merge, multiprocessors, reference_for_fp64, sum_rows
+from fused_mbconv.ops._triton import autotune, cast, chan_merge, multiprocessors, sum_rows, triton_entry
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step
@@ -436,7 +436,7 @@ def _channel_grid(groups: int):
     return lambda meta: (groups, triton.cdiv(meta["C"], meta["BLOCK_C"]))
 
 
-_reference_for_fp64 = reference_for_fp64(reference)
+_triton_entry = triton_entry(reference)
 
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
@@ -455,7 +455,7 @@ def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze:
 
 
 @IMPLS["forward_infer"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def forward_infer(
     x: torch.Tensor,  # (N, C, H, W)
     weight: torch.Tensor,  # (C, 1, k, k)
@@ -486,7 +486,7 @@ def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):
 
 
 @IMPLS["forward_train"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def forward_train(
     x: torch.Tensor,  # (N, C, H, W)
     weight: torch.Tensor,  # (C, 1, k, k)
@@ -504,7 +504,7 @@ def forward_train(
 
 
 @IMPLS["backward"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def backward(
     grad_y: torch.Tensor,  # (N, C, Ho, Wo)
     grad_squeeze: torch.Tensor | None,  # (N, C) or None

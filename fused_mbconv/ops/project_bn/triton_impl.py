@@ -89,20 +89,6 @@ def _precision(x: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 # device helpers
 
-# Triton's interpreter multiplies fp16/bf16 tl.dot operands wrongly (triton 3.8: errors of 1e10
-# on a 16 x 16 bf16 product): interpreted, the operands go up to fp32 first, which gives the
-# exact products the tensor cores make.
-_DOT_IN_FP32: tl.constexpr = tl.constexpr(_triton.INTERPRETED)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    if _DOT_IN_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 @triton.jit
 def _offsets(n64, p, c, s_n, s_c, s_p):
     """int64 offsets of the (positions, channels) tile [n, c, p] of a tensor with strides
@@ -157,7 +143,7 @@ def _project_kernel(
         a = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
         wt = tl.load(w_ptr + o[None, :].to(tl.int64) * s_wo + k[:, None] * s_wc,
                      mask=(k < C)[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
-        acc = _dot(a, cast(wt.to(tl.float32), x_ptr.dtype.element_ty), acc, PRECISION)
+        acc = _triton.dot(a, cast(wt.to(tl.float32), x_ptr.dtype.element_ty), acc, PRECISION)
     mask = mask_p[:, None] & mask_o[None, :]
     if STATS:
         # statistics of z as stored (rounded to its dtype), which the backward reads back: with
@@ -317,7 +303,7 @@ def _dx_kernel(
                      other=0.0)  # fmt: skip
         w = tl.load(w_ptr + k[:, None].to(tl.int64) * s_wo + c[None, :] * s_wc,
                     mask=(k < K)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
-        acc = _dot(dz, cast(w.to(tl.float32), dz_ptr.dtype.element_ty), acc, PRECISION)
+        acc = _triton.dot(dz, cast(w.to(tl.float32), dz_ptr.dtype.element_ty), acc, PRECISION)
     mask = mask_p[:, None] & mask_c[None, :]
     if HAS_GATE:
         x = tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp), mask=mask, other=0.0).to(tl.float32)
@@ -349,7 +335,7 @@ def _dweight_kernel(
         dz_t = tl.load(dz_ptr + tl.trans(_offsets(n64, p, o, s_qn, s_qc, s_qp)),
                        mask=(o < N_COLS)[:, None] & mask_p[None, :], other=0.0)  # fmt: skip
         xg = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, c, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
-        acc = _dot(dz_t, xg, acc, PRECISION)
+        acc = _triton.dot(dz_t, xg, acc, PRECISION)
     offs = (split.to(tl.int64) * N_COLS + o[:, None]) * C + c[None, :]
     tl.store(part_ptr + offs, acc, mask=(o < N_COLS)[:, None] & (c < C)[None, :])
 
@@ -417,17 +403,16 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
 
 
 @IMPLS["forward_infer"].register("triton")
-@_triton.reference_for_fp64(reference)
+@_triton.triton_entry(reference)
 def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torch.Tensor:
     x = _layout(x)
     y = empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:]))
-    with _triton.device_of(x):
-        _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False)
+    _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False)
     return y
 
 
 @IMPLS["forward_train"].register("triton")
-@_triton.reference_for_fp64(reference)
+@_triton.triton_entry(reference)
 def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
     x = _layout(x)
     n, _, h, w = x.shape
@@ -435,23 +420,22 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
     z = empty_like_layout(x, (n, o, h, w))
     y = torch.empty_like(z)
     mean, var = (torch.empty(o, dtype=torch.float32, device=x.device) for _ in range(2))
-    with _triton.device_of(x):
-        (mean_part, m2_part), rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
-        tiles_per_sample = triton.cdiv(h * w, rows)
-        block_c = min(128, triton.next_power_of_2(o))
-        _combine_stats_kernel[(triton.cdiv(o, block_c),)](
-            mean_part, m2_part, mean, var, o, h * w, tiles_per_sample, n * tiles_per_sample, rows,
-            BLOCK_G=32, BLOCK_C=block_c,
-        )  # fmt: skip
-        a = gamma.float() * torch.rsqrt(var + eps)
-        b = beta.float() - mean * a
-        res = _like(z, residual)
-        bs = branch_scale
-        _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
-            z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
-            *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
-            HAS_RES=res is not None, HAS_BS=bs is not None,
-        )  # fmt: skip
+    (mean_part, m2_part), rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
+    tiles_per_sample = triton.cdiv(h * w, rows)
+    block_c = min(128, triton.next_power_of_2(o))
+    _combine_stats_kernel[(triton.cdiv(o, block_c),)](
+        mean_part, m2_part, mean, var, o, h * w, tiles_per_sample, n * tiles_per_sample, rows,
+        BLOCK_G=32, BLOCK_C=block_c,
+    )  # fmt: skip
+    a = gamma.float() * torch.rsqrt(var + eps)
+    b = beta.float() - mean * a
+    res = _like(z, residual)
+    bs = branch_scale
+    _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+        z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
+        *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
+        HAS_RES=res is not None, HAS_BS=bs is not None,
+    )  # fmt: skip
     return y, z, mean, var
 
 
@@ -483,7 +467,7 @@ _MIN_CHUNK = 16 if _triton.INTERPRETED else 1024
 
 
 @IMPLS["backward"].register("triton")
-@_triton.reference_for_fp64(reference)
+@_triton.triton_entry(reference)
 def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
     x = _layout(x)
     n, c, h, w = x.shape
@@ -496,59 +480,58 @@ def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, trai
     has_bs, has_gate = branch_scale is not None, gate is not None
     gate_arg, gate_strides = (gate, gate.stride()) if has_gate else (x, (0, 0))
     precision = _precision(x)
-    with _triton.device_of(x):
-        # the BN backward's two sums, then dz = its per-element formula
-        chunk, splits = _hw_splits(n, o, hw, x.device)
-        part = torch.empty((n * splits, 2 * o), **f32)
-        _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
-            dy, z, bs, mean.float().contiguous(), invstd.float().contiguous(), part, o, hw, chunk, splits,
-            *_strides(dy), *_strides(z), HAS_BS=has_bs,
-        )  # fmt: skip
-        sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
-        coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
-        dz = torch.empty_like(z)
-        _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
-            dy, z, bs, coef, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), HAS_BS=has_bs
-        )
+    # the BN backward's two sums, then dz = its per-element formula
+    chunk, splits = _hw_splits(n, o, hw, x.device)
+    part = torch.empty((n * splits, 2 * o), **f32)
+    _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
+        dy, z, bs, mean.float().contiguous(), invstd.float().contiguous(), part, o, hw, chunk, splits,
+        *_strides(dy), *_strides(z), HAS_BS=has_bs,
+    )  # fmt: skip
+    sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
+    coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
+    dz = torch.empty_like(z)
+    _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+        dy, z, bs, coef, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), HAS_BS=has_bs
+    )
 
-        # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
-        dx = empty_like_layout(x, x.shape)
-        dgate_part = torch.empty((_tiles(n, hw, _MIN_BLOCK_M), c), **f32) if has_gate else dx
-        rows = {}
+    # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
+    dx = empty_like_layout(x, x.shape)
+    dgate_part = torch.empty((_tiles(n, hw, _MIN_BLOCK_M), c), **f32) if has_gate else dx
+    rows = {}
 
-        def dx_grid(meta):
-            rows["dx"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
-            return _tiles(n, hw, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+    def dx_grid(meta):
+        rows["dx"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
+        return _tiles(n, hw, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
 
-        _dx_kernel[dx_grid](
-            dz, wm, x, gate_arg, dx, dgate_part, c, o, hw,
-            *_strides(dz), *wm.stride(), *_strides(x), *gate_strides, *_strides(dx),
-            HAS_GATE=has_gate, PRECISION=precision,
-        )  # fmt: skip
-        dgate = x.new_empty(0)
-        if has_gate:
-            tiles_per_sample = triton.cdiv(hw, rows["dx"])
-            per_sample = dgate_part[: n * tiles_per_sample].view(n, tiles_per_sample, c)
-            dgate = per_sample.sum(dim=1).to(gate.dtype)  # a fixed-order reduction: deterministic
+    _dx_kernel[dx_grid](
+        dz, wm, x, gate_arg, dx, dgate_part, c, o, hw,
+        *_strides(dz), *wm.stride(), *_strides(x), *gate_strides, *_strides(dx),
+        HAS_GATE=has_gate, PRECISION=precision,
+    )  # fmt: skip
+    dgate = x.new_empty(0)
+    if has_gate:
+        tiles_per_sample = triton.cdiv(hw, rows["dx"])
+        per_sample = dgate_part[: n * tiles_per_sample].view(n, tiles_per_sample, c)
+        dgate = per_sample.sum(dim=1).to(gate.dtype)  # a fixed-order reduction: deterministic
 
-        # the weight's gradient reduces over every position: split them to fill the GPU
-        programs = 4 * _triton.multiprocessors(x.device)
-        fewest_blocks = min(triton.cdiv(o, cfg.kwargs["BLOCK_N"]) * triton.cdiv(c, cfg.kwargs["BLOCK_K"])
-                            for cfg in _GEMM_CONFIGS)  # fmt: skip
-        max_splits = max(1, min(_tiles(n, hw, _MIN_BLOCK_M), programs // fewest_blocks))
-        part_w = torch.empty((max_splits, o, c), **f32)
+    # the weight's gradient reduces over every position: split them to fill the GPU
+    programs = 4 * _triton.multiprocessors(x.device)
+    fewest_blocks = min(triton.cdiv(o, cfg.kwargs["BLOCK_N"]) * triton.cdiv(c, cfg.kwargs["BLOCK_K"])
+                        for cfg in _GEMM_CONFIGS)  # fmt: skip
+    max_splits = max(1, min(_tiles(n, hw, _MIN_BLOCK_M), programs // fewest_blocks))
+    part_w = torch.empty((max_splits, o, c), **f32)
 
-        def dweight_grid(meta):
-            tiles = _tiles(n, hw, meta["BLOCK_M"])
-            blocks = triton.cdiv(o, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"])
-            per_split = triton.cdiv(tiles, max(1, min(tiles, programs // blocks)))
-            rows["splits"] = triton.cdiv(tiles, per_split)
-            return triton.cdiv(o, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_K"]), rows["splits"]
+    def dweight_grid(meta):
+        tiles = _tiles(n, hw, meta["BLOCK_M"])
+        blocks = triton.cdiv(o, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"])
+        per_split = triton.cdiv(tiles, max(1, min(tiles, programs // blocks)))
+        rows["splits"] = triton.cdiv(tiles, per_split)
+        return triton.cdiv(o, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_K"]), rows["splits"]
 
-        _dweight_kernel[dweight_grid](
-            dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,
-            HAS_GATE=has_gate, PRECISION=precision,
-        )  # fmt: skip
-        dweight = part_w[: rows["splits"]].sum(dim=0).to(weight.dtype).reshape(weight.shape)
+    _dweight_kernel[dweight_grid](
+        dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,
+        HAS_GATE=has_gate, PRECISION=precision,
+    )  # fmt: skip
+    dweight = part_w[: rows["splits"]].sum(dim=0).to(weight.dtype).reshape(weight.shape)
     # copies: op outputs must not alias each other
     return dx, dgate, dweight, sums[o:].to(gamma.dtype, copy=True), sums[:o].to(gamma.dtype, copy=True)

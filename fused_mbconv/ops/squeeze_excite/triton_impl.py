@@ -23,15 +23,14 @@ from fused_mbconv.ops._triton import (
     INTERPRETED,
     autotune,
     cast,
-    device_of,
     multiprocessors,
-    reference_for_fp64,
     sum_rows,
+    triton_entry,
 )
 from fused_mbconv.ops.squeeze_excite import IMPLS, reference
 
 # fp64 math is the reference's job (the kernels compute in fp32); empty tensors launch nothing
-_reference_for_fp64 = reference_for_fp64(reference, empty=True)
+_triton_entry = triton_entry(reference, empty=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,16 +141,15 @@ def _squeeze_kernel(
 
 
 @IMPLS["squeeze"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def squeeze(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     chunk, splits = _hw_chunk(x)
     out = _reduction_output(x, splits, x.dtype)
     flat = _hw_flat(x)
-    with device_of(x):
-        grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
-        _squeeze_kernel[grid](x, out, n, c, h * w, w, chunk, splits, 1.0 / (h * w), *_strides(x, flat), FLAT=flat)
-        return _finish(out, x.dtype)
+    grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    _squeeze_kernel[grid](x, out, n, c, h * w, w, chunk, splits, 1.0 / (h * w), *_strides(x, flat), FLAT=flat)
+    return _finish(out, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,16 +178,15 @@ def _scale_kernel(
 
 
 @IMPLS["scale"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     y = empty_like_layout(x, x.shape)
     flat = _hw_flat(x, y)
-    with device_of(x):
-        grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
-        _scale_kernel[grid](
-            x, gate, y, n, c, h * w, w, *gate.stride(), *_strides(x, flat), *_strides(y, flat), FLAT=flat
-        )
+    grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    _scale_kernel[grid](
+        x, gate, y, n, c, h * w, w, *gate.stride(), *_strides(x, flat), *_strides(y, flat), FLAT=flat
+    )
     return y
 
 
@@ -227,20 +224,19 @@ def _scale_backward_kernel(
 
 
 @IMPLS["scale_backward"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     chunk, splits = _hw_chunk(x)
     dx = empty_like_layout(x, x.shape)
     dgate = _reduction_output(x, splits, gate.dtype)
     flat = _hw_flat(grad_y, x, dx)
-    with device_of(x):
-        grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
-        _scale_backward_kernel[grid](
-            grad_y, x, gate, dx, dgate, n, c, h * w, w, chunk, splits,
-            *gate.stride(), *_strides(grad_y, flat), *_strides(x, flat), *_strides(dx, flat), FLAT=flat,
-        )  # fmt: skip
-        return dx, _finish(dgate, gate.dtype)
+    grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    _scale_backward_kernel[grid](
+        grad_y, x, gate, dx, dgate, n, c, h * w, w, chunk, splits,
+        *gate.stride(), *_strides(grad_y, flat), *_strides(x, flat), *_strides(dx, flat), FLAT=flat,
+    )  # fmt: skip
+    return dx, _finish(dgate, gate.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,18 +303,17 @@ def _matrix(w: torch.Tensor) -> torch.Tensor:
 
 
 @IMPLS["excite"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
     n, c = pooled.shape
     r = w1.shape[0]
     w1m, w2m = _matrix(w1), _matrix(w2)
     gate = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
-    with device_of(pooled):
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
-        _excite_kernel[grid](
-            pooled, w1m, b1, w2m, b2, gate, n, c, r,
-            *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
-        )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    _excite_kernel[grid](
+        pooled, w1m, b1, w2m, b2, gate, n, c, r,
+        *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
+    )  # fmt: skip
     return gate
 
 
@@ -433,7 +428,7 @@ def _excite_backward_weights_kernel(
 
 
 @IMPLS["excite_backward"].register("triton")
-@_reference_for_fp64
+@_triton_entry
 def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
     n, c = pooled.shape
     r = w1.shape[0]
@@ -442,12 +437,11 @@ def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
     dlogits = torch.empty((n, c), dtype=torch.float32, device=pooled.device)
     dpooled = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     dw1, db1, dw2, db2 = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (w1, b1, w2, b2))
-    with device_of(pooled):
-        _excite_backward_samples_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            grad_gate, pooled, w1m, b1, w2m, b2, h, dlogits, dh, dpooled, n, c, r,
-            *grad_gate.stride(), *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
-        )  # fmt: skip
-        _excite_backward_weights_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
-            pooled, h, dlogits, dh, dw1, db1, dw2, db2, n, c, r, *pooled.stride()
-        )
+    _excite_backward_samples_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        grad_gate, pooled, w1m, b1, w2m, b2, h, dlogits, dh, dpooled, n, c, r,
+        *grad_gate.stride(), *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
+    )  # fmt: skip
+    _excite_backward_weights_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
+        pooled, h, dlogits, dh, dw1, db1, dw2, db2, n, c, r, *pooled.stride()
+    )
     return dpooled, dw1, db1, dw2, db2
