@@ -1,0 +1,57 @@
+"""GPU smoke test, first thing on a fresh device: one MBConv block of EfficientNet-B0 (24 -> 24
+channels, residual, stochastic depth) in training and in eval, under each backend, timing the
+first call (compilation, autotuning) apart from the second, and comparing against the reference
+backend. A backend that hangs shows as the last line printed before the step's time limit.
+
+    python bench/gpu_smoke.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import fused_mbconv
+
+
+def run_block(block, initial_state, x, dy, training: bool):
+    block.load_state_dict(initial_state)  # the same running statistics under every backend
+    block.train(training)
+    torch.manual_seed(0)  # the same stochastic-depth draws under every backend
+    x = x.detach().requires_grad_(training)
+    y = block(x)
+    grads = torch.autograd.grad(y, [x, *block.parameters()], dy) if training else ()
+    torch.cuda.synchronize()
+    return y.detach(), grads
+
+
+def main() -> None:
+    block = fused_mbconv.efficientnet_b0(stochastic_depth_prob=0.2).features[2][1].cuda()
+    x = torch.randn(8, 24, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    initial_state = {k: v.clone() for k, v in block.state_dict().items()}
+    print(torch.cuda.get_device_name(), "backends", fused_mbconv.available_backends(), flush=True)
+    results = {}
+    for name in [b for b in ("reference", "triton", "cuda") if b in fused_mbconv.available_backends()]:
+        for training in (True, False):
+            mode = "train" if training else "eval"
+            with fused_mbconv.backend(name):
+                try:
+                    times = []
+                    for _ in range(2):
+                        start = time.perf_counter()
+                        out = run_block(block, initial_state, x, dy, training)
+                        times.append(time.perf_counter() - start)
+                except Exception as e:  # a backend without some op: say so, go on
+                    print(f"{name:9s} {mode}: {type(e).__name__}: {e}", flush=True)
+                    continue
+            results[name, mode] = out
+            ref = results.get(("reference", mode))
+            diff = max((a - b).abs().max().item() for a, b in zip([out[0], *out[1]], [ref[0], *ref[1]]))
+            print(f"{name:9s} {mode}: first call {times[0]:.2f} s, second {times[1] * 1e3:.1f} ms, "
+                  f"max diff vs reference {diff:.3g}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
