@@ -21,7 +21,9 @@ from fused_mbconv.nn import DWConvBNAct, SqueezeExcite
 
 MODELS = {  # name: (constructor, image size, what convert() should make of it)
     "torchvision_b0": (torchvision.models.efficientnet_b0, 64, {"DWConvBNAct": 16, "SqueezeExcite": 16, "MBConv": 16}),
-    "timm_b0": (lambda: timm.create_model("efficientnet_b0", pretrained=False), 64, {"FusedTimmBlock": 16}),
+    # drop_path: the fused projection must draw the same per-sample masks as timm
+    "timm_b0": (lambda: timm.create_model("efficientnet_b0", pretrained=False, drop_path_rate=0.3), 64,
+                {"FusedTimmBlock": 16}),
     # odd size: TF "same" padding is asymmetric there
     "timm_tf_b0": (lambda: timm.create_model("tf_efficientnet_b0", pretrained=False), 67, {"FusedTimmBlock": 16}),
 }

@@ -85,17 +85,21 @@ class StochasticDepth(nn.Module):
 
 def stochastic_depth_noise(module: nn.Module, like: torch.Tensor) -> tuple[bool, Optional[torch.Tensor]]:
     """(fusable, noise) for a consumer that applies stochastic depth itself: ``noise`` (N,) the
-    per-sample factor (None: keep every sample as is) drawn exactly as ``module`` (ours or
-    torchvision's, "row" mode) would draw it for a batch like ``like``, from the same random
-    stream. ``fusable`` is False for what cannot be a per-sample factor (torchvision's "batch"
-    mode): the caller then runs ``module`` itself."""
-    if getattr(module, "mode", "row") != "row":
-        return False, None
-    if not module.training or module.p == 0.0:
+    per-sample factor (None: keep every sample as is) drawn exactly as ``module`` would draw it
+    for a batch like ``like``, from the same random stream. ``module`` is ours or torchvision's
+    StochasticDepth ("row" mode), timm's DropPath or nn.Identity. ``fusable`` is False for what
+    cannot be a per-sample factor (torchvision's "batch" mode, unknown modules): the caller then
+    runs ``module`` itself."""
+    if isinstance(module, nn.Identity):
         return True, None
-    survival = 1.0 - module.p
+    p = getattr(module, "p", getattr(module, "drop_prob", None))
+    if p is None or getattr(module, "mode", "row") != "row":
+        return False, None
+    if not module.training or p == 0.0:
+        return True, None
+    survival = 1.0 - p
     noise = like.new_empty(like.shape[0]).bernoulli_(survival)
-    if survival > 0.0:
+    if survival > 0.0 and getattr(module, "scale_by_keep", True):
         noise.div_(survival)
     return True, noise
 

@@ -71,10 +71,16 @@ class ProjectBN(nn.Sequential):
 
 
 def is_projection(conv: nn.Module, bn: nn.Module) -> bool:
-    """True when (conv, bn) is a bias-free, ungrouped, unstrided 1x1 conv + BatchNorm2d."""
+    """True when (conv, bn) is a bias-free, ungrouped, unstrided 1x1 conv + BatchNorm2d (or timm's
+    BatchNormAct2d with neither activation nor dropout, which computes the same)."""
+    plain_bn = type(bn) is nn.BatchNorm2d or (
+        isinstance(bn, nn.BatchNorm2d)
+        and isinstance(getattr(bn, "act", None), nn.Identity)
+        and isinstance(getattr(bn, "drop", None), nn.Identity)
+    )
     return (
         type(conv) is nn.Conv2d
-        and type(bn) is nn.BatchNorm2d
+        and plain_bn
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.groups == 1
