@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,8 +35,10 @@ PROVIDERS = {
     "fused-cuda": (True, None, "cuda"),
     "fused+compile": (True, "default", "auto"),
 }
-# Batch per variant on the GPU, sized so B0-B7 together fit the device time of one session.
+# Batch per variant on the GPU, sized so B0-B7 together fit the device time of one session; the
+# biggest variants also get fewer timed repeats.
 GPU_BATCH = {"b0": 64, "b1": 64, "b2": 48, "b3": 32, "b4": 16, "b5": 16, "b6": 8, "b7": 8}
+GPU_REPEATS = {"b6": 5, "b7": 5}
 
 
 def build_models(variant: str, providers: list[str], device, dtype, channels_last: bool) -> dict[str, Callable]:
@@ -97,6 +100,7 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
         with fused_mbconv.backend(backend):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)  # this configuration's peak, not the sweep's
             timing = measure(step_function(model, mode, x, labels), device, repeats=repeats, warmup=3)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     except torch.OutOfMemoryError:
@@ -115,7 +119,10 @@ def parse_args(argv):
     p.add_argument("--latency", action="store_true", help="also measure batch 1 (latency)")
     p.add_argument("--resolution", type=int, default=None, help="default: native on GPU, 64 on CPU")
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
-    p.add_argument("--repeats", type=int, default=10 if on_gpu else 3)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps per row (default: 10 on GPU, 5 for b6/b7; 3 on CPU)")
+    p.add_argument("--time-budget", type=float, default=420 if on_gpu else None, metavar="SECONDS",
+                   help="rows not started within this time are recorded as skipped (default: 420 on GPU)")
     p.add_argument("--out", default=None, help="CSV to append to (default bench/results/models_<gpu>.csv)")
     p.add_argument("--report", default=None, help="markdown report path (default: next to the CSV)")
     p.add_argument("--report-only", metavar="CSV", help="only (re)write the report of an existing CSV")
@@ -142,20 +149,28 @@ def main(argv=None) -> int:
         resolution = args.resolution or (VARIANTS[variant].resolution if device.type == "cuda" else 64)
         batches = [args.batch or (GPU_BATCH[variant] if device.type == "cuda" else 2)] + ([1] if args.latency else [])
         plan += [(variant, resolution, batch) for batch in batches]
-    rows = []
+    start = time.monotonic()
+    rows = 0
     with tqdm(total=len(plan) * len(providers) * len(modes), file=sys.stderr, desc="bench") as progress:
         for variant, resolution, batch in plan:
-            models = build_models(variant, providers, device, DTYPES[args.dtype], channels_last)
+            over_budget = args.time_budget is not None and time.monotonic() - start > args.time_budget
+            models = dict.fromkeys(providers) if over_budget else build_models(
+                variant, providers, device, DTYPES[args.dtype], channels_last)  # fmt: skip
+            repeats = args.repeats or (GPU_REPEATS.get(variant, 10) if device.type == "cuda" else 3)
             for provider, model in models.items():
                 for mode in modes:
                     progress.set_postfix_str(f"{variant} {provider} {mode} b{batch}")
-                    row = run_one(variant, provider, model, mode, batch, resolution, args.dtype, device,
-                                  channels_last, args.repeats)  # fmt: skip
-                    rows.append({**row, **env})
+                    if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                        row = {"kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,
+                               "batch": batch, "resolution": resolution, "status": "skipped: time budget"}  # fmt: skip
+                    else:
+                        row = run_one(variant, provider, model, mode, batch, resolution, args.dtype, device,
+                                      channels_last, repeats)  # fmt: skip
+                    write_rows(out, [{**row, **env}])  # row by row: a run cut short keeps what it measured
+                    rows += 1
                     progress.update()
             del models
-    write_rows(out, rows)
-    print(f"wrote {len(rows)} rows to {out}")
+    print(f"wrote {rows} rows to {out}")
     print(report.write_report(out, args.report))
     return 0
 

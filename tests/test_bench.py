@@ -51,6 +51,16 @@ def test_cli_small_cpu_run(tmp_path):
     assert csv_path.with_suffix(".md").exists()
 
 
+def test_cli_time_budget_records_what_it_skips(tmp_path):
+    """With the budget spent before the first row, every row is written as skipped, not dropped."""
+    csv_path = tmp_path / "models.csv"
+    args = ["--variants", "b0", "--resolution", "32", "--batch", "1", "--time-budget", "0", "--out", str(csv_path)]
+    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(csv_path)
+    assert len(rows) == 4 and all(r["status"] == "skipped: time budget" for r in rows)  # 2 providers x 2 modes
+
+
 def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
     from bench import bench_dwconv
 
