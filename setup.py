@@ -91,6 +91,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
     ext_modules, cmdclass = cuda_extensions()
     setup(
         packages=find_packages(include=["fused_mbconv", "fused_mbconv.*"]),
+        package_data={"fused_mbconv.ops": ["auto_table.json"]},  # the measured "auto" choices, once written
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -3,7 +3,8 @@
 # 10 minutes; the session has 15 in all, machine starts included):
 #   bash bench/gpu_check.sh check   build, a one-layer training smoke test per backend, the GPU
 #                                   tests, a compute-sanitizer pass, the main job   (~9 min at most)
-#   bash bench/gpu_check.sh bench   build (a no-op on a warm machine), the kernel benchmarks
+#   bash bench/gpu_check.sh bench   build (a no-op on a warm machine), the kernel benchmarks, the
+#                                   "auto" table, B5 end to end              (~10 min at most)
 # Logs and results go to $OUT (at most 8 files come back). Every step has its own time limit and
 # a failing step does not stop the later ones.
 set -uo pipefail
@@ -44,8 +45,10 @@ check)
   step main 45 $PY -m fused_mbconv --device cuda
   ;;
 bench)
-  step bench_dwconv 200 $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
-  step bench_se_project 150 $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
+  step bench_dwconv 150 $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
+  step bench_se_project 120 $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
+  # the "auto" table: commit $OUT/auto_table.json as fused_mbconv/ops/auto_table.json
+  step auto_table 120 $PY bench/bench_auto_table.py --time-budget 100 --out "$OUT/auto_table.json"
   # the report and its plots stay behind (8 files come back): `python -m bench --report-only model.csv`
   step bench_model 90 $PY -m bench --variants b5 --providers eager,fused --out "$OUT/model.csv" --report /tmp/model.md
   ;;

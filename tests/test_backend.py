@@ -100,3 +100,33 @@ def test_auto_on_cuda_keeps_training_ops_on_the_reference_until_validated(monkey
     assert IMPLS["forward_infer"].pick(cuda) is IMPLS["forward_infer"]._by_backend["triton"]
     for op in ("forward_train", "backward"):
         assert IMPLS[op].pick(cuda) is IMPLS[op]._by_backend["reference"]
+
+
+def test_auto_follows_the_measured_table_on_cuda(monkeypatch):
+    """A measured choice for the call's shape class wins over the fixed order, training ops
+    included; a class the table lacks falls back to the order; an unavailable choice is skipped."""
+    from fused_mbconv import backends as backend_module
+    from fused_mbconv.ops import auto_table
+
+    if "triton" not in IMPLS["forward_infer"].backends():
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(backend_module, "available_backends", lambda: ["auto", "triton", "reference"])
+    like = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert auto_table.shape_class(like) == "float32/channels_last/small"
+    table = {"dwconv_bn_silu_train": {"float32/channels_last/small": "triton"},
+             "dwconv_bn_silu": {"float32/channels_last/small": "cuda"}}  # fmt: skip
+    monkeypatch.setattr(auto_table, "load", lambda: table)
+    cuda = torch.device("cuda")
+    assert IMPLS["forward_train"].pick(cuda, like) is IMPLS["forward_train"]._by_backend["triton"]
+    assert IMPLS["forward_train"].pick(cuda, like.contiguous()) is IMPLS["forward_train"]._by_backend["reference"]
+    # "cuda" is not available here: the fixed order's first available takes over
+    assert IMPLS["forward_infer"].pick(cuda, like) is IMPLS["forward_infer"]._by_backend["triton"]
+    assert IMPLS["forward_train"].pick(torch.device("cpu"), like) is IMPLS["forward_train"]._by_backend["reference"]
+
+
+def test_shape_classes():
+    from fused_mbconv.ops import auto_table
+
+    assert auto_table.shape_class(torch.empty(2, 3, dtype=torch.bfloat16)) == "bfloat16/matrix/small"
+    assert auto_table.shape_class(torch.empty(1, 1 << 20)) == "float32/matrix/medium"
+    assert auto_table.shape_class(torch.empty(16, 64, 128, 128, device="meta")) == "float32/nchw/large"

@@ -4,10 +4,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+from conftest import INTERPRETED
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,3 +125,32 @@ def test_se_project_benchmark_paths_agree_on_cpu():
                 torch.testing.assert_close(actual, expected)
                 if mode == "train":
                     assert len(actual) == 1 + shape.residual + 7  # h, (x_in), fc1 and fc2 (w, b), conv, bn (w, b)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the smoke run's fused backend is Triton's interpreter")
+def test_auto_table_smoke_run_chooses_for_every_op(tmp_path):
+    """The GPU table script's whole path on one tiny shape: every op with a fused backend gets a
+    choice per shape class, from samples whose outputs matched the reference."""
+    from bench import bench_auto_table
+
+    out = tmp_path / "table.json"
+    bench_auto_table.main(["--smoke", "--out", str(out)])
+    table = json.loads(out.read_text())
+    ops = {s["op"] for s in table["samples"]}
+    assert len(ops) == 11 and set(table["choices"]) == ops
+    assert all(choice == "triton" for classes in table["choices"].values() for choice in classes.values())
+    assert table["gpu"].startswith("cpu") and table["date"]
+
+
+def test_auto_table_rejects_a_wrong_result():
+    from bench.bench_auto_table import choose, matches
+
+    expected = (torch.ones(3, 4, dtype=torch.bfloat16), torch.zeros(0))
+    assert matches((expected[0].clone(), torch.zeros(0)), expected, torch.bfloat16)
+    assert not matches((expected[0] * 1.1, torch.zeros(0)), expected, torch.bfloat16)
+    # a backend missing from one sample of a class loses the class; times compare by geometric mean
+    samples = [{"op": "a", "class": "k", "ms": {"triton": 1.0, "cuda": 4.0}},
+               {"op": "a", "class": "k", "ms": {"triton": 3.0, "cuda": 0.5}},
+               {"op": "b", "class": "k", "ms": {"triton": 1.0, "cuda": 0.1}},
+               {"op": "b", "class": "k", "ms": {"triton": 1.0}}]  # fmt: skip
+    assert choose(samples) == {"a": {"k": "cuda"}, "b": {"k": "triton"}}

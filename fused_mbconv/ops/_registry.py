@@ -6,13 +6,14 @@ exist); the op's single torch.library implementation asks ``pick`` which one run
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from fused_mbconv import backends as _backend
+from fused_mbconv.ops import auto_table
 
-# "auto" preference on CUDA devices, fastest first. Issue #6 replaces this with a measured table.
+# "auto" preference on CUDA devices where the measured table (ops/auto_table.py) has no entry.
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 # Training ops stay on the reference path under "auto" until the fused ones pass the GPU parity
 # suite: on the first GPU run (bench/results/2026-11-26_h200_first_contact.md) a training step
@@ -39,13 +40,16 @@ class Implementations:
     def backends(self) -> list[str]:
         return sorted(self._by_backend)
 
-    def pick(self, device: torch.device) -> Callable:
-        """The implementation that runs on ``device`` under the backend in force."""
+    def pick(self, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:
+        """The implementation that runs on ``device`` under the backend in force; for "auto" on
+        CUDA, the measured table's choice for tensors ``like`` the op's main input, if any, else
+        the first of ``auto_order`` that is available."""
         requested = _backend.get_backend()
         if requested == "auto":
             if device.type == "cuda":
                 available = _backend.available_backends()
-                for name in self.auto_order:
+                measured = auto_table.choice(self.op_name, like) if like is not None else None
+                for name in ([measured] if measured else []) + list(self.auto_order):
                     if name in self._by_backend and name in available:
                         return self._by_backend[name]
             return self._by_backend["reference"]

@@ -107,7 +107,7 @@ def dwconv_bn_silu(
     with_squeeze: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_inputs(x, weight, stride, padding, scale=scale, shift=shift)
-    impl = IMPLS["forward_infer"].pick(x.device)
+    impl = IMPLS["forward_infer"].pick(x.device, x)
     return impl(x, weight, scale, shift, stride, padding, with_squeeze)
 
 
@@ -155,7 +155,7 @@ def dwconv_bn_silu_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out_h, out_w = check_inputs(x, weight, stride, padding, gamma=gamma, beta=beta)
     _check_batch_statistics(x, out_h, out_w)
-    impl = IMPLS["forward_train"].pick(x.device)
+    impl = IMPLS["forward_train"].pick(x.device, x)
     return impl(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
 
 
@@ -221,7 +221,7 @@ def dwconv_bn_silu_backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, padding)
-    impl = IMPLS["backward"].pick(x.device)
+    impl = IMPLS["backward"].pick(x.device, x)
     return impl(grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, padding, training)
 
 

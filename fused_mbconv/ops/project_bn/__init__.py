@@ -91,7 +91,7 @@ def project_bn(
     branch_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
     check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift)
-    return IMPLS["forward_infer"].pick(x.device)(x, gate, weight, scale, shift, residual, branch_scale)
+    return IMPLS["forward_infer"].pick(x.device, x)(x, gate, weight, scale, shift, residual, branch_scale)
 
 
 @project_bn.register_fake
@@ -148,7 +148,7 @@ def project_bn_train(
     branch_scale: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_train(x, gate, weight, residual, branch_scale, gamma, beta)
-    impl = IMPLS["forward_train"].pick(x.device)
+    impl = IMPLS["forward_train"].pick(x.device, x)
     return impl(x, gate, weight, gamma, beta, eps, residual, branch_scale)
 
 
@@ -204,7 +204,7 @@ def project_bn_backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale)
-    impl = IMPLS["backward"].pick(x.device)
+    impl = IMPLS["backward"].pick(x.device, x)
     return impl(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training)
 
 

@@ -77,7 +77,7 @@ def _check_excite(pooled, w1, b1, w2, b2) -> None:
 @torch.library.custom_op("fused_mbconv::se_squeeze", mutates_args=())
 def se_squeeze(x: torch.Tensor) -> torch.Tensor:
     _check_activation("x", x)
-    return IMPLS["squeeze"].pick(x.device)(x)
+    return IMPLS["squeeze"].pick(x.device, x)(x)
 
 
 @se_squeeze.register_fake
@@ -107,7 +107,7 @@ def se_excite(
     pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
     _check_excite(pooled, w1, b1, w2, b2)
-    return IMPLS["excite"].pick(pooled.device)(pooled, w1, b1, w2, b2)
+    return IMPLS["excite"].pick(pooled.device, pooled)(pooled, w1, b1, w2, b2)
 
 
 @se_excite.register_fake
@@ -127,7 +127,7 @@ def se_excite_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_excite(pooled, w1, b1, w2, b2)
     _check_gate("grad_gate", grad_gate, "pooled", pooled)
-    return IMPLS["excite_backward"].pick(pooled.device)(grad_gate, pooled, w1, b1, w2, b2)
+    return IMPLS["excite_backward"].pick(pooled.device, pooled)(grad_gate, pooled, w1, b1, w2, b2)
 
 
 @se_excite_backward.register_fake
@@ -156,7 +156,7 @@ se_excite.register_autograd(_backward_excite, setup_context=_setup_excite)
 def se_scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     _check_activation("x", x)
     _check_gate("gate", gate, "x", x)
-    return IMPLS["scale"].pick(x.device)(x, gate)
+    return IMPLS["scale"].pick(x.device, x)(x, gate)
 
 
 @se_scale.register_fake
@@ -174,7 +174,7 @@ def se_scale_backward(
     _check_gate("gate", gate, "x", x)
     check_tensor("grad_y", grad_y, shape=tuple(x.shape))
     check_same_device(x=x, grad_y=grad_y)
-    return IMPLS["scale_backward"].pick(x.device)(grad_y, x, gate)
+    return IMPLS["scale_backward"].pick(x.device, x)(grad_y, x, gate)
 
 
 @se_scale_backward.register_fake
