@@ -21,20 +21,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
 import fused_mbconv  # noqa: E402
-from bench.common import copy_bandwidth_gbs, environment, pct_of_floor, slug, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    environment,
+    kernel_table,
+    pct_of_floor,
+    select_providers,
+    slug,
+    time_kernel_call,
+    write_rows,
+)
 from fused_mbconv.models.config import DWShape, depthwise_shapes  # noqa: E402
 
 VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
 FUSED = ("triton", "cuda")  # providers that run the fused module under that backend
 PROVIDERS = (*FUSED, "eager", "compile")
 MODES = ("infer", "train")
-QUANTILES = [0.5, 0.2, 0.8]
 
 
 def output_size(shape: DWShape) -> int:
@@ -93,12 +100,6 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Cal
     return train
 
 
-def time_call(fn: Callable[[], object], rep: int) -> list[float]:
-    """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning)."""
-    fn()
-    return triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
-
-
 def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str) -> list[dict]:
     device = torch.device("cuda")
     bandwidth = copy_bandwidth_gbs(device)
@@ -116,7 +117,8 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
             for provider in providers:
                 try:
                     with fused_mbconv.backend(provider if provider in FUSED else "auto"):
-                        median, p20, p80 = time_call(step_fn(modules[provider], mode, x, output_size(shape)), rep)
+                        step = step_fn(modules[provider], mode, x, output_size(shape))
+                        median, p20, p80 = time_kernel_call(step, rep)
                 except Exception as e:  # e.g. a compile failure: report it, keep the other rows
                     print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     continue
@@ -128,18 +130,6 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
         del modules, x
         torch.cuda.empty_cache()
     return rows
-
-
-def markdown(rows: list[dict], providers: list[str]) -> str:
-    """One line per (shape, mode): each provider's median ms and % of the bandwidth floor."""
-    head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
-    lines = [head, "|" + "---|" * (2 + len(providers))]
-    by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}
-    for name, mode in dict.fromkeys((r["name"], r["mode"]) for r in rows):
-        cells = [by_key.get((name, mode, p)) for p in providers]
-        text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
-        lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -171,13 +161,9 @@ def main(argv=None) -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("bench_dwconv: needs a CUDA GPU (--list-shapes works without one)")
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        sys.exit(f"--providers: unknown {sorted(unknown)}; expected a subset of {PROVIDERS}")
-    providers = [p for p in providers if p not in FUSED or p in fused_mbconv.available_backends()]
+    providers = select_providers(args.providers, PROVIDERS, FUSED)
     rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode)
-    print(markdown(rows, providers))
+    print(kernel_table(rows, providers))
     out = args.out or Path(__file__).parent / "results" / f"dwconv_{slug(torch.cuda.get_device_name())}.csv"
     write_rows(out, rows, append=False)
     print(f"wrote {out}")

@@ -47,7 +47,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
 import fused_mbconv  # noqa: E402
-from bench.common import CSV_COLUMNS, copy_bandwidth_gbs, environment, pct_of_floor, slug, write_rows  # noqa: E402
+from bench.common import (  # noqa: E402
+    CSV_COLUMNS,
+    copy_bandwidth_gbs,
+    environment,
+    kernel_table,
+    pct_of_floor,
+    select_providers,
+    slug,
+    time_kernel_call,
+    write_rows,
+)
 from fused_mbconv.models.config import SEProjectShape, se_project_shapes  # noqa: E402
 from fused_mbconv.nn import ProjectBN, SqueezeExcite  # noqa: E402
 
@@ -57,7 +67,6 @@ VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
 FUSED = ("triton",)
 PROVIDERS = (*FUSED, "eager", "compile")
 MODES = ("infer", "train")
-QUANTILES = [0.5, 0.2, 0.8]
 
 
 def floor_bytes(shape: SEProjectShape, mode: str, itemsize: int) -> int:
@@ -187,14 +196,6 @@ def step_fn(
     return train
 
 
-def time_call(fn: Callable[[], object], rep: int) -> list[float]:
-    """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning)."""
-    import triton  # here, not at the top: --list-shapes and the CPU tests need no Triton
-
-    fn()
-    return triton.testing.do_bench(fn, rep=rep, quantiles=QUANTILES)
-
-
 def run(
     shapes: list[SEProjectShape], providers: list[str], rep: int, compile_mode: str, out: Optional[Path]
 ) -> list[dict]:
@@ -215,7 +216,8 @@ def run(
             for provider in providers:
                 try:
                     with fused_mbconv.backend(provider if provider in FUSED else "auto"):
-                        median, p20, p80 = time_call(step_fn(modules[provider], mode, shape, h, pooled, x_in), rep)
+                        step = step_fn(modules[provider], mode, shape, h, pooled, x_in)
+                        median, p20, p80 = time_kernel_call(step, rep)
                 except Exception as e:  # e.g. a compile failure: report it, keep the other rows
                     print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                     continue
@@ -229,18 +231,6 @@ def run(
         del modules, h, pooled, x_in
         torch.cuda.empty_cache()
     return rows
-
-
-def markdown(rows: list[dict], providers: list[str]) -> str:
-    """One line per (shape, mode): each provider's median ms and % of the bandwidth floor."""
-    head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
-    lines = [head, "|" + "---|" * (2 + len(providers))]
-    by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}
-    for name, mode in dict.fromkeys((r["name"], r["mode"]) for r in rows):
-        cells = [by_key.get((name, mode, p)) for p in providers]
-        text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
-        lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,16 +264,12 @@ def main(argv=None) -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("bench_se_project: needs a CUDA GPU (--list-shapes works without one)")
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        sys.exit(f"--providers: unknown {sorted(unknown)}; expected a subset of {PROVIDERS}")
-    providers = [p for p in providers if p not in FUSED or p in fused_mbconv.available_backends()]
+    providers = select_providers(args.providers, PROVIDERS, FUSED)
     out = args.out or Path(__file__).parent / "results" / f"se_project_{slug(torch.cuda.get_device_name())}.csv"
     to_stdout = str(out) == "-"  # gpu_check.sh: its $OUT brings back 8 files at most, the log is one
     rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode,
                out=None if to_stdout else out)  # fmt: skip
-    print(markdown(rows, providers))
+    print(kernel_table(rows, providers))
     if to_stdout:
         print()
         writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore")

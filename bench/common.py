@@ -99,3 +99,42 @@ def write_rows(path: str | Path, rows: Iterable[dict], append: bool = True) -> N
 def read_rows(path: str | Path) -> list[dict]:
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-op kernel benchmarks (bench_dwconv.py, bench_se_project.py)
+
+KERNEL_QUANTILES = [0.5, 0.2, 0.8]
+
+
+def time_kernel_call(fn: Callable[[], object], rep: int) -> list[float]:
+    """(median, p20, p80) ms of ``fn`` by triton.testing.do_bench, after one untimed call
+    (compiling, autotuning)."""
+    import triton.testing  # here: the CPU-only parts of the benchmarks need no Triton
+
+    fn()
+    return triton.testing.do_bench(fn, rep=rep, quantiles=KERNEL_QUANTILES)
+
+
+def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...]) -> list[str]:
+    """The comma-separated ``arg`` checked against ``known``; fused backends that cannot run here
+    are dropped."""
+    import fused_mbconv
+
+    providers = [p for p in arg.split(",") if p]
+    unknown = set(providers) - set(known)
+    if unknown:
+        raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected a subset of {known}")
+    return [p for p in providers if p not in fused or p in fused_mbconv.available_backends()]
+
+
+def kernel_table(rows: list[dict], providers: list[str]) -> str:
+    """Markdown, one line per (shape, mode): each provider's median ms and % of the bandwidth floor."""
+    head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
+    lines = [head, "|" + "---|" * (2 + len(providers))]
+    by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}
+    for name, mode in dict.fromkeys((r["name"], r["mode"]) for r in rows):
+        cells = [by_key.get((name, mode, p)) for p in providers]
+        text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
+        lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
+    return "\n".join(lines)

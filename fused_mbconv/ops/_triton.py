@@ -95,6 +95,17 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
 
 
+@triton.jit
+def merge_rows(n_rows, mean_rows, m2_rows):
+    """(count, mean, M2) of a block of partial rows (counts (ROWS,), means and M2s (ROWS, C)),
+    merged in one step: mean = sum(n_r mean_r) / n, M2 = sum(M2_r + n_r (mean_r - mean)^2).
+    Rows with count 0 drop out."""
+    n = tl.sum(n_rows, axis=0)
+    mean = tl.sum(n_rows[:, None] * mean_rows, axis=0) / n
+    dev = mean_rows - mean[None, :]
+    return n, mean, tl.sum(m2_rows + n_rows[:, None] * dev * dev, axis=0)
+
+
 # Triton's interpreter multiplies fp16/bf16 tl.dot operands wrongly (triton 3.8: errors of 1e10
 # on a 16 x 16 bf16 product): interpreted, the operands go up to fp32 first, which gives the
 # exact products the tensor cores make.

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.ops._triton import autotune, cast, chan_merge, multiprocessors, sum_rows, triton_entry
+from fused_mbconv.ops._triton import autotune, cast, chan_merge, merge_rows, multiprocessors, sum_rows, triton_entry
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step
@@ -241,11 +241,7 @@ def _combine_stats_kernel(
         offs = gs[:, None] * C + cs[None, :]
         mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
         m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-        n_b = tl.sum(n_g, axis=0)
-        mean_b = tl.sum(n_g[:, None] * mean_g, axis=0) / n_b
-        dev = mean_g - mean_b[None, :]
-        m2_b = tl.sum(m2_g + n_g[:, None] * dev * dev, axis=0)
-        count, mean, m2 = chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+        count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
     var = m2 / count
     tl.store(mean_ptr + cs, mean, mask=mask_c)
     tl.store(var_ptr + cs, var, mask=mask_c)

@@ -172,10 +172,9 @@ def _combine_stats_kernel(
     mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, HW, tiles_per_sample, tiles, tile_rows,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Merge the per-tile (mean, M2) of every channel into the batch mean and biased variance.
-    A block of tiles merges at once: mean_b = sum(n_t mean_t) / n_b,
-    M2_b = sum(M2_t + n_t (mean_t - mean_b)^2); blocks then merge by Chan's update. A tile holds
-    ``tile_rows`` positions, fewer when it is the last of its sample."""
+    """Merge the per-tile (mean, M2) of every channel into the batch mean and biased variance: a
+    block of tiles at once, the blocks by Chan's update. A tile holds ``tile_rows`` positions,
+    fewer when it is the last of its sample."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
     count = 0.0
@@ -189,11 +188,7 @@ def _combine_stats_kernel(
         offs = ts.to(tl.int64)[:, None] * C + cs[None, :]
         mean_t = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
         m2_t = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-        n_b = tl.sum(n_t, axis=0)
-        mean_b = tl.sum(n_t[:, None] * mean_t, axis=0) / n_b
-        dev = mean_t - mean_b[None, :]
-        m2_b = tl.sum(m2_t + n_t[:, None] * dev * dev, axis=0)
-        count, mean, m2 = _triton.chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+        count, mean, m2 = _triton.chan_merge(count, mean, m2, *_triton.merge_rows(n_t, mean_t, m2_t))
     tl.store(mean_ptr + cs, mean, mask=mask_c)
     tl.store(var_ptr + cs, m2 / count, mask=mask_c)
 
