@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 import fused_mbconv
 from fused_mbconv.__main__ import main
 
@@ -24,8 +26,8 @@ def test_main_reports_pass(capsys):
 
 
 def test_main_fails_on_a_wrong_model(capsys, monkeypatch):
-    # an SE that returns its input: the fused model no longer computes EfficientNet
-    monkeypatch.setattr(fused_mbconv.nn.functional, "squeeze_excite", lambda x, *args: x)
+    # an SE gate of ones (the projection then sees the ungated input): no longer EfficientNet
+    monkeypatch.setattr(fused_mbconv.nn.functional, "se_gate", lambda pooled, *args: torch.ones_like(pooled))
     assert main(SMALL) == 1
     out = capsys.readouterr().out
     assert "| eval logits |" in out and "| FAIL |" in out and out.rstrip().endswith("**FAIL**")
