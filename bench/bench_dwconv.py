@@ -29,11 +29,10 @@ import fused_mbconv  # noqa: E402
 from bench.common import (  # noqa: E402
     copy_bandwidth_gbs,
     environment,
+    kernel_rows,
     kernel_table,
-    pct_of_floor,
     select_providers,
     slug,
-    time_kernel_call,
     write_rows,
 )
 from fused_mbconv.models.config import DWShape, depthwise_shapes  # noqa: E402
@@ -105,7 +104,7 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
     bandwidth = copy_bandwidth_gbs(device)
     common = {
         "kind": "dwconv_bn_silu", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
-        "batch": BATCH, "resolution": RESOLUTION, "status": "ok", **environment(device),
+        "batch": BATCH, "resolution": RESOLUTION, **environment(device),
     }  # fmt: skip
     print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
@@ -113,20 +112,11 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
         x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=DTYPE)
         x = x.contiguous(memory_format=torch.channels_last)
         modules = make_modules(shape, compile_mode)
-        for mode in MODES:
-            for provider in providers:
-                try:
-                    with fused_mbconv.backend(provider if provider in FUSED else "auto"):
-                        step = step_fn(modules[provider], mode, x, output_size(shape))
-                        median, p20, p80 = time_kernel_call(step, rep)
-                except Exception as e:  # e.g. a compile failure: report it, keep the other rows
-                    print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
-                    continue
-                pct = pct_of_floor(floor_bytes(shape, mode, x.element_size()), median, bandwidth)
-                rows.append({**common, "name": shape.name, "provider": provider, "mode": mode,
-                             "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
-                             "pct_bw_floor": round(pct, 1)})  # fmt: skip
-                print(f"{shape.name:22s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+        rows += kernel_rows(
+            shape.name, providers, FUSED, MODES,
+            lambda provider, mode, m=modules, x=x, s=shape: step_fn(m[provider], mode, x, output_size(s)),
+            lambda mode, x=x, s=shape: floor_bytes(s, mode, x.element_size()), bandwidth, rep, **common,
+        )  # fmt: skip
         del modules, x
         torch.cuda.empty_cache()
     return rows

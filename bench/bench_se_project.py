@@ -46,16 +46,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
-import fused_mbconv  # noqa: E402
 from bench.common import (  # noqa: E402
     CSV_COLUMNS,
     copy_bandwidth_gbs,
     environment,
+    kernel_rows,
     kernel_table,
-    pct_of_floor,
     select_providers,
     slug,
-    time_kernel_call,
     write_rows,
 )
 from fused_mbconv.models.config import SEProjectShape, se_project_shapes  # noqa: E402
@@ -205,27 +203,18 @@ def run(
     bandwidth = copy_bandwidth_gbs(device)
     common = {
         "kind": "se_project", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
-        "batch": BATCH, "resolution": RESOLUTION, "status": "ok", **environment(device),
+        "batch": BATCH, "resolution": RESOLUTION, **environment(device),
     }  # fmt: skip
     print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for shape in shapes:
         h, pooled, x_in = make_inputs(shape)
         modules = make_modules(shape, compile_mode)
-        for mode in MODES:
-            for provider in providers:
-                try:
-                    with fused_mbconv.backend(provider if provider in FUSED else "auto"):
-                        step = step_fn(modules[provider], mode, shape, h, pooled, x_in)
-                        median, p20, p80 = time_kernel_call(step, rep)
-                except Exception as e:  # e.g. a compile failure: report it, keep the other rows
-                    print(f"{shape.name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
-                    continue
-                pct = pct_of_floor(floor_bytes(shape, mode, h.element_size()), median, bandwidth)
-                rows.append({**common, "name": shape.name, "provider": provider, "mode": mode,
-                             "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
-                             "pct_bw_floor": round(pct, 1)})  # fmt: skip
-                print(f"{shape.name:26s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+        rows += kernel_rows(
+            shape.name, providers, FUSED, MODES,
+            lambda provider, mode, m=modules, s=shape, t=(h, pooled, x_in): step_fn(m[provider], mode, s, *t),
+            lambda mode, h=h, s=shape: floor_bytes(s, mode, h.element_size()), bandwidth, rep, **common,
+        )  # fmt: skip
         if out is not None:
             write_rows(out, rows, append=False)
         del modules, h, pooled, x_in

@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -114,6 +115,40 @@ def time_kernel_call(fn: Callable[[], object], rep: int) -> list[float]:
 
     fn()
     return triton.testing.do_bench(fn, rep=rep, quantiles=KERNEL_QUANTILES)
+
+
+def kernel_rows(
+    name: str,
+    providers: list[str],
+    fused: tuple[str, ...],
+    modes: tuple[str, ...],
+    step: Callable[[str, str], Callable[[], object]],
+    floor_bytes: Callable[[str], int],
+    bandwidth_gbs: float,
+    rep: int,
+    **columns,
+) -> list[dict]:
+    """Time ``step(provider, mode)`` (the call to time, built under the provider's backend) for
+    every mode and provider of one shape; a row per success with ``columns`` and % of the
+    bandwidth floor (``floor_bytes(mode)``). A failure (a compile error, say) is reported on
+    stderr and leaves the other rows."""
+    import fused_mbconv
+
+    rows = []
+    for mode in modes:
+        for provider in providers:
+            try:
+                with fused_mbconv.backend(provider if provider in fused else "auto"):
+                    median, p20, p80 = time_kernel_call(step(provider, mode), rep)
+            except Exception as e:
+                print(f"{name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            pct = pct_of_floor(floor_bytes(mode), median, bandwidth_gbs)
+            rows.append({**columns, "name": name, "provider": provider, "mode": mode, "status": "ok",
+                         "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
+                         "pct_bw_floor": round(pct, 1)})  # fmt: skip
+            print(f"{name:26s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+    return rows
 
 
 def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...]) -> list[str]:

@@ -154,3 +154,21 @@ def test_auto_table_rejects_a_wrong_result():
                {"op": "b", "class": "k", "ms": {"triton": 1.0, "cuda": 0.1}},
                {"op": "b", "class": "k", "ms": {"triton": 1.0}}]  # fmt: skip
     assert choose(samples) == {"a": {"k": "cuda"}, "b": {"k": "triton"}}
+
+
+def test_kernel_rows_keep_going_past_a_failing_provider(monkeypatch, capsys):
+    from bench import common
+
+    monkeypatch.setattr(common, "time_kernel_call", lambda fn, rep: [fn(), 0.9, 1.1])
+
+    def step(provider, mode):
+        if provider == "compile":
+            raise RuntimeError("inductor says no")
+        return lambda: 2.0 if mode == "train" else 1.0
+
+    rows = common.kernel_rows("c8", ["reference", "compile"], ("reference",), ("infer", "train"), step,
+                              lambda mode: 10**9, 1000.0, rep=1, kind="k")  # fmt: skip
+    assert [(r["provider"], r["mode"], r["median_ms"]) for r in rows] == [("reference", "infer", 1.0),
+                                                                          ("reference", "train", 2.0)]
+    assert rows[0]["pct_bw_floor"] == 100.0 and rows[0]["kind"] == "k"  # 1 GB at 1000 GB/s in 1 ms
+    assert "c8 infer compile: FAILED RuntimeError: inductor says no" in capsys.readouterr().err
