@@ -29,6 +29,7 @@ import fused_mbconv
 from fused_mbconv import parity
 from fused_mbconv._timing import time_calls
 from fused_mbconv.backends import BACKENDS
+from fused_mbconv.memory import saved_activation_bytes
 from fused_mbconv.models import VARIANTS, create_efficientnet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,13 +122,16 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> tuple[float, Optional[float]]:
         """(median milliseconds, peak allocated MiB on CUDA or None)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # this call's peak, not the run's so far
         times = time_calls(fn, self.device, self.repeats, self.warmup)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         return statistics.median(times), peak
 
 
 def benchmark(model: nn.Module, runner: Runner, timer: Timer, x: torch.Tensor, labels: torch.Tensor):
-    """{"inference": (ms, MiB), "training step": (ms, MiB)} for ``model`` (SGD, GradScaler for fp16)."""
+    """{"inference": (ms, MiB), "training step": (ms, MiB), "saved": MiB} for ``model`` (SGD,
+    GradScaler for fp16); "saved": the activations a training forward keeps for its backward."""
     x, labels = runner.input(x, model), labels.to(runner.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(runner.device.type, enabled=runner.dtype == torch.float16)
@@ -144,11 +148,16 @@ def benchmark(model: nn.Module, runner: Runner, timer: Timer, x: torch.Tensor, l
         scaler.step(optimizer)
         scaler.update()
 
+    def train_forward():
+        with runner.autocast(runner.dtype):
+            return model(x)
+
     model.eval()
     inference = timer(infer)
     progress("timing: training step")
     model.train()
-    return {"inference": inference, "training step": timer(train)}
+    saved = saved_activation_bytes(train_forward, model.parameters()) / 2**20
+    return {"inference": inference, "training step": timer(train), "saved": saved}
 
 
 def report(args, device: torch.device, checks: list[parity.Check], timings) -> str:
@@ -169,10 +178,13 @@ def report(args, device: torch.device, checks: list[parity.Check], timings) -> s
     for what in ("inference", "training step"):
         (e_ms, _), (f_ms, _) = eager[what], fused[what]
         lines.append(f"| {what} | {e_ms:.2f} | {f_ms:.2f} | {e_ms / f_ms:.2f}x |")
+    lines += ["", "| memory (MiB) | torchvision eager | fused | fused / eager |", "|---|---|---|---|",
+              f"| activations kept for backward | {eager['saved']:.1f} | {fused['saved']:.1f} | "
+              f"{fused['saved'] / eager['saved']:.2f} |"]  # fmt: skip
     if device.type == "cuda":
-        lines += ["", "| peak memory (MiB) | torchvision eager | fused |", "|---|---|---|"]
         for what in ("inference", "training step"):
-            lines.append(f"| {what} | {eager[what][1]:.0f} | {fused[what][1]:.0f} |")
+            e_mib, f_mib = eager[what][1], fused[what][1]
+            lines.append(f"| peak, {what} | {e_mib:.0f} | {f_mib:.0f} | {f_mib / e_mib:.2f} |")
     lines += ["", f"**{'PASS' if all(c.ok for c in checks) else 'FAIL'}**"]
     return "\n".join(lines)
 

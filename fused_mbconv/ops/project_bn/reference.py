@@ -1,5 +1,6 @@
-"""Reference implementation of the projection ops in plain torch ops (fp32 math on the GPU, fp64
-on the CPU and for fp64 inputs, cast back): the CPU path and the ground truth of the kernels.
+"""Reference implementation of the projection ops in plain torch ops (fp32 math, fp64 for fp64
+inputs and for the CPU's batch statistics and backward, cast back): the CPU path and the ground
+truth of the kernels.
 
 Shapes: x (N, C, H, W); gate (N, C) or None; weight (O, C) or (O, C, 1, 1); per-channel vectors
 (O,); residual (N, O, H, W) or None; branch_scale (N,) or None; y and z (N, O, H, W).
@@ -15,25 +16,29 @@ from fused_mbconv._checks import empty_like_layout
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _backward_acc(t: torch.Tensor) -> torch.dtype:
     # On the CPU, fp64: eager's CPU kernels accumulate fp32 sums in double (at::acc_type), and
-    # the gate's gradient here is a sum over every position of a GEMM's output; matching eager's
-    # accuracy there in fp32 is a coin toss. On the GPU (fp64 inputs aside), fp32 like the kernels.
-    return torch.float64 if t.dtype == torch.float64 or t.device.type == "cpu" else torch.float32
+    # the gate's gradient is a sum over every position of a GEMM's output; matching eager's
+    # accuracy there in fp32 is a coin toss. On the GPU, fp32 like the kernels.
+    return torch.float64 if t.device.type == "cpu" else _acc(t)
 
 
 def _matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).to(dtype)
 
 
-def _gated(x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
-    """x * gate in the compute dtype."""
-    xf = x.to(_acc(x))
+def _gated(x: torch.Tensor, gate: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """x * gate in ``acc``."""
+    xf = x.to(acc)
     return xf if gate is None else xf * gate.to(xf.dtype)[:, :, None, None]
 
 
 def _project(x: torch.Tensor, gate: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """z = weight @ (x * gate) over channels, in the compute dtype."""
-    xg = _gated(x, gate)
+    xg = _gated(x, gate, _acc(x))
     return torch.einsum("oc,nchw->nohw", _matrix(weight, xg.dtype), xg)
 
 
@@ -59,18 +64,18 @@ def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torc
 
 def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
     z = _project(x, gate, weight)
-    mean = z.mean(dim=(0, 2, 3))
-    var = z.var(dim=(0, 2, 3), unbiased=False)
-    zhat = (z - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
-    normalized = zhat * _per_channel(gamma, z.dtype) + _per_channel(beta, z.dtype)
+    # statistics in fp64 on the CPU, as eager's CPU batch norm accumulates
+    zs = z.to(_backward_acc(x))
+    mean, var = zs.mean(dim=(0, 2, 3)), zs.var(dim=(0, 2, 3), unbiased=False)
+    zhat = (zs - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+    normalized = zhat * _per_channel(gamma, zs.dtype) + _per_channel(beta, zs.dtype)
     y = _epilogue(x, normalized, residual, branch_scale)
     z_out = empty_like_layout(x, z.shape).copy_(z)
-    stats = torch.float64 if x.dtype == torch.float64 else torch.float32  # the op's contract
-    return y, z_out, mean.to(stats), var.to(stats)
+    return y, z_out, mean.to(z.dtype), var.to(z.dtype)
 
 
 def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
-    acc = _acc(x)
+    acc = _backward_acc(x)
     dy = grad_y.to(acc)
     if branch_scale is not None:
         dy = dy * branch_scale.to(acc)[:, None, None, None]
@@ -84,7 +89,7 @@ def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, trai
     dz = dz * _per_channel(gamma.to(acc) * invstd.to(acc), acc)
     w = _matrix(weight, acc)
     dxg = torch.einsum("oc,nohw->nchw", w, dz)
-    dweight = torch.einsum("nohw,nchw->oc", dz, _gated(x, gate))
+    dweight = torch.einsum("nohw,nchw->oc", dz, _gated(x, gate, acc))
     dx = empty_like_layout(x, x.shape)
     if gate is None:
         dx.copy_(dxg)
