@@ -1,19 +1,30 @@
-"""DWConvBNAct in eval() folds BatchNorm into a per-channel scale and shift once and reuses them;
-every way the BN tensors can change must refresh them, and autograd must still see the fold."""
+"""DWConvBNAct and ProjectBN in eval() fold BatchNorm into a per-channel scale and shift once and
+reuse them; every way the BN tensors can change must refresh them, and autograd must still see
+the fold."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from eager import EagerDWConvBNAct, randomize_
+from torch import nn
 
-from fused_mbconv.nn import DWConvBNAct
+from fused_mbconv.nn import DWConvBNAct, ProjectBN
 
 
-def pair(seed=0):
-    """(fused, eager) in eval() with the same random weights and statistics."""
-    eager = randomize_(EagerDWConvBNAct(8, 3, 1), torch.Generator().manual_seed(seed)).eval()
-    fused = DWConvBNAct(8, 3, 1)
+@pytest.fixture(params=["depthwise", "projection"])
+def kind(request):
+    return request.param
+
+
+def pair(kind, seed=0):
+    """(fused, eager) in eval() with the same random weights and statistics: DWConvBNAct or
+    ProjectBN (8 -> 6 channels) and their unfused modules."""
+    if kind == "depthwise":
+        eager, fused = EagerDWConvBNAct(8, 3, 1), DWConvBNAct(8, 3, 1)
+    else:
+        eager, fused = nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)), ProjectBN(8, 6)
+    eager = randomize_(eager, torch.Generator().manual_seed(seed)).eval()
     fused.load_state_dict(eager.state_dict())
     return fused.eval(), eager
 
@@ -26,8 +37,8 @@ def same(fused, eager, x=X):
         torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
-def test_the_fold_is_computed_once_and_reused():
-    fused, eager = pair()
+def test_the_fold_is_computed_once_and_reused(kind):
+    fused, eager = pair(kind)
     same(fused, eager)
     scale = fused._fold_cache[2]
     same(fused, eager)
@@ -45,8 +56,8 @@ def test_the_fold_is_computed_once_and_reused():
     ],
     ids=["in-place", "running-stat", "load_state_dict", "data-assign", "eps"],
 )
-def test_a_changed_bn_refreshes_the_fold(change):
-    fused, eager = pair()
+def test_a_changed_bn_refreshes_the_fold(kind, change):
+    fused, eager = pair(kind)
     same(fused, eager)
     with torch.no_grad():
         change(fused)
@@ -55,8 +66,8 @@ def test_a_changed_bn_refreshes_the_fold(change):
     same(fused, eager)
 
 
-def test_a_training_step_refreshes_the_fold():
-    fused, eager = pair()
+def test_a_training_step_refreshes_the_fold(kind):
+    fused, eager = pair(kind)
     same(fused, eager)
     x = torch.randn(4, 8, 9, 9)
     fused.train()(x)  # new running statistics
@@ -64,16 +75,16 @@ def test_a_training_step_refreshes_the_fold():
     same(fused.eval(), eager.eval())
 
 
-def test_dtype_conversion_refreshes_the_fold():
-    fused, eager = pair()
+def test_dtype_conversion_refreshes_the_fold(kind):
+    fused, eager = pair(kind)
     same(fused, eager)
     fused, eager = fused.double(), eager.double()
     with torch.no_grad():
         torch.testing.assert_close(fused(X.double()), eager(X.double()), rtol=1e-12, atol=1e-12)
 
 
-def test_gradients_reach_bn_parameters_in_eval():
-    fused, eager = pair()
+def test_gradients_reach_bn_parameters_in_eval(kind):
+    fused, eager = pair(kind)
     same(fused, eager)  # a cached fold exists, made without autograd
     for m in (fused, eager):
         m(X).square().sum().backward()
@@ -82,8 +93,8 @@ def test_gradients_reach_bn_parameters_in_eval():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_a_fold_made_in_inference_mode_is_not_saved_for_backward():
-    fused, eager = pair()
+def test_a_fold_made_in_inference_mode_is_not_saved_for_backward(kind):
+    fused, eager = pair(kind)
     for p in fused.parameters():
         p.requires_grad_(False)  # frozen backbone: the fold may be cached with grad mode on
     with torch.inference_mode():
