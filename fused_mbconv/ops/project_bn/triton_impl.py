@@ -89,6 +89,7 @@ def _precision(x: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 # device helpers
 
+
 @triton.jit
 def _offsets(n64, p, c, s_n, s_c, s_p):
     """int64 offsets of the (positions, channels) tile [n, c, p] of a tensor with strides
