@@ -80,10 +80,10 @@ def op_calls(v: dict) -> Iterator[tuple[str, object, tuple, torch.Tensor]]:
     yield "se_scale", SE["scale"], (v["y"], v["gate"]), v["y"]
     yield "se_scale_backward", SE["scale_backward"], (v["y"], v["y"], v["gate"]), v["y"]
     project = (v["y"], v["gate"], v["wp"])
-    yield "project_bn", PROJECT["forward_infer"], (*project, v["gp"], v["bp"], v["res"], None), v["y"]
-    yield "project_bn_train", PROJECT["forward_train"], (*project, v["gp"], v["bp"], EPS, v["res"], None), v["y"]
+    yield "project_bn", PROJECT["forward_infer"], (*project, v["gp"], v["bp"], v["res"], None, False), v["y"]
+    yield "project_bn_train", PROJECT["forward_train"], (*project, v["gp"], v["bp"], EPS, v["res"], None, False), v["y"]
     yield "project_bn_backward", PROJECT["backward"], (
-        v["dyp"], *project, v["z"], v["gp"], v["mp"], v["ip"], None, True), v["y"]  # fmt: skip
+        v["dyp"], *project, v["z"], v["gp"], v["bp"], v["mp"], v["ip"], None, False, True), v["y"]  # fmt: skip
 
 
 def _outputs(result) -> list[torch.Tensor]:

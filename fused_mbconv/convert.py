@@ -5,11 +5,13 @@ What is recognised (everything else is left as it is, and the summary says why):
 
 - an ``nn.Sequential`` of exactly [depthwise Conv2d, BatchNorm2d, SiLU] (torchvision's
   Conv2dNormActivation, fused_mbconv's reverted blocks) -> ``DWConvBNAct`` over the same modules;
+  of exactly [1x1 Conv2d, BatchNorm2d, SiLU] (expansions, the head) -> ``ExpandBNAct``; of exactly
+  [1x1 Conv2d, BatchNorm2d] (projections) -> ``ProjectBN``;
 - torchvision's SqueezeExcitation with SiLU and sigmoid (and fused_mbconv's PlainSqueezeExcite)
   -> ``SqueezeExcite`` over the same fc1/fc2;
 - torchvision's MBConv -> ``fused_mbconv.models.MBConv`` over the same block, which hands the
-  depthwise kernel's squeeze to the SE, and its projection (1x1 conv + BN) -> ``ProjectBN``, which
-  applies the SE gate, stochastic depth and the residual inside its GEMM;
+  depthwise kernel's squeeze to the SE and the SE gate, stochastic depth and the residual to the
+  projection's GEMM;
 - timm's InvertedResidual and DepthwiseSeparableConv (EfficientNet, MobileNet families) with a
   SiLU depthwise stage -> ``FusedTimmBlock`` over the same children.
 
@@ -29,7 +31,7 @@ from torch import nn
 from fused_mbconv.models.layers import Conv2dSame, PlainSqueezeExcite
 from fused_mbconv.models.mbconv import MBConv
 from fused_mbconv.models.timm_block import FusedTimmBlock
-from fused_mbconv.nn import DWConvBNAct, ProjectBN, SqueezeExcite, is_fusable, is_projection
+from fused_mbconv.nn import DWConvBNAct, ExpandBNAct, ProjectBN, SqueezeExcite, is_fusable, is_pointwise_bn
 
 _TIMM_BLOCKS = "timm.models._efficientnet_blocks"
 
@@ -80,8 +82,8 @@ def revert(model: nn.Module) -> nn.Module:
         return nn.Sequential(_self_padding_conv(model), model[1], model[2]).train(model.training)
     if isinstance(model, SqueezeExcite):
         return PlainSqueezeExcite(model.fc1, model.fc2).train(model.training)
-    if isinstance(model, ProjectBN):
-        return nn.Sequential(model[0], model[1]).train(model.training)
+    if isinstance(model, (ProjectBN, ExpandBNAct)):
+        return nn.Sequential(*model).train(model.training)
     return model
 
 
@@ -164,9 +166,11 @@ def _is_class(m: nn.Module, module: str, *names: str) -> bool:
 
 
 def _conv_bn_silu(m: nn.Module, path: str, reasons: dict[str, str]) -> Optional[nn.Module]:
-    if isinstance(m, DWConvBNAct) or type(m).forward is not nn.Sequential.forward or len(m) != 3:
+    if isinstance(m, (DWConvBNAct, ExpandBNAct)) or type(m).forward is not nn.Sequential.forward or len(m) != 3:
         return None
     conv, bn, act = m[0], m[1], m[2]
+    if is_pointwise_bn(conv, bn) and type(bn) is nn.BatchNorm2d and _is_silu(act):
+        return ExpandBNAct.from_modules(conv, bn, act)  # an expansion or head conv
     if not _is_depthwise(conv):
         return None
     if type(bn) is not nn.BatchNorm2d or not _is_silu(act):
@@ -178,6 +182,16 @@ def _conv_bn_silu(m: nn.Module, path: str, reasons: dict[str, str]) -> Optional[
         reasons[_join(path, "0")] = _conv_reason(conv)
         return None
     return DWConvBNAct.from_modules(conv, bn, act)
+
+
+def _conv_bn(m: nn.Module, path: str, reasons: dict[str, str]) -> Optional[nn.Module]:
+    """[1x1 Conv2d, BatchNorm2d] (a projection) -> ProjectBN, which an MBConv feeds the SE gate,
+    stochastic depth and the residual."""
+    if isinstance(m, ProjectBN) or type(m).forward is not nn.Sequential.forward or len(m) != 2:
+        return None
+    if not (is_pointwise_bn(m[0], m[1]) and type(m[1]) is nn.BatchNorm2d):
+        return None
+    return ProjectBN.from_modules(m[0], m[1])
 
 
 def _squeeze_excitation(m: nn.Module, path: str, reasons: dict[str, str]) -> Optional[nn.Module]:
@@ -200,11 +214,6 @@ def _torchvision_mbconv(m: nn.Module, path: str, reasons: dict[str, str]) -> Opt
         return None
     if not (isinstance(m.block[-3], DWConvBNAct) and isinstance(m.block[-2], SqueezeExcite)):
         return None  # its parts were left, with their reasons; the block itself has nothing to add
-    project = m.block[-1]
-    if isinstance(project, nn.Sequential) and len(project) == 2 and is_projection(project[0], project[1]):
-        fused = ProjectBN.from_modules(project[0], project[1]).train(project.training)
-        fused.__dict__["_original"] = project
-        m.block[-1] = fused
     return MBConv(m.block, m.stochastic_depth, m.use_res_connect)
 
 
@@ -256,6 +265,7 @@ def _self_padding_conv(block: DWConvBNAct) -> nn.Conv2d:
 
 _RULES: tuple[Callable[[nn.Module, str, dict[str, str]], Optional[nn.Module]], ...] = (
     _conv_bn_silu,
+    _conv_bn,
     _squeeze_excitation,
     _torchvision_mbconv,
     _timm_block,

@@ -17,10 +17,11 @@ from fused_mbconv import parity
 from fused_mbconv.__main__ import randomize_batch_norm_
 from fused_mbconv.models.layers import Conv2dSame
 from fused_mbconv.models.timm_block import FusedTimmBlock
-from fused_mbconv.nn import DWConvBNAct, SqueezeExcite
+from fused_mbconv.nn import DWConvBNAct, ExpandBNAct, ProjectBN, SqueezeExcite
 
 MODELS = {  # name: (constructor, image size, what convert() should make of it)
-    "torchvision_b0": (torchvision.models.efficientnet_b0, 64, {"DWConvBNAct": 16, "SqueezeExcite": 16, "MBConv": 16}),
+    "torchvision_b0": (torchvision.models.efficientnet_b0, 64,
+                       {"DWConvBNAct": 16, "SqueezeExcite": 16, "MBConv": 16, "ExpandBNAct": 16, "ProjectBN": 16}),
     # drop_path: the fused projection must draw the same per-sample masks as timm
     "timm_b0": (lambda: timm.create_model("efficientnet_b0", pretrained=False, drop_path_rate=0.3), 64,
                 {"FusedTimmBlock": 16}),
@@ -109,7 +110,7 @@ def test_revert_native_model_is_plain_and_exportable(padding):
     with torch.no_grad():
         expected = model(x)
     plain = fused_mbconv.revert(model)
-    fused_types = (DWConvBNAct, SqueezeExcite)
+    fused_types = (DWConvBNAct, SqueezeExcite, ExpandBNAct, ProjectBN)
     assert not any(isinstance(m, fused_types) for m in plain.modules())
     stride_2_convs = sum(isinstance(m, Conv2dSame) for m in plain.modules())
     assert stride_2_convs == (5 if padding == "tf" else 0)
@@ -123,7 +124,8 @@ def test_revert_native_model_is_plain_and_exportable(padding):
         torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
     # and back again
     fused, summary = fused_mbconv.convert(plain)
-    assert summary.counts() == {"DWConvBNAct": 16, "SqueezeExcite": 16} and summary.left == []
+    assert summary.counts() == {"DWConvBNAct": 16, "SqueezeExcite": 16, "ExpandBNAct": 16, "ProjectBN": 16}
+    assert summary.left == []
     with torch.no_grad():
         torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
 

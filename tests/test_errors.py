@@ -111,7 +111,7 @@ def test_module_wrong_channel_count():
 def project_args(**over):
     args = dict(
         x=torch.randn(2, C, 5, 5), gate=torch.rand(2, C), weight=torch.randn(3, C, 1, 1), scale=torch.rand(3),
-        shift=torch.randn(3), residual=torch.randn(2, 3, 5, 5), branch_scale=torch.ones(2),
+        shift=torch.randn(3), residual=torch.randn(2, 3, 5, 5), branch_scale=torch.ones(2), silu=False,
     )  # fmt: skip
     args.update(over)
     return args

@@ -53,7 +53,8 @@ def se_samples(dtype, requires_grad):
 
 
 def project_samples(dtype, requires_grad):
-    """With every optional input and with none; (O, C, 1, 1) and (O, C) weights; channels_last."""
+    """With every optional input (the projection) and with none and SiLU (the expansion); (O, C, 1, 1)
+    and (O, C) weights; channels_last."""
     o = 5
     x = _t(2, C, 4, 3, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(requires_grad)
     gate, residual = _t(2, C, dtype=dtype, requires_grad=requires_grad), _t(2, o, 4, 3, dtype=dtype, requires_grad=requires_grad)
@@ -62,13 +63,14 @@ def project_samples(dtype, requires_grad):
     for weight, extras in [(_t(o, C, 1, 1, requires_grad=requires_grad), (gate, residual, noise)),
                            (_t(o, C, requires_grad=requires_grad), (None, None, None))]:  # fmt: skip
         g, r, bs = extras
-        yield ops.project_bn, (x, g, weight, gamma, beta, r, bs)
-        yield ops.project_bn_train, (x, g, weight, gamma, beta, 1e-3, r, bs)
+        silu = g is None  # the expansion's form: no gate, SiLU
+        yield ops.project_bn, (x, g, weight, gamma, beta, r, bs, silu)
+        yield ops.project_bn_train, (x, g, weight, gamma, beta, 1e-3, r, bs, silu)
         z, mean, invstd = _t(2, o, 4, 3, dtype=dtype), _t(o), _t(o, positive=True)
         for training in (True, False):
             yield ops.project_bn_backward, (
                 _t(2, o, 4, 3, dtype=dtype), x.detach(), None if g is None else g.detach(), weight.detach(), z,
-                gamma.detach(), mean, invstd, bs, training,
+                gamma.detach(), beta.detach(), mean, invstd, bs, silu, training,
             )  # fmt: skip
 
 

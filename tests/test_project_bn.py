@@ -17,7 +17,7 @@ from test_squeeze_excite import make_input
 
 import fused_mbconv
 from fused_mbconv import ops
-from fused_mbconv.nn import ProjectBN
+from fused_mbconv.nn import ExpandBNAct, ProjectBN
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last", "strided"]
@@ -26,12 +26,14 @@ SHAPE = (2, 24, 20, 5, 9)
 EPS, MOMENTUM = 1e-3, 0.1
 
 
-def project_eager(x, gate, weight, gamma, beta, running_mean, running_var, residual, noise, training):
+def project_eager(x, gate, weight, gamma, beta, running_mean, running_var, residual, noise, training, silu):
     """The unfused computation, in torch ops as torchvision's MBConv runs it."""
     if gate is not None:
         x = x * gate[:, :, None, None]
     z = TF.conv2d(x, weight)
     y = TF.batch_norm(z, running_mean, running_var, gamma, beta, training, MOMENTUM, EPS)
+    if silu:
+        y = TF.silu(y)
     if noise is not None:
         y = y * noise[:, None, None, None]
     return y if residual is None else y + residual
@@ -57,7 +59,7 @@ def make_case(dtype, layout, with_extras, seed=0):
     return x, weight, gamma, beta, stats, extras
 
 
-def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training):
+def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training, silu=False):
     """Forward + backward of the fused module or the eager code with parameters in ``dtype``
     (fp32 for fp16/bf16, as under AMP the parameters stay fp32). Returns (outputs, names)."""
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -72,7 +74,8 @@ def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training):
         noise = noise.to(DEVICE, x.dtype)
         leaves += [gate, residual]
     if fn_kind == "fused":
-        module = ProjectBN(weight.shape[1], weight.shape[0], eps=EPS, momentum=MOMENTUM).to(DEVICE, param_dtype)
+        kind = ExpandBNAct if silu else ProjectBN
+        module = kind(weight.shape[1], weight.shape[0], eps=EPS, momentum=MOMENTUM).to(DEVICE, param_dtype)
         with torch.no_grad():
             module[0].weight = torch.nn.Parameter(w)
             module[1].weight, module[1].bias = torch.nn.Parameter(gm), torch.nn.Parameter(bt)
@@ -80,11 +83,11 @@ def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training):
             module[1].running_var.copy_(running[1])
         module.train(training)
         leaves[1:4] = [module[0].weight, module[1].weight, module[1].bias]
-        y = module(x, gate, residual, noise)
+        y = module(x) if silu else module(x, gate, residual, noise)
         running = [module[1].running_mean, module[1].running_var]
     else:
         wc = w.to(x.dtype) if x.dtype != param_dtype else w  # what autocast does to the conv weight
-        y = project_eager(x, gate, wc, gm, bt, *running, residual, noise, training)
+        y = project_eager(x, gate, wc, gm, bt, *running, residual, noise, training, silu)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.device)
     grads = torch.autograd.grad((y.double() * dy).sum(), leaves)
     names = ["y", "dx", "dweight", "dgamma", "dbeta", "dgate", "dresidual"][: 1 + len(leaves)]
@@ -95,11 +98,11 @@ def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training):
     return outputs, names
 
 
-def check(dtype, layout, training, with_extras):
+def check(dtype, layout, training, with_extras, silu=False):
     x, *case = make_case(dtype, layout, with_extras)
-    fused, names = run("fused", dtype, x, *case, training)
-    eager, _ = run("eager", dtype, x, *case, training)
-    exact, _ = run("eager", torch.float64, x.double(), *case, training)
+    fused, names = run("fused", dtype, x, *case, training, silu)
+    eager, _ = run("eager", dtype, x, *case, training, silu)
+    exact, _ = run("eager", torch.float64, x.double(), *case, training, silu)
     for name, a, e, ex in zip(names, fused, eager, exact, strict=True):
         if a.dtype != e.dtype:  # eager under AMP gives the BN grads in fp32 too; compare values
             e = e.to(a.dtype)
@@ -120,6 +123,15 @@ def test_without_gate_residual_or_noise(backend, training):
     check(torch.float32, "channels_last", training, with_extras=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_expansion_matches_eager(backend, dtype, layout, training):
+    """ExpandBNAct: conv1x1 + BN + SiLU, whose backward goes through SiLU's derivative."""
+    skip_if_slow(backend, SHAPE[0] * SHAPE[1] * SHAPE[3] * SHAPE[4])
+    check(dtype, layout, training, with_extras=False, silu=True)
+
+
 def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(backend):
     """z with mean ~1e4 and spread ~1: E[z^2] - E[z]^2 in fp32 loses the variance entirely."""
     n, c, o, h, w = 3, 16, 18, 7, 11
@@ -127,7 +139,7 @@ def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(backend):
     x = (1000.0 + torch.randn(n, c, h, w, generator=g)).to(DEVICE)
     weight = torch.full((o, c, 1, 1), 0.6, dtype=torch.float64) + 0.05 * torch.randn(o, c, 1, 1, generator=g, dtype=torch.float64)
     ones, zeros = torch.ones(o, device=DEVICE), torch.zeros(o, device=DEVICE)
-    _, _, mean, var = ops.project_bn_train(x, None, weight.float().to(DEVICE), ones, zeros, EPS, None, None)
+    _, _, mean, var = ops.project_bn_train(x, None, weight.float().to(DEVICE), ones, zeros, EPS, None, None, False)
     z = torch.einsum("oc,nchw->nohw", weight.flatten(1).to(DEVICE), x.double())
     exact_var = z.var(dim=(0, 2, 3), unbiased=False)
     assert exact_var.min() > 1 and z.mean() > 5e3
@@ -145,7 +157,7 @@ def test_odd_widths_and_one_pixel(backend, o):
         weight = torch.randn(o, c, device=DEVICE) / c**0.5
         gate = torch.rand(n, c, device=DEVICE)
         scale, shift = torch.rand(o, device=DEVICE) + 0.5, torch.randn(o, device=DEVICE)
-        y = ops.project_bn(x, gate, weight, scale, shift, None, None)
+        y = ops.project_bn(x, gate, weight, scale, shift, None, None, False)
         expected = TF.conv2d(x * gate[:, :, None, None], weight[:, :, None, None]) * scale[:, None, None] + shift[:, None, None]
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=FLOOR[torch.float32] * 10)
 
@@ -162,14 +174,16 @@ def test_gradcheck_fp64():
     gamma, beta = t(o, positive=True), t(o)
     noise = torch.tensor([2.0, 0.5], dtype=torch.float64, device=DEVICE)
 
-    def train(x, gate, weight, gamma, beta, residual):
-        return ops.project_bn_train(x, gate, weight, gamma, beta, EPS, residual, noise)[0]
+    for silu in (False, True):
 
-    def infer(x, gate, weight, gamma, beta, residual):
-        return ops.project_bn(x, gate, weight, gamma, beta, residual, noise)
+        def train(x, gate, weight, gamma, beta, residual, silu=silu):
+            return ops.project_bn_train(x, gate, weight, gamma, beta, EPS, residual, noise, silu)[0]
 
-    assert torch.autograd.gradcheck(train, (x, gate, weight, gamma, beta, residual))
-    assert torch.autograd.gradcheck(infer, (x, gate, weight, gamma, beta, residual))
+        def infer(x, gate, weight, gamma, beta, residual, silu=silu):
+            return ops.project_bn(x, gate, weight, gamma, beta, residual, noise, silu)
+
+        assert torch.autograd.gradcheck(train, (x, gate, weight, gamma, beta, residual))
+        assert torch.autograd.gradcheck(infer, (x, gate, weight, gamma, beta, residual))
 
 
 def test_from_modules_shares_parameters_and_rejects_non_projections():
@@ -191,15 +205,15 @@ def test_mbconv_runs_gate_noise_and_residual_inside_the_projection(monkeypatch):
     calls = []
     real = ops.project_bn_train
 
-    def spy(x, gate, weight, gamma, beta, eps, residual, branch_scale):
-        calls.append((gate is not None, residual is not None, branch_scale is not None))
-        return real(x, gate, weight, gamma, beta, eps, residual, branch_scale)
+    def spy(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu):
+        calls.append((gate is not None, residual is not None, branch_scale is not None, silu))
+        return real(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
 
     monkeypatch.setattr(ops, "project_bn_train", spy)
     x = torch.randn(4, 24, 9, 9, device=DEVICE)
     torch.manual_seed(5)
     fused = block(x)
-    assert calls == [(True, True, True)]
+    assert calls == [(False, False, False, True), (True, True, True, False)]  # expansion, projection
     plain = fused_mbconv.revert(block)
     torch.manual_seed(5)
     expected = plain(x)

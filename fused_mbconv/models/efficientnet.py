@@ -21,6 +21,7 @@ from fused_mbconv.models.config import HEAD_CHANNELS, STEM_CHANNELS, VARIANTS, B
 from fused_mbconv.models.layers import PADDING_MODES, ConvBNAct
 from fused_mbconv.models.mbconv import MBConv
 from fused_mbconv.models.timm_weights import is_timm_state_dict, timm_to_torchvision
+from fused_mbconv.nn import ExpandBNAct
 
 MIN_IMAGE_SIZE = 32  # five stride-2 stages: anything smaller ends below one pixel
 FEATURE_STRIDES = (2, 4, 8, 16, 32)
@@ -74,7 +75,7 @@ class EfficientNet(nn.Module):
             stages[block.stage].append(MBConv.build(block, stochastic_depth_prob * index / len(specs), **norm))
         layers += [nn.Sequential(*stage) for stage in stages]
         head_channels = round_filters(HEAD_CHANNELS, spec.width)
-        layers.append(ConvBNAct(specs[-1].out_channels, head_channels, 1, **norm))
+        layers.append(ExpandBNAct(specs[-1].out_channels, head_channels, eps=eps, momentum=momentum))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(head_channels, num_classes))

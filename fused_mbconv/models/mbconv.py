@@ -1,11 +1,11 @@
 """The MBConv block (inverted residual + squeeze-excite) with torchvision's layout:
-``block`` = [expand ConvBNAct (absent when the expand ratio is 1), depthwise, SE, projection
-(1x1 conv + BN)] and ``stochastic_depth``, so its state_dict keys are torchvision's.
+``block`` = [expansion (1x1 conv + BN + SiLU, absent when the expand ratio is 1), depthwise, SE,
+projection (1x1 conv + BN)] and ``stochastic_depth``, so its state_dict keys are torchvision's.
 
-With the fused modules in place (DWConvBNAct, SqueezeExcite, ProjectBN), the depthwise kernel's
-squeeze by-product feeds the SE, whose gate the projection applies in its GEMM, with the
-stochastic depth and the residual in its epilogue: the expanded tensor is written once (by the
-depthwise kernel) and read once (by the projection). With plain
+With the fused modules in place (ExpandBNAct, DWConvBNAct, SqueezeExcite, ProjectBN), the
+expansion is one GEMM with BN and SiLU in its epilogue, the depthwise kernel's squeeze by-product
+feeds the SE, whose gate the projection applies in its GEMM, with the stochastic depth and the
+residual in its epilogue: each expanded tensor is written once and read once. With plain
 modules in place (after ``fused_mbconv.revert``) it runs them one after the other as torchvision
 does, which is also the only path TorchScript sees.
 """
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from fused_mbconv.models.config import Block
-from fused_mbconv.models.layers import ConvBNAct, StochasticDepth, conv2d, stochastic_depth_noise
-from fused_mbconv.nn import DWConvBNAct, ProjectBN, SqueezeExcite
+from fused_mbconv.models.layers import StochasticDepth, conv2d, stochastic_depth_noise
+from fused_mbconv.nn import DWConvBNAct, ExpandBNAct, ProjectBN, SqueezeExcite
 
 
 class MBConv(nn.Module):
@@ -35,11 +35,10 @@ class MBConv(nn.Module):
     @classmethod
     def build(cls, spec: Block, stochastic_depth_prob: float, padding: str, eps: float, momentum: float) -> "MBConv":
         """A freshly initialised block for ``spec`` (one entry of ``config.blocks``)."""
-        norm = {"padding": padding, "eps": eps, "momentum": momentum}
         hidden = spec.expanded_channels
         layers: list[nn.Module] = []
         if hidden != spec.in_channels:
-            layers.append(ConvBNAct(spec.in_channels, hidden, 1, **norm))
+            layers.append(ExpandBNAct(spec.in_channels, hidden, eps=eps, momentum=momentum))
         depthwise = conv2d(hidden, hidden, spec.kernel_size, spec.stride, groups=hidden, padding=padding)
         layers += [
             DWConvBNAct.from_modules(depthwise, nn.BatchNorm2d(hidden, eps=eps, momentum=momentum)),

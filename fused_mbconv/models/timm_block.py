@@ -3,8 +3,9 @@
 timm keeps the depthwise conv and its BatchNormAct2d (BN + SiLU) in two attributes and the SE as
 ``se.conv_reduce``/``se.conv_expand``. ``FusedTimmBlock`` registers the very same child modules
 under the same names, so Parameters, buffers and state_dict keys are untouched, and replaces only
-the forward: depthwise conv + BN + SiLU + squeeze in one op, then the SE gate from that squeeze,
-applied inside the projection GEMM (conv_pwl + bn3) together with drop_path and the shortcut.
+the forward: the expansion (conv_pw + bn1) as one GEMM with BN and SiLU inside, depthwise conv +
+BN + SiLU + squeeze in one op, then the SE gate from that squeeze, applied inside the projection
+GEMM (conv_pwl + bn3) together with drop_path and the shortcut.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from fused_mbconv.models.layers import stochastic_depth_noise
-from fused_mbconv.nn import DWConvBNAct, ProjectBN, is_projection
+from fused_mbconv.nn import DWConvBNAct, ExpandBNAct, ProjectBN, is_pointwise_bn
 from fused_mbconv.nn import functional as F
 
 
@@ -31,16 +32,23 @@ class FusedTimmBlock(nn.Module):
         # A view of the conv and BN (still registered above under their timm names) for the fused
         # call. Kept out of _modules on purpose: registering it would list every key twice.
         self.__dict__["depthwise"] = DWConvBNAct.from_modules(getattr(block, conv), bn, bn.act)
-        # likewise the projection (conv_pwl + bn3), when it is a plain 1x1 conv + BN: it then takes
-        # the SE gate, drop_path and the shortcut inside its GEMM
+        # likewise the expansion (conv_pw + bn1 with SiLU) and the projection (conv_pwl + bn3), when
+        # they are plain 1x1 convs + BN: the projection then takes the SE gate, drop_path and the
+        # shortcut inside its GEMM
+        expansion = [getattr(block, name) for name in before]
+        fusable = len(expansion) == 2 and is_pointwise_bn(*expansion, nn.SiLU)
+        self.__dict__["expansion"] = ExpandBNAct.from_modules(*expansion, expansion[1].act) if fusable else None
         projection = [getattr(block, name) for name in after]
-        fusable = len(projection) == 2 and is_projection(*projection) and not isinstance(block.se, nn.Identity)
+        fusable = len(projection) == 2 and is_pointwise_bn(*projection) and not isinstance(block.se, nn.Identity)
         self.__dict__["projection"] = ProjectBN.from_modules(*projection) if fusable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        for name in self.before:
-            x = getattr(self, name)(x)
+        if self.expansion is not None:
+            x = self.expansion(x)
+        else:
+            for name in self.before:
+                x = getattr(self, name)(x)
         se = self.se
         if self.projection is not None:
             x, pooled = self.depthwise(x, with_squeeze=True)

@@ -155,10 +155,12 @@ def project_bn(
     gate: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     branch_scale: Optional[torch.Tensor] = None,
+    silu: bool = False,
     folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """branch_scale * BatchNorm2d(conv1x1(x * gate)) + residual, one fused op, with nn.BatchNorm2d's
-    semantics (``training``, ``momentum``, running buffers and ``folded`` as ``dwconv_bn_silu``).
+    """branch_scale * act(BatchNorm2d(conv1x1(x * gate))) + residual, one fused op (act: SiLU with
+    ``silu``, else none), with nn.BatchNorm2d's semantics (``training``, ``momentum``, running
+    buffers and ``folded`` as ``dwconv_bn_silu``).
 
     x (N, C, H, W); weight (O, C, 1, 1); gate (N, C) (the SE's); residual (N, O, H, W) (the
     block's input); branch_scale (N,) (stochastic depth's per-sample factor). Returns (N, O, H, W).
@@ -168,10 +170,10 @@ def project_bn(
         gate = gate.to(x.dtype)
     if training:
         gamma, beta = _batch_norm_affine(bn_weight, bn_bias, weight.shape[0], x)
-        y, _, mean, var = ops.project_bn_train(x, gate, weight, gamma, beta, eps, residual, branch_scale)
+        y, _, mean, var = ops.project_bn_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
     scale, shift = folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
-    return ops.project_bn(x, gate, weight, scale, shift, residual, branch_scale)
+    return ops.project_bn(x, gate, weight, scale, shift, residual, branch_scale, silu)

@@ -1,9 +1,12 @@
-"""ProjectBN: an MBConv block's projection (1x1 conv + BatchNorm2d, no activation) as one fused op
-that also takes the squeeze-excite gate, the stochastic-depth factor and the residual.
+"""The pointwise (1x1) conv + BatchNorm2d modules of an MBConv block, each one fused GEMM:
 
-Laid out like torchvision's ``Conv2dNormActivation`` without activation (``0`` nn.Conv2d,
-``1`` nn.BatchNorm2d), so state_dicts carry over both ways; ``from_modules`` wraps existing
-modules without copying their parameters.
+- ``ProjectBN``: the projection (no activation), which also takes the squeeze-excite gate, the
+  stochastic-depth factor and the residual;
+- ``ExpandBNAct``: the expansion (and the head conv), with SiLU.
+
+Laid out like torchvision's ``Conv2dNormActivation`` (``0`` nn.Conv2d, ``1`` nn.BatchNorm2d,
+``2`` nn.SiLU for ExpandBNAct), so state_dicts carry over both ways; ``from_modules`` wraps
+existing modules without copying their parameters.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class ProjectBN(nn.Sequential):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ProjectBN":
         """Wrap an existing 1x1 conv and its BatchNorm, sharing their Parameters and buffers."""
-        if not is_projection(conv, bn):
+        if not is_pointwise_bn(conv, bn):
             raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
         self = cls.__new__(cls)
         nn.Sequential.__init__(self, conv, bn)
@@ -70,12 +73,56 @@ class ProjectBN(nn.Sequential):
         )  # fmt: skip
 
 
-def is_projection(conv: nn.Module, bn: nn.Module) -> bool:
+class ExpandBNAct(nn.Sequential):
+    """y = SiLU(BN(conv1x1(x))): x (N, C, H, W) -> (N, O, H, W), the expanded tensor written once
+    (eager writes it three times: conv, BN, SiLU).
+
+    Args:
+        in_channels: C. out_channels: O.
+        eps, momentum: as nn.BatchNorm2d.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory),
+            nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
+            nn.SiLU(inplace=True),
+        )
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "ExpandBNAct":
+        """Wrap an existing 1x1 conv and its BatchNorm (and SiLU), sharing their Parameters."""
+        if not is_pointwise_bn(conv, bn, nn.SiLU):
+            raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
+        self = cls.__new__(cls)
+        nn.Sequential.__init__(self, conv, bn, act if act is not None else nn.SiLU(inplace=True))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        call = BatchNormCall.of(bn)
+        return F.project_bn(
+            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
+            training=call.batch_stats, momentum=call.momentum, eps=bn.eps, silu=True,
+            folded=None if call.batch_stats else cached_fold(self, bn),
+        )  # fmt: skip
+
+
+def is_pointwise_bn(conv: nn.Module, bn: nn.Module, activation: type = nn.Identity) -> bool:
     """True when (conv, bn) is a bias-free, ungrouped, unstrided 1x1 conv + BatchNorm2d (or timm's
-    BatchNormAct2d with neither activation nor dropout, which computes the same)."""
+    BatchNormAct2d applying ``activation`` and no dropout: the fused module applies that itself)."""
     plain_bn = type(bn) is nn.BatchNorm2d or (
         isinstance(bn, nn.BatchNorm2d)
-        and isinstance(getattr(bn, "act", None), nn.Identity)
+        and isinstance(getattr(bn, "act", None), activation)
         and isinstance(getattr(bn, "drop", None), nn.Identity)
     )
     return (

@@ -1,20 +1,22 @@
-"""The projection ops of an MBConv block: squeeze-excite scale + 1x1 conv + BatchNorm (+ residual),
-as one GEMM whose prologue gates the input and whose epilogue normalises and adds the shortcut.
-Schemas, input checks, fakes, autograd.
+"""The pointwise (1x1) conv ops of an MBConv block, as one GEMM whose prologue gates the input
+and whose epilogue normalises, activates and adds the shortcut: the projection (squeeze-excite
+scale + 1x1 conv + BatchNorm + stochastic depth + residual) and, with ``silu``, the expansion
+(1x1 conv + BatchNorm + SiLU). Schemas, input checks, fakes, autograd.
 
 Contract: x (N, C, H, W) the block's wide tensor (any float dtype, NCHW or channels_last);
 gate (N, C) the SE gate or None; weight (O, C) or (O, C, 1, 1), the 1x1 conv; residual
 (N, O, H, W) or None; branch_scale (N,) or None, the stochastic-depth factor of each sample
-(0 or 1 / survival); per-channel BN vectors (O,). With z = weight @ (x * gate) over C:
+(0 or 1 / survival); per-channel BN vectors (O,); act = SiLU when ``silu``, else the identity.
+With z = weight @ (x * gate) over C:
 
 - ``fused_mbconv::project_bn``: inference, BN folded into (scale, shift):
-  y = branch_scale * (scale * z + shift) + residual.
+  y = branch_scale * act(scale * z + shift) + residual.
 - ``fused_mbconv::project_bn_train``: training, batch statistics of z inside:
-  y = branch_scale * (gamma * (z - mean) / sqrt(var + eps) + beta) + residual.
+  y = branch_scale * act(gamma * (z - mean) / sqrt(var + eps) + beta) + residual.
   Returns (y, z, mean, var), var biased. z is narrow (O channels, a sixth of x in MBConv) and is
   kept for the backward, which then needs no GEMM to recompute it.
 - ``fused_mbconv::project_bn_backward``: (dx, dgate, dweight, dgamma, dbeta) of either
-  (inference = mean 0, invstd 1, gamma = scale); dgate is empty when there is no gate. The
+  (inference = mean 0, invstd 1, gamma = scale, beta = shift); dgate is empty when there is no gate. The
   residual's gradient is grad_y itself and branch_scale gets none (it is sampled noise).
 
 Each backend registers its implementation in ``IMPLS``.
@@ -89,33 +91,34 @@ def project_bn(
     shift: torch.Tensor,
     residual: Optional[torch.Tensor],
     branch_scale: Optional[torch.Tensor],
+    silu: bool,
 ) -> torch.Tensor:
     check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift)
-    return IMPLS["forward_infer"].pick(x.device, x)(x, gate, weight, scale, shift, residual, branch_scale)
+    return IMPLS["forward_infer"].pick(x.device, x)(x, gate, weight, scale, shift, residual, branch_scale, silu)
 
 
 @project_bn.register_fake
-def _(x, gate, weight, scale, shift, residual, branch_scale):
+def _(x, gate, weight, scale, shift, residual, branch_scale, silu):
     return empty_like_layout(x, check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift))
 
 
 def _setup_infer(ctx, inputs, output):
-    x, gate, weight, scale, shift, residual, branch_scale = inputs
-    ctx.save_for_backward(x, gate, weight, scale, branch_scale)
-    ctx.has_residual = residual is not None
+    x, gate, weight, scale, shift, residual, branch_scale, silu = inputs
+    ctx.save_for_backward(x, gate, weight, scale, shift, branch_scale)
+    ctx.has_residual, ctx.silu = residual is not None, silu
 
 
 def _backward_infer(ctx, grad_y):
-    x, gate, weight, scale, branch_scale = ctx.saved_tensors
+    x, gate, weight, scale, shift, branch_scale = ctx.saved_tensors
     # z is recomputed (one GEMM) rather than kept: the inference op is also what frozen-BN
     # fine-tuning runs, and there memory is the point
     zeros = scale.new_zeros(scale.shape)
-    z = project_bn(x, gate, weight, zeros + 1, zeros, None, None)
+    z = project_bn(x, gate, weight, zeros + 1, zeros, None, None, False)
     dx, dgate, dweight, dscale, dshift = project_bn_backward(
-        grad_y, x, gate, weight, z, scale, zeros, zeros + 1, branch_scale, False
+        grad_y, x, gate, weight, z, scale, shift, zeros, zeros + 1, branch_scale, ctx.silu, False
     )
     return (dx, dgate if gate is not None else None, dweight, dscale, dshift,
-            grad_y if ctx.has_residual else None, None)  # fmt: skip
+            grad_y if ctx.has_residual else None, None, None)  # fmt: skip
 
 
 project_bn.register_autograd(_backward_infer, setup_context=_setup_infer)
@@ -146,34 +149,35 @@ def project_bn_train(
     eps: float,
     residual: Optional[torch.Tensor],
     branch_scale: Optional[torch.Tensor],
+    silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_train(x, gate, weight, residual, branch_scale, gamma, beta)
     impl = IMPLS["forward_train"].pick(x.device, x)
-    return impl(x, gate, weight, gamma, beta, eps, residual, branch_scale)
+    return impl(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
 
 
 @project_bn_train.register_fake
-def _(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+def _(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu):
     out_shape = _check_train(x, gate, weight, residual, branch_scale, gamma, beta)
     mean = x.new_empty((out_shape[1],), dtype=_stats_dtype(x))
     return empty_like_layout(x, out_shape), empty_like_layout(x, out_shape), mean, torch.empty_like(mean)
 
 
 def _setup_train(ctx, inputs, output):
-    x, gate, weight, gamma, beta, eps, residual, branch_scale = inputs
+    x, gate, weight, gamma, beta, eps, residual, branch_scale, silu = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)  # z is kept for the backward; the statistics feed running averages
-    ctx.save_for_backward(x, gate, weight, z, gamma, mean, var, branch_scale)
-    ctx.eps, ctx.has_residual = eps, residual is not None
+    ctx.save_for_backward(x, gate, weight, z, gamma, beta, mean, var, branch_scale)
+    ctx.eps, ctx.has_residual, ctx.silu = eps, residual is not None, silu
 
 
 def _backward_train(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
-    x, gate, weight, z, gamma, mean, var, branch_scale = ctx.saved_tensors
+    x, gate, weight, z, gamma, beta, mean, var, branch_scale = ctx.saved_tensors
     dx, dgate, dweight, dgamma, dbeta = project_bn_backward(
-        grad_y, x, gate, weight, z, gamma, mean, torch.rsqrt(var + ctx.eps), branch_scale, True
+        grad_y, x, gate, weight, z, gamma, beta, mean, torch.rsqrt(var + ctx.eps), branch_scale, ctx.silu, True
     )
     return (dx, dgate if gate is not None else None, dweight, dgamma, dbeta, None,
-            grad_y if ctx.has_residual else None, None)  # fmt: skip
+            grad_y if ctx.has_residual else None, None, None)  # fmt: skip
 
 
 project_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
@@ -183,8 +187,8 @@ project_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
 # backward
 
 
-def _check_backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale):
-    out_shape = check_inputs(x, gate, weight, None, branch_scale, gamma=gamma, mean=mean, invstd=invstd)
+def _check_backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale):
+    out_shape = check_inputs(x, gate, weight, None, branch_scale, gamma=gamma, beta=beta, mean=mean, invstd=invstd)
     check_tensor("grad_y", grad_y, shape=out_shape)
     check_tensor("z", z, shape=out_shape)
     check_same_device(x=x, grad_y=grad_y, z=z)
@@ -198,19 +202,21 @@ def project_bn_backward(
     weight: torch.Tensor,
     z: torch.Tensor,
     gamma: torch.Tensor,
+    beta: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     branch_scale: Optional[torch.Tensor],
+    silu: bool,
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale)
+    _check_backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale)
     impl = IMPLS["backward"].pick(x.device, x)
-    return impl(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training)
+    return impl(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale, silu, training)
 
 
 @project_bn_backward.register_fake
-def _(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
-    _check_backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale)
+def _(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale, silu, training):
+    _check_backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale)
     dgate = x.new_empty(0) if gate is None else torch.empty_like(gate, memory_format=torch.contiguous_format)
     return (
         empty_like_layout(x, x.shape),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fused_mbconv._checks import empty_like_layout
 
@@ -46,9 +47,9 @@ def _per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype)[None, :, None, None]
 
 
-def _epilogue(x, normalized, residual, branch_scale) -> torch.Tensor:
-    """branch_scale * normalized + residual, in x's dtype and layout."""
-    y = normalized
+def _epilogue(x, normalized, residual, branch_scale, silu: bool) -> torch.Tensor:
+    """branch_scale * act(normalized) + residual, in x's dtype and layout."""
+    y = F.silu(normalized) if silu else normalized
     if branch_scale is not None:
         y = y * branch_scale.to(y.dtype)[:, None, None, None]
     if residual is not None:
@@ -57,29 +58,34 @@ def _epilogue(x, normalized, residual, branch_scale) -> torch.Tensor:
     return out.copy_(y)
 
 
-def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torch.Tensor:
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu) -> torch.Tensor:
     z = _project(x, gate, weight)
-    return _epilogue(x, z * _per_channel(scale, z.dtype) + _per_channel(shift, z.dtype), residual, branch_scale)
+    normalized = z * _per_channel(scale, z.dtype) + _per_channel(shift, z.dtype)
+    return _epilogue(x, normalized, residual, branch_scale, silu)
 
 
-def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu):
     z = _project(x, gate, weight)
     # statistics in fp64 on the CPU, as eager's CPU batch norm accumulates
     zs = z.to(_backward_acc(x))
     mean, var = zs.mean(dim=(0, 2, 3)), zs.var(dim=(0, 2, 3), unbiased=False)
     zhat = (zs - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
     normalized = zhat * _per_channel(gamma, zs.dtype) + _per_channel(beta, zs.dtype)
-    y = _epilogue(x, normalized, residual, branch_scale)
+    y = _epilogue(x, normalized, residual, branch_scale, silu)
     z_out = empty_like_layout(x, z.shape).copy_(z)
     return y, z_out, mean.to(z.dtype), var.to(z.dtype)
 
 
-def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
+def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale, silu, training):
     acc = _backward_acc(x)
     dy = grad_y.to(acc)
     if branch_scale is not None:
         dy = dy * branch_scale.to(acc)[:, None, None, None]
     zhat = (z.to(acc) - _per_channel(mean, acc)) * _per_channel(invstd, acc)
+    if silu:  # dy becomes the gradient of the BN output u: silu'(u) = s (1 + u (1 - s)), s = sigmoid(u)
+        u = zhat * _per_channel(gamma, acc) + _per_channel(beta, acc)
+        s = torch.sigmoid(u)
+        dy = dy * s * (1 + u * (1 - s))
     dbeta = dy.sum(dim=(0, 2, 3))
     dgamma = (dy * zhat).sum(dim=(0, 2, 3))
     dz = dy

@@ -117,6 +117,13 @@ def _tile_position(pid, HW, BLOCK_M: tl.constexpr):
     return n.to(tl.int64), p, p < HW
 
 
+@triton.jit
+def _silu_grad(u):
+    """silu'(u) = s (1 + u (1 - s)), s = sigmoid(u)."""
+    s = tl.sigmoid(u)
+    return s * (1.0 + u * (1.0 - s))
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
@@ -127,13 +134,14 @@ def _project_kernel(
     x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, bs_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
     C, N_COLS, HW,
     s_xn, s_xc, s_xp, s_gn, s_gc, s_wo, s_wc, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
-    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BS: tl.constexpr,
-    STATS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_M), cdiv(O, BLOCK_N)); O is N_COLS.
     #   acc[p, o] = sum_k x[n, k, p] * gate[n, k] * w[o, k]                  (fp32)
-    #   AFFINE: y = bs[n] * (scale[o] * acc + shift[o]) + res[n, o, p]       else y = acc
+    #   AFFINE: y = bs[n] * act(scale[o] * acc + shift[o]) + res[n, o, p]  else y = acc
+    #   (act: SiLU with ACT, else the identity)
     #   STATS: the tile's (mean, M2) of acc per o, for the batch statistics (Chan's merge later)
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,6 +169,8 @@ def _project_kernel(
         scale = tl.load(scale_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         acc = acc * scale[None, :] + shift[None, :]
+    if ACT:
+        acc = acc * tl.sigmoid(acc)
     if HAS_BS:
         acc *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
@@ -199,9 +209,9 @@ def _combine_stats_kernel(
 def _normalize_kernel(
     z_ptr, a_ptr, b_ptr, res_ptr, bs_ptr, y_ptr, C, HW,
     s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
-    HAS_RES: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): y = bs[n] * (a[c] * z + b[c]) + res,
+    # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): y = bs[n] * act(a[c] * z + b[c]) + res,
     # a = gamma * invstd and b = beta - mean * a: the BN of the training forward
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -210,6 +220,8 @@ def _normalize_kernel(
     a = tl.load(a_ptr + c, mask=c < C, other=0.0)
     b = tl.load(b_ptr + c, mask=c < C, other=0.0)
     y = z * a[None, :] + b[None, :]
+    if ACT:
+        y = y * tl.sigmoid(y)
     if HAS_BS:
         y *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
@@ -224,13 +236,14 @@ def _normalize_kernel(
 @_tile_autotune(["C", "HW", "CHUNK"])
 @triton.jit(do_not_specialize=["HW", "CHUNK", "SPLITS"])
 def _dy_sums_kernel(
-    dy_ptr, z_ptr, bs_ptr, mean_ptr, invstd_ptr, part_ptr, C, HW, CHUNK, SPLITS,
+    dy_ptr, z_ptr, bs_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, C, HW, CHUNK, SPLITS,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp,
-    HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * SPLITS, cdiv(C, BLOCK_C)), each program over one CHUNK of a sample's H*W:
-    #   part[row, c] = sum dyb,  part[row, C + c] = sum dyb * zhat     (row = n * SPLITS + split)
-    #   dyb = dy * bs[n] (the gradient of the BN output), zhat = (z - mean) * invstd
+    #   part[row, c] = sum du,  part[row, C + c] = sum du * zhat     (row = n * SPLITS + split)
+    #   du = dy * bs[n] (* silu'(u) with ACT, u = gamma * zhat + beta): the gradient of the BN
+    #   output u, zhat = (z - mean) * invstd
     n64 = (tl.program_id(0) // SPLITS).to(tl.int64)
     start = (tl.program_id(0) % SPLITS) * CHUNK
     end = tl.minimum(start + CHUNK, HW)
@@ -238,6 +251,8 @@ def _dy_sums_kernel(
     mask_c = c < C
     mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     sum_dy = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     sum_dyz = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for p0 in range(start, end, BLOCK_P):
@@ -245,8 +260,11 @@ def _dy_sums_kernel(
         mask = (p < end)[:, None] & mask_c[None, :]
         dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp), mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
+        zhat = (z - mean[None, :]) * invstd[None, :]
+        if ACT:
+            dy *= _silu_grad(zhat * gamma[None, :] + beta[None, :])
         sum_dy += dy
-        sum_dyz += tl.where(mask, dy * (z - mean[None, :]) * invstd[None, :], 0.0)
+        sum_dyz += tl.where(mask, dy * zhat, 0.0)
     scale = 1.0
     if HAS_BS:
         scale = tl.load(bs_ptr + n64).to(tl.float32)
@@ -258,12 +276,13 @@ def _dy_sums_kernel(
 @_tile_autotune(["C", "HW"])
 @triton.jit(do_not_specialize=["HW"])
 def _dz_kernel(
-    dy_ptr, z_ptr, bs_ptr, coef_ptr, dz_ptr, C, HW,
+    dy_ptr, z_ptr, bs_ptr, coef_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dz_ptr, C, HW,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_qn, s_qc, s_qp,
-    HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): the BN backward, per element
-    #   dz = k1[c] * bs[n] * dy + k2[c] * z + k3[c]   (coefficients from the host: ``_dz_coefficients``)
+    #   dz = k1[c] * du + k2[c] * z + k3[c]   (coefficients from the host: ``_dz_coefficients``)
+    #   du = bs[n] * dy (* silu'(u) with ACT, u = gamma * (z - mean) * invstd + beta)
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = mask_p[:, None] & (c < C)[None, :]
@@ -274,6 +293,12 @@ def _dz_kernel(
     k3 = tl.load(coef_ptr + 2 * C + c, mask=c < C, other=0.0)
     if HAS_BS:
         dy *= tl.load(bs_ptr + n64).to(tl.float32)
+    if ACT:
+        mean = tl.load(mean_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        invstd = tl.load(invstd_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        dy *= _silu_grad((z - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :])
     dz = dy * k1[None, :] + z * k2[None, :] + k3[None, :]
     tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
 
@@ -368,7 +393,7 @@ def _tiles(n: int, hw: int, block: int) -> int:
     return n * triton.cdiv(hw, block)
 
 
-def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool):
+def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool, act: bool = False):
     """Launch ``_project_kernel`` into ``out``; with ``stats`` returns the per-tile (mean, M2)
     partials and the tile height they were made with."""
     n, c, h, w = x.shape
@@ -392,7 +417,7 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
         out, *parts, c, o, h * w,
         *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
         *(_strides(res) if res is not None else (0, 0, 0)), *_strides(out),
-        HAS_GATE=gate is not None, AFFINE=scale is not None, HAS_RES=res is not None,
+        HAS_GATE=gate is not None, AFFINE=scale is not None, ACT=act, HAS_RES=res is not None,
         HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x),
     )  # fmt: skip
     return (parts, launch["rows"]) if stats else None
@@ -400,16 +425,16 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
 
 @IMPLS["forward_infer"].register("triton")
 @_triton.triton_entry(reference)
-def forward_infer(x, gate, weight, scale, shift, residual, branch_scale) -> torch.Tensor:
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu) -> torch.Tensor:
     x = _layout(x)
     y = empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:]))
-    _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False)
+    _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False, act=silu)
     return y
 
 
 @IMPLS["forward_train"].register("triton")
 @_triton.triton_entry(reference)
-def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
+def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu):
     x = _layout(x)
     n, _, h, w = x.shape
     o = weight.shape[0]
@@ -430,7 +455,7 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale):
     _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
         z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
         *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
-        HAS_RES=res is not None, HAS_BS=bs is not None,
+        ACT=silu, HAS_RES=res is not None, HAS_BS=bs is not None,
     )  # fmt: skip
     return y, z, mean, var
 
@@ -464,7 +489,7 @@ _MIN_CHUNK = 16 if _triton.INTERPRETED else 1024
 
 @IMPLS["backward"].register("triton")
 @_triton.triton_entry(reference)
-def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, training):
+def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale, silu, training):
     x = _layout(x)
     n, c, h, w = x.shape
     o = weight.shape[0]
@@ -479,15 +504,15 @@ def backward(grad_y, x, gate, weight, z, gamma, mean, invstd, branch_scale, trai
     # the BN backward's two sums, then dz = its per-element formula
     chunk, splits = _hw_splits(n, o, hw, x.device)
     part = torch.empty((n * splits, 2 * o), **f32)
+    per_channel = [v.float().contiguous() for v in (mean, invstd, gamma, beta)]
     _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
-        dy, z, bs, mean.float().contiguous(), invstd.float().contiguous(), part, o, hw, chunk, splits,
-        *_strides(dy), *_strides(z), HAS_BS=has_bs,
+        dy, z, bs, *per_channel, part, o, hw, chunk, splits, *_strides(dy), *_strides(z), ACT=silu, HAS_BS=has_bs,
     )  # fmt: skip
     sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
     coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
     dz = torch.empty_like(z)
     _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
-        dy, z, bs, coef, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), HAS_BS=has_bs
+        dy, z, bs, coef, *per_channel, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), ACT=silu, HAS_BS=has_bs
     )
 
     # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
