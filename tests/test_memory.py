@@ -1,6 +1,7 @@
 """The activations a training forward keeps for its backward (fused_mbconv.memory): the counter
 itself, and that the fused EfficientNet keeps clearly less than torchvision's eager model (the
-fused depthwise op keeps its input only, the projection its input and its narrow output)."""
+fused expansion keeps its narrow input and its pre-BN output, the depthwise op its input only,
+the projection its input and its narrow output)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_fused_model_keeps_less_than_eager():
     x = torch.randn(2, 3, 64, 64)
     eager_bytes, fused_bytes = (saved_activation_bytes(lambda m=m: m(x), m.parameters()) for m in (eager, fused))
     print(f"saved for backward: eager {eager_bytes / 2**20:.1f} MiB, fused {fused_bytes / 2**20:.1f} MiB")
-    # per MBConv block eager keeps the depthwise conv's and its BN's outputs and the SE-scaled
-    # tensor, three expanded-width tensors the fused ops recompute or never make
-    assert fused_bytes < 0.75 * eager_bytes
+    # per MBConv block eager keeps seven expanded-width tensors (the outputs of the expansion conv,
+    # its BN, its SiLU, the depthwise conv, its BN, its SiLU, the SE scale), the fused ops three
+    # (the expansion's pre-BN output, its SiLU output, the depthwise output): measured 0.54x
+    assert fused_bytes < 0.6 * eager_bytes
