@@ -117,7 +117,10 @@ def _conv(
     x_n = n.to(tl.int64) * sx[0]
     w_c = w_ptr + cs * sw[0]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for kh in tl.static_range(K):
+    # rows of taps in a runtime loop: fully unrolled, the compiler issues all K*K tile loads (and
+    # their int64 addresses) at once, and at K = 5 ptxas spilled kilobytes a thread (sm_90, see
+    # bench/results/triton_sm90_registers.md); K loads in flight still hide the latency
+    for kh in range(K):
         for kw in tl.static_range(K):
             xv = _tap(x_c, x_n, oh, ow, ok_p, mask_c, kh, kw, H, W, pad_t, pad_l, sx, STRIDE)
             wv = tl.load(w_c + kh * sw[2] + kw * sw[3], mask=mask_c, other=0.0).to(tl.float32)
@@ -328,7 +331,7 @@ def _dconv_kernel(
         tl.store(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc), cast(dc, dc_ptr.dtype.element_ty), mask=mask)
         # dweight from the unrounded fp32 dc; the taps were just loaded by _conv (cache hits)
         x_n = n.to(tl.int64) * sx[0]
-        for kh in tl.static_range(K):
+        for kh in range(K):  # a runtime loop, as in _conv
             for kw in tl.static_range(K):
                 xv = _tap(x_c, x_n, oh, ow, ok_p, mask_c, kh, kw, H, W, pad_t, pad_l, sx, STRIDE)
                 tap_sum = tl.sum(xv * dc, axis=0)
@@ -357,7 +360,7 @@ def _dx_kernel(
     mask_c = cs < C
     w_c = w_ptr + cs * sw[0]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    for kh in tl.static_range(K):
+    for kh in range(K):  # a runtime loop, as in _conv
         # a negative numerator is masked before its quotient is used (// rounds toward zero)
         num_h = ih + pad_t - kh
         oh = num_h // STRIDE
