@@ -13,11 +13,12 @@ With z = weight @ (x * gate) over C:
   y = branch_scale * act(scale * z + shift) + residual.
 - ``fused_mbconv::project_bn_train``: training, batch statistics of z inside:
   y = branch_scale * act(gamma * (z - mean) / sqrt(var + eps) + beta) + residual.
-  Returns (y, z, mean, var), var biased. z is narrow (O channels, a sixth of x in MBConv) and is
-  kept for the backward, which then needs no GEMM to recompute it.
+  Returns (y, z, mean, var), var biased. z is kept for the backward, which then needs no GEMM to
+  recompute it: for the projection it is narrow (a sixth of x in MBConv); for the expansion it
+  is as wide as y, what eager's BN keeps too.
 - ``fused_mbconv::project_bn_backward``: (dx, dgate, dweight, dgamma, dbeta) of either
-  (inference = mean 0, invstd 1, gamma = scale, beta = shift); dgate is empty when there is no gate. The
-  residual's gradient is grad_y itself and branch_scale gets none (it is sampled noise).
+  (inference = mean 0, invstd 1, gamma = scale, beta = shift); dgate is empty when there is no
+  gate. The residual's gradient is grad_y itself and branch_scale gets none (it is sampled noise).
 
 Each backend registers its implementation in ``IMPLS``.
 """
