@@ -29,6 +29,7 @@ import fused_mbconv  # noqa: E402
 from bench.common import (  # noqa: E402
     copy_bandwidth_gbs,
     environment,
+    kernel_bench_parser,
     kernel_rows,
     kernel_table,
     select_providers,
@@ -123,13 +124,7 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, help="CSV path (default bench/results/dwconv_<gpu>.csv)")
-    p.add_argument("--quick", action="store_true", help="3 shapes, shorter timing")
-    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit (no GPU needed)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
-    return p.parse_args(argv)
+    return kernel_bench_parser(__doc__, PROVIDERS, "CSV path (default bench/results/dwconv_<gpu>.csv)").parse_args(argv)
 
 
 def selected_shapes(quick: bool) -> list[DWShape]:

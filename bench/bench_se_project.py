@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     CSV_COLUMNS,
     copy_bandwidth_gbs,
     environment,
+    kernel_bench_parser,
     kernel_rows,
     kernel_table,
     select_providers,
@@ -223,13 +224,8 @@ def run(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, help="CSV path (default bench/results/se_project_<gpu>.csv); '-': stdout")
-    p.add_argument("--quick", action="store_true", help="3 shapes, shorter timing")
-    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit (no GPU needed)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
-    return p.parse_args(argv)
+    out_help = "CSV path (default bench/results/se_project_<gpu>.csv); '-': stdout"
+    return kernel_bench_parser(__doc__, PROVIDERS, out_help).parse_args(argv)
 
 
 def selected_shapes(quick: bool) -> list[SEProjectShape]:

@@ -6,6 +6,7 @@ clock on the CPU; reported as median and 20th/80th percentiles in milliseconds.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -149,6 +150,17 @@ def kernel_rows(
                          "pct_bw_floor": round(pct, 1)})  # fmt: skip
             print(f"{name:26s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
     return rows
+
+
+def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> argparse.ArgumentParser:
+    """The options every per-op benchmark takes."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, help=out_help)
+    p.add_argument("--quick", action="store_true", help="3 shapes, shorter timing")
+    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit (no GPU needed)")
+    p.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    return p
 
 
 def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...]) -> list[str]:
