@@ -20,7 +20,48 @@ from fused_mbconv.nn import functional as F
 from fused_mbconv.nn.batch_norm import BatchNormCall, cached_fold
 
 
-class ProjectBN(nn.Sequential):
+class _PointwiseBN(nn.Sequential):
+    """[0 nn.Conv2d 1x1, 1 nn.BatchNorm2d] (+ ``2`` nn.SiLU with ``SILU``) on the fused op."""
+
+    SILU = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        layers = [
+            nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory),
+            nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
+        ]
+        super().__init__(*layers, *([nn.SiLU(inplace=True)] if self.SILU else []))
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "_PointwiseBN":
+        """Wrap an existing 1x1 conv and its BatchNorm (and SiLU), sharing their Parameters and buffers."""
+        if not is_pointwise_bn(conv, bn, nn.SiLU if cls.SILU else nn.Identity):
+            raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
+        self = cls.__new__(cls)
+        act = (act if act is not None else nn.SiLU(inplace=True)) if cls.SILU else None
+        nn.Sequential.__init__(self, conv, bn, *([act] if act is not None else []))
+        return self
+
+    def _fused(self, x: torch.Tensor, **extras: Optional[torch.Tensor]) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        call = BatchNormCall.of(bn)
+        return F.project_bn(
+            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
+            training=call.batch_stats, momentum=call.momentum, eps=bn.eps, silu=self.SILU,
+            folded=None if call.batch_stats else cached_fold(self, bn), **extras,
+        )  # fmt: skip
+
+
+class ProjectBN(_PointwiseBN):
     """y = branch_scale * BN(conv1x1(x * gate)) + residual.
 
     Args:
@@ -32,30 +73,6 @@ class ProjectBN(nn.Sequential):
     (N, O, H, W). Without the optional arguments it is conv1x1 + BN.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory),
-            nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
-        )
-
-    @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ProjectBN":
-        """Wrap an existing 1x1 conv and its BatchNorm, sharing their Parameters and buffers."""
-        if not is_pointwise_bn(conv, bn):
-            raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
-        self = cls.__new__(cls)
-        nn.Sequential.__init__(self, conv, bn)
-        return self
-
     def forward(
         self,
         x: torch.Tensor,
@@ -63,17 +80,10 @@ class ProjectBN(nn.Sequential):
         residual: Optional[torch.Tensor] = None,
         branch_scale: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        conv, bn = self[0], self[1]
-        call = BatchNormCall.of(bn)
-        return F.project_bn(
-            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
-            training=call.batch_stats, momentum=call.momentum, eps=bn.eps,
-            gate=gate, residual=residual, branch_scale=branch_scale,
-            folded=None if call.batch_stats else cached_fold(self, bn),
-        )  # fmt: skip
+        return self._fused(x, gate=gate, residual=residual, branch_scale=branch_scale)
 
 
-class ExpandBNAct(nn.Sequential):
+class ExpandBNAct(_PointwiseBN):
     """y = SiLU(BN(conv1x1(x))): x (N, C, H, W) -> (N, O, H, W), the expanded tensor written once
     (eager writes it three times: conv, BN, SiLU).
 
@@ -82,39 +92,10 @@ class ExpandBNAct(nn.Sequential):
         eps, momentum: as nn.BatchNorm2d.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory),
-            nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
-            nn.SiLU(inplace=True),
-        )
-
-    @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "ExpandBNAct":
-        """Wrap an existing 1x1 conv and its BatchNorm (and SiLU), sharing their Parameters."""
-        if not is_pointwise_bn(conv, bn, nn.SiLU):
-            raise ValueError(f"conv, bn: not a bias-free 1x1 conv + BatchNorm2d pair: {conv}, {bn}")
-        self = cls.__new__(cls)
-        nn.Sequential.__init__(self, conv, bn, act if act is not None else nn.SiLU(inplace=True))
-        return self
+    SILU = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, bn = self[0], self[1]
-        call = BatchNormCall.of(bn)
-        return F.project_bn(
-            x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
-            training=call.batch_stats, momentum=call.momentum, eps=bn.eps, silu=True,
-            folded=None if call.batch_stats else cached_fold(self, bn),
-        )  # fmt: skip
+        return self._fused(x)
 
 
 def is_pointwise_bn(conv: nn.Module, bn: nn.Module, activation: type = nn.Identity) -> bool:
