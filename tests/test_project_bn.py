@@ -39,10 +39,10 @@ def project_eager(x, gate, weight, gamma, beta, running_mean, running_var, resid
     return y if residual is None else y + residual
 
 
-def make_case(dtype, layout, with_extras, seed=0):
+def make_case(dtype, layout, with_extras, seed=0, shape=SHAPE):
     """(x, tensors) for ``project_eager``: fp64 weights made once; x, gate and the residual in
-    ``dtype``; one sample dropped and one kept by the noise when ``with_extras``."""
-    n, c, o, h, w = SHAPE
+    ``dtype``; one sample dropped and one kept by the noise when ``with_extras`` (batch of 2)."""
+    n, c, o, h, w = shape
     g = torch.Generator().manual_seed(seed)
     x = make_input((n, c, h, w), dtype, layout, seed=seed + 1)
     weight = torch.randn(o, c, 1, 1, generator=g, dtype=torch.float64) / c**0.5
@@ -98,8 +98,10 @@ def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training, silu=Fa
     return outputs, names
 
 
-def check(dtype, layout, training, with_extras, silu=False):
-    x, *case = make_case(dtype, layout, with_extras)
+def check(dtype, layout, training, with_extras, silu=False, shape=SHAPE):
+    """The fused module against eager in ``dtype`` and in fp64 (conftest's bound), at ``shape``
+    (N, C, O, H, W)."""
+    x, *case = make_case(dtype, layout, with_extras, shape=shape)
     fused, names = run("fused", dtype, x, *case, training, silu)
     eager, _ = run("eager", dtype, x, *case, training, silu)
     exact, _ = run("eager", torch.float64, x.double(), *case, training, silu)

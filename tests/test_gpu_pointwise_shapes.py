@@ -1,0 +1,63 @@
+"""The fused pointwise GEMMs (the projection with SE gate, stochastic depth and residual; the
+expansion with SiLU) on every such shape of EfficientNet-B0..B7 at batch 2, channels_last, bf16,
+train and eval, on every backend that has them (Triton): output, every gradient and the running
+statistics against eager PyTorch in the same dtype and in fp64 (test_project_bn's check). GPU only
+(far too big for the interpreter); the shape lists themselves are checked anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_params
+from test_project_bn import check
+
+import fused_mbconv
+from fused_mbconv.models.config import VARIANTS, layer_shapes, se_project_shapes
+
+BATCH = 2
+
+
+def projection_shapes() -> list[tuple[int, int, int]]:
+    """(C, O, size) of every projection of B0..B7 (each is run with the SE gate, stochastic depth
+    and a residual: the kernels' full path)."""
+    return sorted({(s.channels, s.out, s.size) for v in VARIANTS for s in se_project_shapes(v)})
+
+
+def expansion_shapes() -> list[tuple[int, int, int]]:
+    """(C, E, size) of every expansion of B0..B7 (blocks with expand ratio > 1), at its input size."""
+    return sorted({(s.block.in_channels, s.expanded, s.in_size) for v in VARIANTS for s in layer_shapes(VARIANTS[v])
+                   if s.expanded != s.block.in_channels})  # fmt: skip
+
+
+def test_shape_lists_follow_the_block_table():
+    assert (16, 96, 112) in expansion_shapes()  # B0 stage 2's first block: 16 -> 96 at 112 x 112
+    assert (32, 16, 112) in projection_shapes()  # B0's first block (expand ratio 1)
+    assert (3840, 640, 19) in projection_shapes()  # B7's last block: 640 * 6 -> 640 at 19 x 19
+    assert all(e == 6 * c for c, e, _ in expansion_shapes())  # every expansion of EfficientNet is x6
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TRAINING = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+# bf16 only, the dtype of the benchmarks and the least precise: fp32 and fp16 parity is covered at
+# small shapes (test_project_bn), and the sweep must fit the GPU session's test step
+DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+
+
+@GPU
+@pytest.mark.parametrize("backend_name", backend_params("triton"))
+@DTYPES
+@TRAINING
+@pytest.mark.parametrize("channels,out,size", projection_shapes(), ids=str)
+def test_efficientnet_projection_shape(channels, out, size, training, dtype, backend_name):
+    with fused_mbconv.backend(backend_name):
+        check(dtype, "channels_last", training, with_extras=True, shape=(BATCH, channels, out, size, size))
+
+
+@GPU
+@pytest.mark.parametrize("backend_name", backend_params("triton"))
+@DTYPES
+@TRAINING
+@pytest.mark.parametrize("channels,expanded,size", expansion_shapes(), ids=str)
+def test_efficientnet_expansion_shape(channels, expanded, size, training, dtype, backend_name):
+    with fused_mbconv.backend(backend_name):
+        check(dtype, "channels_last", training, with_extras=False, silu=True, shape=(BATCH, channels, expanded, size, size))
