@@ -6,6 +6,7 @@ exist); the op's single torch.library implementation asks ``pick`` which one run
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -59,3 +60,25 @@ class Implementations:
                 f"fused_mbconv::{self.op_name} has no {requested!r} implementation; it has {self.backends()}"
             )
         return self._by_backend[requested]
+
+
+def reference_fallback(reference_module, *, empty: bool = False):
+    """A decorator for a backend's implementation of an op: calls with an fp64 tensor argument
+    (and, with ``empty``, calls with an empty one: nothing to launch) run the function of the
+    same name in ``reference_module`` instead. The kernels compute in fp32; fp64 math is the
+    reference's job."""
+
+    def use_reference(tensors) -> bool:
+        return any(t.dtype == torch.float64 or (empty and t.numel() == 0) for t in tensors)
+
+    def decorator(fn):
+        fallback = getattr(reference_module, fn.__name__)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            return fallback(*args, **kwargs) if use_reference(tensors) else fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorator

@@ -20,6 +20,7 @@ import triton.language as tl
 import triton.testing
 
 from fused_mbconv.backends import triton_interpreted
+from fused_mbconv.ops._registry import reference_fallback
 
 INTERPRETED = triton_interpreted()
 
@@ -169,26 +170,17 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def triton_entry(reference_module, *, empty: bool = False):
-    """A decorator for an op's Triton implementation: its kernels launch on the device of its
-    first tensor argument, whatever the current device is; calls with an fp64 tensor argument
-    (and, with ``empty``, calls with an empty one: nothing to launch) run the function of the
-    same name in ``reference_module`` instead. The kernels compute in fp32; fp64 math is the
-    reference's job."""
-
-    def use_reference(tensors) -> bool:
-        return any(t.dtype == torch.float64 or (empty and t.numel() == 0) for t in tensors)
+    """A decorator for an op's Triton implementation: ``_registry.reference_fallback`` (fp64, and
+    with ``empty`` empty, calls run the reference), and the kernels launched on the device of the
+    first tensor argument, whatever the current device is."""
 
     def decorator(fn):
-        fallback = getattr(reference_module, fn.__name__)
-
         @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            if use_reference(tensors):
-                return fallback(*args, **kwargs)
-            with device_of(tensors[0]):
+        def on_input_device(*args, **kwargs):
+            first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            with device_of(first):
                 return fn(*args, **kwargs)
 
-        return wrapper
+        return reference_fallback(reference_module, empty=empty)(on_input_device)
 
     return decorator

@@ -6,7 +6,7 @@ parameter gradients, cast here to the parameters' dtypes.
 
 Implemented: inference forward (one pass), training forward (batch statistics pass, then the
 inference kernel with the batch mean and gamma * invstd) and backward (two passes recomputing the
-convolution). fp64 inputs take the reference path: the kernels compute in fp32.
+convolution). Calls with fp64 tensors take the reference path: the kernels compute in fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops._registry import reference_fallback
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 
@@ -41,6 +42,7 @@ def _squeeze(x: torch.Tensor, y: torch.Tensor, squeeze_sum: Optional[torch.Tenso
 
 
 @IMPLS["forward_infer"].register("cuda")
+@reference_fallback(reference)
 def forward_infer(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -50,8 +52,6 @@ def forward_infer(
     padding: Sequence[int],
     with_squeeze: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dtype == torch.float64:  # the kernels compute in fp32; fp64 keeps the exact path
-        return reference.forward_infer(x, weight, scale, shift, stride, padding, with_squeeze)
     y, squeeze_sum = _outputs(x, weight.shape[-1], stride, padding, with_squeeze)
     torch.ops.fused_mbconv_cuda.dwconv_bn_silu_infer(
         x, _f32(weight), _f32(scale), _f32(shift), stride, list(padding), y, squeeze_sum
@@ -60,6 +60,7 @@ def forward_infer(
 
 
 @IMPLS["forward_train"].register("cuda")
+@reference_fallback(reference)
 def forward_train(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -70,8 +71,6 @@ def forward_train(
     padding: Sequence[int],
     with_squeeze: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.dtype == torch.float64:
-        return reference.forward_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
     y, squeeze_sum = _outputs(x, weight.shape[-1], stride, padding, with_squeeze)
     mean = x.new_empty((x.shape[1],), dtype=torch.float32)  # (C,) batch mean of conv(x)
     var = torch.empty_like(mean)  # (C,) biased batch variance
@@ -82,6 +81,7 @@ def forward_train(
 
 
 @IMPLS["backward"].register("cuda")
+@reference_fallback(reference)
 def backward(
     grad_y: torch.Tensor,
     grad_squeeze: Optional[torch.Tensor],
@@ -95,10 +95,6 @@ def backward(
     padding: Sequence[int],
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.dtype == torch.float64:
-        return reference.backward(
-            grad_y, grad_squeeze, x, weight, gamma, beta, mean, invstd, stride, padding, training
-        )  # fmt: skip
     grad_x = empty_like_layout(x, x.shape)
     grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=x.device)  # (C, 1, k, k)
     grad_gamma = x.new_empty((x.shape[1],), dtype=torch.float32)

@@ -5,8 +5,8 @@ the layout rules the fakes use; the excite kernels take the weights as contiguou
 return fp32 parameter gradients, cast here to the parameters' dtypes and shapes.
 
 The kernels read an (N, C) gate or upstream gradient in the activations' dtype or in fp32, any
-strides; other dtypes are converted to fp32 first. fp64 (and empty) inputs take the reference
-path: the kernels compute in fp32.
+strides; other dtypes are converted to fp32 first. Calls with fp64 (or empty) tensors take the
+reference path: the kernels compute in fp32.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from __future__ import annotations
 import torch
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops._registry import reference_fallback
 from fused_mbconv.ops.squeeze_excite import IMPLS, reference
-
-
-def _use_reference(primary: torch.Tensor, *others: torch.Tensor) -> bool:
-    return primary.dtype == torch.float64 or any(t.numel() == 0 for t in (primary, *others))
 
 
 def _per_image(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -36,27 +33,24 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 @IMPLS["squeeze"].register("cuda")
+@reference_fallback(reference, empty=True)
 def squeeze(x: torch.Tensor) -> torch.Tensor:
-    if _use_reference(x):
-        return reference.squeeze(x)
     pooled = torch.empty((x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     torch.ops.fused_mbconv_cuda.se_squeeze(x, pooled)
     return pooled
 
 
 @IMPLS["scale"].register("cuda")
+@reference_fallback(reference, empty=True)
 def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    if _use_reference(x, gate):
-        return reference.scale(x, gate)
     y = empty_like_layout(x, x.shape)
     torch.ops.fused_mbconv_cuda.se_scale(x, _per_image(gate, x), y)
     return y
 
 
 @IMPLS["scale_backward"].register("cuda")
+@reference_fallback(reference, empty=True)
 def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_reference(x, gate, grad_y):
-        return reference.scale_backward(grad_y, x, gate)
     grad_x = empty_like_layout(x, x.shape)
     # the kernel writes grad_gate in x's dtype or fp32; any other gate dtype gets an fp32 result cast
     out_dtype = gate.dtype if gate.dtype in (x.dtype, torch.float32) else torch.float32
@@ -66,18 +60,16 @@ def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) ->
 
 
 @IMPLS["excite"].register("cuda")
+@reference_fallback(reference, empty=True)
 def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
-    if _use_reference(pooled, w1, w2):
-        return reference.excite(pooled, w1, b1, w2, b2)
     gate = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
     torch.ops.fused_mbconv_cuda.se_excite(pooled, _f32_matrix(w1), _f32(b1), _f32_matrix(w2), _f32(b2), gate)
     return gate
 
 
 @IMPLS["excite_backward"].register("cuda")
+@reference_fallback(reference, empty=True)
 def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
-    if _use_reference(pooled, w1, w2):
-        return reference.excite_backward(grad_gate, pooled, w1, b1, w2, b2)
     w1m, w2m = _f32_matrix(w1), _f32_matrix(w2)
     grad_pooled = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
     grad_w1, grad_w2 = torch.empty_like(w1m), torch.empty_like(w2m)
