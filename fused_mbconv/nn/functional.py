@@ -62,6 +62,14 @@ def _update_running_stats(running_mean, running_var, mean, var, y, momentum: flo
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
+def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float, folded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference's (scale, shift): ``folded`` when the caller has it, else ``fold_batch_norm`` of
+    the running statistics, which must exist either way."""
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
+    return folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+
+
 def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
     """(gamma, beta) of a BN, ones and zeros for affine=False."""
     gamma = bn_weight if bn_weight is not None else like.new_ones(channels, dtype=torch.float32)
@@ -107,9 +115,7 @@ def dwconv_bn_silu(
         y, squeeze, mean, var = ops.dwconv_bn_silu_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-        scale, shift = folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+        scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
         y, squeeze = ops.dwconv_bn_silu(x, weight, scale, shift, stride, padding, with_squeeze)
     return y, (squeeze if with_squeeze else None)
 
@@ -173,7 +179,5 @@ def project_bn(
         y, _, mean, var = ops.project_bn_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
         return y
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-    scale, shift = folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+    scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
     return ops.project_bn(x, gate, weight, scale, shift, residual, branch_scale, silu)
