@@ -185,3 +185,20 @@ def test_backends_agree_with_reference(backend):
     assert y.stride() == yr.stride() and y.dtype == yr.dtype
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, sr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [3, 40], ids=lambda g: f"groups{g}")
+def test_reductions_split_into_chunks(monkeypatch, groups):
+    """The Triton reductions (batch statistics, BN backward sums, dweight) over several chunks of
+    tiles, some empty when the programs outnumber the tiles: the partials must merge exactly as
+    one chunk does. (2, 17, 13, 11) has 4 tiles of 16 x 8 under the interpreter, 2 per sample;
+    40 chunks leave a whole block of 32 partial rows (the statistics merge) empty."""
+    if "triton" not in IMPLS["backward"].backends():
+        pytest.skip("no triton backend")
+    skip_if_slow("triton", 2 * 17 * 13 * 11)
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    monkeypatch.setattr(triton_impl, "_groups", lambda geo, device: groups)
+    with fused_mbconv.backend("triton"):
+        for training in (True, False):
+            check_parity((2, 17, 13, 11), 3, 1, False, torch.float32, "channels_last", training, True, "triton")

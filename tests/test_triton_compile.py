@@ -107,10 +107,10 @@ def _plan() -> list[dict]:
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
-        dict(module="dwconv", kernel="_conv_stats_kernel", ptrs={"mean_part_ptr": F32, "m2_part_ptr": F32},
+        dict(module="dwconv", kernel="_conv_stats_kernel", ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr"], F32),
              tuples=("sx", "sw"), variants=dw_shapes([{}])),
         dict(module="dwconv", kernel="_combine_stats_kernel", floats=("eps",),
-             ptrs={"mean_part_ptr": F32, "m2_part_ptr": F32, "mean_ptr": F32, "var_ptr": F32, "scale_ptr": F32},
+             ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "scale_ptr"], F32),
              variants=[{"BLOCK_G": dw.BLOCK_G, "BLOCK_C": dw.BLOCK_L}]),
         dict(module="dwconv", kernel="_dz_sums_kernel", ptrs={**dw_per_channel, "part_ptr": F32},
              tuples=("sx", "sw", "sdy"), floats=("inv_p_out",), variants=dw_shapes(_grid(HAS_DSQ=(True, False)))),

@@ -89,10 +89,11 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     delta = mean_b - mean_a, n = n_a + n_b,
     mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
     Unlike E[c^2] - E[c]^2 it never subtracts two large numbers, so fp32 holds up when the
-    mean is large against the spread."""
+    mean is large against the spread. Counts are whole numbers; two empty sets merge to (0, 0, 0)
+    where the means are 0."""
     n = n_a + n_b
     delta = mean_b - mean_a
-    frac_b = n_b / n
+    frac_b = n_b / tl.maximum(n, 1.0)
     return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
 
 
@@ -100,9 +101,9 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 def merge_rows(n_rows, mean_rows, m2_rows):
     """(count, mean, M2) of a block of partial rows (counts (ROWS,), means and M2s (ROWS, C)),
     merged in one step: mean = sum(n_r mean_r) / n, M2 = sum(M2_r + n_r (mean_r - mean)^2).
-    Rows with count 0 drop out."""
+    Rows with count 0 (and mean 0) drop out; a block of only such rows gives (0, 0, 0)."""
     n = tl.sum(n_rows, axis=0)
-    mean = tl.sum(n_rows[:, None] * mean_rows, axis=0) / n
+    mean = tl.sum(n_rows[:, None] * mean_rows, axis=0) / tl.maximum(n, 1.0)
     dev = mean_rows - mean[None, :]
     return n, mean, tl.sum(m2_rows + n_rows[:, None] * dev * dev, axis=0)
 

@@ -1,8 +1,12 @@
 """Triton backend of the fused depthwise conv + BatchNorm + SiLU ops (see ``__init__``).
 
 Every kernel works on tiles of BLOCK_P spatial positions x BLOCK_C channels: in channels_last
-the channels are the contiguous axis, so each row of a tile is one vector load. Other layouts
-(NCHW, sliced views) take their strides from the tensor; nothing is copied. Math is fp32 for
+the channels are the contiguous axis, so each row of a tile is one vector load. The positions of
+a tile are a (BLOCK_P // TILE_W) x TILE_W rectangle of one sample's plane: a k x k conv reads
+each input row and column of the tile's halo once per tap from L1, and a square tile has the
+smallest halo (8 x 8 outputs of a 5 x 5 conv read 12 x 12 inputs, where 64 outputs along a row
+read 5 x 68); TILE_W is autotuned with the tile size. Other layouts (NCHW, sliced views) take
+their strides from the tensor; nothing is copied. Math is fp32 for
 fp32/fp16/bf16 inputs; calls with fp64 tensors run the reference implementation (fp64 math).
 
 Memory passes (x: input, y: output, dy: grad of y, dc: grad of the conv output):
@@ -13,7 +17,7 @@ Memory passes (x: input, y: output, dy: grad of y, dc: grad of the conv output):
   pass 2 reads x, dy and writes dc (and the dweight partial sums); pass 3 reads dc, writes dx.
   The conv output and the pre-activation are recomputed, never stored.
 
-Reductions over positions are deterministic: the positions are cut into ``groups`` chunks, each
+Reductions over positions are deterministic: the tiles are cut into ``groups`` chunks, each
 program loops over one chunk and writes one partial per channel, and a small kernel combines
 the partials. Only the squeeze is summed with atomics (fp32, one add per tile and channel).
 
@@ -34,39 +38,48 @@ from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops._triton import autotune, cast, chan_merge, merge_rows, multiprocessors, sum_rows, triton_entry
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
-# A chunk of positions (one program of a reduction kernel) is a multiple of this, so every step
-# of its loop but the last of all is a full BLOCK_P tile (BLOCK_P <= CHUNK_ALIGN).
-CHUNK_ALIGN = 256
 # The per-chunk statistics are merged BLOCK_G chunks at a time, BLOCK_L channels per program.
 BLOCK_G, BLOCK_L = 32, 128
+# A reduction's program takes at least this many output positions on average.
+MIN_CHUNK = 256
 
 
 # ---------------------------------------------------------------------------------------------
 # configurations
 
 
-def _tile_configs(gpu_configs: Sequence[tuple[int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_P, BLOCK_C, num_warps) triples as autotune configs."""
-    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in gpu_configs]
+def _tile_configs(gpu_configs: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_P, BLOCK_C, num_warps, TILE_W) as autotune configs."""
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "TILE_W": tw}, num_warps=w) for p, c, w, tw in gpu_configs]
 
 
-def _prune_channel_blocks(configs, named_args, **kwargs):
-    """Drop configs whose channel block is wider than the channels (masked lanes do no work)."""
-    widest_useful = triton.next_power_of_2({**named_args, **kwargs}["C"])
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest_useful]
-    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
+def _prune(width: str):
+    """Drop configs whose channel block is wider than the channels or whose tile is wider than
+    the plane (``width`` names the kernel's plane-width argument): masked lanes do no work."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        widest_c, widest_w = triton.next_power_of_2(args["C"]), triton.next_power_of_2(args[width])
+        kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest_c and cfg.kwargs["TILE_W"] <= widest_w]
+        return kept or [min(configs, key=lambda cfg: (cfg.kwargs["BLOCK_C"], cfg.kwargs["TILE_W"]))]
+
+    return prune
 
 
-# 16 elements per thread: the K*K unrolled taps keep many loads in flight, and bigger tiles
-# spill registers (ptxas, sm_90). Few configs: each is compiled per kernel specialization.
-_TILE_CONFIGS = _tile_configs([(64, 32, 4), (32, 64, 4), (128, 32, 8), (64, 64, 8)])
-# The interpreter pays per operation, not per element, so fewer, bigger tiles run faster.
-_TILE_INTERPRETED = _tile_configs([(128, 32, 1)])[0]
-_TILE_KEY = ["C", "P_OUT", "K", "STRIDE"]
+# 16 elements per thread: the K unrolled taps of a row keep loads in flight, and bigger tiles
+# spill registers (ptxas, sm_90). Square-ish tiles (least halo): a tile along a row, 64 x 1
+# (the first design), took 190-255 registers a thread where 8 x 8 takes 80-125, and spilled in
+# the backward (bench/results/triton_sm90_registers.md). Few configs: each is compiled per
+# kernel specialization.
+_TILE_CONFIGS = _tile_configs([(64, 32, 4, 8), (64, 32, 4, 16), (128, 32, 8, 16), (32, 64, 4, 8), (64, 64, 8, 8)])
+# The interpreter pays per operation, not per element, so fewer, bigger tiles run faster; 16 x 8
+# tiles have masked rows and columns on the test shapes.
+_TILE_INTERPRETED = _tile_configs([(128, 32, 1, 8)])[0]
+_TILE_KEY = ["C", "H_OUT", "W_OUT", "K", "STRIDE"]
 
 
-def _autotune(key, **kwargs):
-    return autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED, prune=_prune_channel_blocks, **kwargs)
+def _autotune(key=_TILE_KEY, width="W_OUT", **kwargs):
+    return autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED, prune=_prune(width), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,12 +87,24 @@ def _autotune(key, **kwargs):
 
 
 @triton.jit
-def _positions(offs, limit, plane, width):
-    """Flat indices over (N, H, W) -> (n, h, w) and the in-range mask."""
-    n = offs // plane
-    p = offs - n * plane
-    h = p // width
-    return n, h, p - h * width, offs < limit
+def _tile(t, H, W, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """Tile t of an (N, H, W) position grid cut into (BLOCK_P // TILE_W) x TILE_W rectangles,
+    sample by sample: its sample n (a scalar), the positions' (h, w) and the in-plane mask."""
+    TILE_H: tl.constexpr = BLOCK_P // TILE_W
+    tiles_w = tl.cdiv(W, TILE_W)
+    per_sample = tl.cdiv(H, TILE_H) * tiles_w
+    n = t // per_sample
+    r = t - n * per_sample
+    th = r // tiles_w
+    i = tl.arange(0, BLOCK_P)
+    h = th * TILE_H + i // TILE_W
+    w = (r - th * tiles_w) * TILE_W + i % TILE_W
+    return n, h, w, (h < H) & (w < W)
+
+
+@triton.jit
+def _tile_count(N, H, W, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    return N * tl.cdiv(H, BLOCK_P // TILE_W) * tl.cdiv(W, TILE_W)
 
 
 @triton.jit
@@ -129,21 +154,25 @@ def _conv(
 
 
 @triton.jit
-def _chunk(C, M, chunk, BLOCK_C: tl.constexpr):
-    """This program's channels and its chunk [start, end) of the M flat output positions."""
+def _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
+    """This program's channels and its chunk [start, end) of the output tiles (empty when the
+    tiles run out before the programs)."""
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    start = tl.program_id(0) * chunk
-    return cs, cs < C, start, tl.minimum(start + chunk, M)
+    tiles = _tile_count(N, H_OUT, W_OUT, BLOCK_P, TILE_W)
+    per_chunk = tl.cdiv(tiles, groups)
+    start = tl.program_id(0) * per_chunk
+    return cs, cs < C, start, tl.minimum(start + per_chunk, tiles)
 
 
 @triton.jit
 def _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ: tl.constexpr):
+    """dL/dy on a tile of sample n, 0 on masked positions."""
     mask = ok_p[:, None] & mask_c[None, :]
     dy = tl.load(dy_ptr + _tile_offsets(n, oh, ow, cs, sdy), mask=mask, other=0.0).to(tl.float32)
     if HAS_DSQ:
         # squeeze = mean over (Ho, Wo) of y, so each y element receives grad_squeeze / (Ho * Wo)
-        dsq = tl.load(dsq_ptr + n[:, None] * C + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy += dsq * inv_p_out
+        dsq = tl.load(dsq_ptr + n * C + cs, mask=mask_c, other=0.0).to(tl.float32)
+        dy = tl.where(mask, dy + dsq[None, :] * inv_p_out, 0.0)
     return dy
 
 
@@ -161,13 +190,13 @@ def _bn_silu_backward(c, dy, mean, invstd, gamma, beta):
 # forward kernels
 
 
-@_autotune(_TILE_KEY, reset_to_zero=["sq_ptr"])
+@_autotune(reset_to_zero=["sq_ptr"])
 @triton.jit
 def _conv_bn_silu_kernel(
     x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, y_ptr, sq_ptr,
-    C, H, W, W_OUT, P_OUT, inv_p_out, pad_t, pad_l, sx, sw, sy,
+    C, H, W, H_OUT, W_OUT, inv_p_out, pad_t, pad_l, sx, sw, sy,
     K: tl.constexpr, STRIDE: tl.constexpr, CENTERED: tl.constexpr, WITH_SQUEEZE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """y = silu((conv(x) - center) * scale + shift) and squeeze += mean of y over (Ho, Wo).
 
@@ -175,14 +204,9 @@ def _conv_bn_silu_kernel(
     scale = gamma * invstd, shift = beta: subtracting the mean first keeps fp32 exact when the
     mean is large). A tile lies within one sample, so its squeeze partial is one row of (N, C).
     """
-    p_blocks = tl.cdiv(P_OUT, BLOCK_P)
-    n = tl.program_id(0) // p_blocks
-    p = (tl.program_id(0) - n * p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, oh, ow, ok_p = _tile(tl.program_id(0), H_OUT, W_OUT, BLOCK_P, TILE_W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
-    ok_p = p < P_OUT
-    oh = p // W_OUT
-    ow = p - oh * W_OUT
 
     c = _conv(x_ptr, w_ptr, n, oh, ow, ok_p, cs, mask_c, H, W, pad_t, pad_l, sx, sw, K, STRIDE, BLOCK_P, BLOCK_C)
     if CENTERED:
@@ -197,40 +221,41 @@ def _conv_bn_silu_kernel(
         tl.atomic_add(sq_ptr + n.to(tl.int64) * C + cs, partial, mask=mask_c, sem="relaxed")
 
 
-@_autotune(_TILE_KEY)
+@_autotune()
 @triton.jit
 def _conv_stats_kernel(
-    x_ptr, w_ptr, mean_part_ptr, m2_part_ptr,
-    C, H, W, W_OUT, P_OUT, M, chunk, pad_t, pad_l, sx, sw,
-    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, w_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
+    N, C, H, W, H_OUT, W_OUT, groups, pad_t, pad_l, sx, sw,
+    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
-    """Training pass 1: (mean, M2) of conv(x) per channel over this program's chunk, each
-    tile's exact (mean, M2) merged into the running pair by Chan's formula."""
-    cs, mask_c, start, end = _chunk(C, M, chunk, BLOCK_C)
+    """Training pass 1: (count, mean, M2) of conv(x) per channel over this program's chunk,
+    each tile's exact (mean, M2) merged into the running triple by Chan's formula."""
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
     count = 0.0
     mean = tl.zeros((BLOCK_C,), tl.float32)
     m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for s in range(start, end, BLOCK_P):
-        n, oh, ow, ok_p = _positions(s + tl.arange(0, BLOCK_P), end, P_OUT, W_OUT)
+    for t in range(start, end):
+        n, oh, ow, ok_p = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         c = _conv(x_ptr, w_ptr, n, oh, ow, ok_p, cs, mask_c, H, W, pad_t, pad_l, sx, sw, K, STRIDE, BLOCK_P, BLOCK_C)
-        tile_count = tl.minimum(end - s, BLOCK_P).to(tl.float32)
+        tile_count = tl.sum(ok_p.to(tl.float32), axis=0)  # >= 1: every tile overlaps the plane
         tile_mean = tl.sum(c, axis=0) / tile_count  # masked positions hold c = 0
         dev = tl.where(ok_p[:, None], c - tile_mean[None, :], 0.0)
         count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tl.sum(dev * dev, axis=0))
     row = tl.program_id(0) * C + cs
     tl.store(mean_part_ptr + row, mean, mask=mask_c)
     tl.store(m2_part_ptr + row, m2, mask=mask_c)
+    tl.store(count_part_ptr + tl.program_id(0), count, mask=tl.program_id(1) == 0)
 
 
 @triton.jit
 def _combine_stats_kernel(
-    mean_part_ptr, m2_part_ptr, gamma_ptr, mean_ptr, var_ptr, scale_ptr,
-    C, M, chunk, groups, eps,
+    count_part_ptr, mean_part_ptr, m2_part_ptr, gamma_ptr, mean_ptr, var_ptr, scale_ptr,
+    C, groups, eps,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Merge the per-chunk (mean, M2) into the batch mean, the biased variance M2 / M and the
-    normalising scale gamma / sqrt(var + eps). A block of chunks is merged at once:
-    mean_b = sum(n_g * mean_g) / n_b, M2_b = sum(M2_g + n_g * (mean_g - mean_b)^2)."""
+    """Merge the per-chunk (count, mean, M2) into the batch mean, the biased variance M2 / count
+    and the normalising scale gamma / sqrt(var + eps), BLOCK_G chunks at a time (empty chunks,
+    count 0, drop out)."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
     count = 0.0
@@ -239,7 +264,7 @@ def _combine_stats_kernel(
     for g0 in range(0, groups, BLOCK_G):
         gs = g0 + tl.arange(0, BLOCK_G)
         ok_g = gs < groups
-        n_g = tl.where(ok_g, tl.minimum(chunk, M - gs * chunk), 0).to(tl.float32)
+        n_g = tl.load(count_part_ptr + gs, mask=ok_g, other=0.0)
         mask = ok_g[:, None] & mask_c[None, :]
         offs = gs[:, None] * C + cs[None, :]
         mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
@@ -255,26 +280,26 @@ def _combine_stats_kernel(
 # backward kernels
 
 
-@_autotune(_TILE_KEY)
+@_autotune()
 @triton.jit
 def _dz_sums_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, part_ptr,
-    C, H, W, W_OUT, P_OUT, M, chunk, inv_p_out, pad_t, pad_l, sx, sw, sdy,
+    N, C, H, W, H_OUT, W_OUT, groups, inv_p_out, pad_t, pad_l, sx, sw, sdy,
     K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """Training backward pass 1: this chunk's sum(dz) and sum(dz * xhat) per channel (the dbeta
     and dgamma partials, which the BN backward of every position needs), into
     part[chunk, 0:C] and part[chunk, C:2C]."""
-    cs, mask_c, start, end = _chunk(C, M, chunk, BLOCK_C)
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
     beta = _load_channels(beta_ptr, cs, mask_c)
     mean = _load_channels(mean_ptr, cs, mask_c)
     invstd = _load_channels(invstd_ptr, cs, mask_c)
     sum_dz = tl.zeros((BLOCK_C,), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_C,), tl.float32)
-    for s in range(start, end, BLOCK_P):
-        n, oh, ow, ok_p = _positions(s + tl.arange(0, BLOCK_P), end, P_OUT, W_OUT)
+    for t in range(start, end):
+        n, oh, ow, ok_p = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         # recompute c instead of storing it in the forward
         c = _conv(x_ptr, w_ptr, n, oh, ow, ok_p, cs, mask_c, H, W, pad_t, pad_l, sx, sw, K, STRIDE, BLOCK_P, BLOCK_C)
         dy = _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ)
@@ -286,14 +311,14 @@ def _dz_sums_kernel(
     tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
 
-@_autotune(_TILE_KEY)
+@_autotune()
 @triton.jit
 def _dconv_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, sums_ptr,
     dc_ptr, sums_part_ptr, dw_part_ptr,
-    C, H, W, W_OUT, P_OUT, M, chunk, inv_count, inv_p_out, pad_t, pad_l, sx, sw, sdy, sdc,
+    N, C, H, W, H_OUT, W_OUT, groups, inv_count, inv_p_out, pad_t, pad_l, sx, sw, sdy, sdc,
     K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr, TRAINING: tl.constexpr,
-    KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """dc = dL/dconv(x) at every output position of this chunk, stored for the dx pass, and
     this chunk's dweight partial sum_p dc[p] * x[tap(p)] for each of the K*K taps.
@@ -302,7 +327,7 @@ def _dconv_kernel(
         dc = a * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)    (sums from pass 1)
     otherwise dc = a * dz, and this pass also emits the sum(dz), sum(dz * xhat) partials.
     """
-    cs, mask_c, start, end = _chunk(C, M, chunk, BLOCK_C)
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
     beta = _load_channels(beta_ptr, cs, mask_c)
     mean = _load_channels(mean_ptr, cs, mask_c)
@@ -316,8 +341,8 @@ def _dconv_kernel(
     x_c = x_ptr + (cs.to(tl.int64) * sx[1])[None, :]
     taps = tl.arange(0, KK_PAD)
     dw = tl.zeros((KK_PAD, BLOCK_C), tl.float32)
-    for s in range(start, end, BLOCK_P):
-        n, oh, ow, ok_p = _positions(s + tl.arange(0, BLOCK_P), end, P_OUT, W_OUT)
+    for t in range(start, end):
+        n, oh, ow, ok_p = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         mask = ok_p[:, None] & mask_c[None, :]
         c = _conv(x_ptr, w_ptr, n, oh, ow, ok_p, cs, mask_c, H, W, pad_t, pad_l, sx, sw, K, STRIDE, BLOCK_P, BLOCK_C)
         dy = _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ)
@@ -345,17 +370,17 @@ def _dconv_kernel(
         tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
 
-@_autotune(["C", "P_IN", "K", "STRIDE"])
+@_autotune(["C", "H", "W", "K", "STRIDE"], width="W")
 @triton.jit
 def _dx_kernel(
     dc_ptr, w_ptr, dx_ptr,
-    C, H_OUT, W_OUT, W, P_IN, NP_IN, pad_t, pad_l, sdc, sw, sdx,
-    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, H, W, H_OUT, W_OUT, pad_t, pad_l, sdc, sw, sdx,
+    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
-    """dx = the transposed depthwise conv of dc, gathered per input pixel:
-    dx[i] = sum_{kh, kw} w[kh, kw] * dc[o] over the outputs o with o * S - pad + k = i,
+    """dx = the transposed depthwise conv of dc, gathered per input pixel (tiles of the input
+    plane): dx[i] = sum_{kh, kw} w[kh, kw] * dc[o] over the outputs o with o * S - pad + k = i,
     i.e. o = (i + pad - k) / S where that is a whole number in [0, Ho)."""
-    n, ih, iw, ok_p = _positions(tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P), NP_IN, P_IN, W)
+    n, ih, iw, ok_p = _tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
     w_c = w_ptr + cs * sw[0]
@@ -402,37 +427,39 @@ class _Geometry:
         top, bottom, left, right = padding
         geo = cls(n, c, h, w, k, stride, top, left,
                   output_size(h, k, stride, top, bottom), output_size(w, k, stride, left, right))  # fmt: skip
-        # positions are int32 in the kernels (element offsets are int64)
-        if max(geo.n * h * w, geo.m) + CHUNK_ALIGN >= 2**31:
+        # tile indices are int32 in the kernels (element offsets are int64)
+        if max(n * h * w, geo.m) >= 2**31:
             raise ValueError(f"x: {tuple(x.shape)} has too many positions (N * H * W) for the triton backend")
         return geo
 
     @property
-    def p_out(self) -> int:
-        return self.h_out * self.w_out
-
-    @property
     def m(self) -> int:
         """Output positions per channel: the count of the batch statistics."""
-        return self.n * self.p_out
+        return self.n * self.h_out * self.w_out
 
     def conv_args(self) -> dict:
-        return {"C": self.c, "H": self.h, "W": self.w, "W_OUT": self.w_out, "P_OUT": self.p_out,
+        return {"C": self.c, "H": self.h, "W": self.w, "H_OUT": self.h_out, "W_OUT": self.w_out,
                 "pad_t": self.pad_t, "pad_l": self.pad_l, "K": self.k, "STRIDE": self.stride}  # fmt: skip
 
 
-def _chunking(geo: _Geometry, device: torch.device) -> tuple[int, int]:
-    """(groups, chunk): the output positions cut into ``groups`` chunks of ``chunk`` positions,
-    enough for a few programs per multiprocessor (a channel block of ~32 per program); partial
-    sums are then a few hundred rows at most, cheap to combine."""
+def _groups(geo: _Geometry, device: torch.device) -> int:
+    """How many chunks a reduction over the output positions is cut into: enough for a few
+    programs per multiprocessor (a channel block of ~32 per program), each with MIN_CHUNK
+    positions or more; partial sums are then a few hundred rows at most, cheap to combine."""
     programs = 4 * multiprocessors(device)
-    groups = max(1, programs // triton.cdiv(geo.c, 32))
-    chunk = triton.cdiv(triton.cdiv(geo.m, groups), CHUNK_ALIGN) * CHUNK_ALIGN
-    return triton.cdiv(geo.m, chunk), chunk
+    return max(1, min(programs // triton.cdiv(geo.c, 32), triton.cdiv(geo.m, MIN_CHUNK)))
 
 
 def _channel_grid(groups: int):
     return lambda meta: (groups, triton.cdiv(meta["C"], meta["BLOCK_C"]))
+
+
+def _tile_grid(n: int, h: int, w: int):
+    """One program per (tile of the (n, h, w) positions, channel block)."""
+    return lambda meta: (
+        n * triton.cdiv(h, meta["BLOCK_P"] // meta["TILE_W"]) * triton.cdiv(w, meta["TILE_W"]),
+        triton.cdiv(meta["C"], meta["BLOCK_C"]),
+    )
 
 
 _triton_entry = triton_entry(reference)
@@ -444,10 +471,9 @@ def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze:
     f32 = {"dtype": torch.float32, "device": x.device}
     squeeze = torch.zeros((geo.n, geo.c), **f32) if with_squeeze else torch.empty(1, **f32)  # fp32 atomics
     scale = scale.contiguous()
-    grid = lambda meta: (geo.n * triton.cdiv(meta["P_OUT"], meta["BLOCK_P"]), triton.cdiv(meta["C"], meta["BLOCK_C"]))  # noqa: E731
-    _conv_bn_silu_kernel[grid](
+    _conv_bn_silu_kernel[_tile_grid(geo.n, geo.h_out, geo.w_out)](
         x, weight, scale if center is None else center.contiguous(), scale, shift.contiguous(), y, squeeze,
-        inv_p_out=1.0 / geo.p_out, sx=x.stride(), sw=weight.stride(), sy=y.stride(),
+        inv_p_out=1.0 / (geo.h_out * geo.w_out), sx=x.stride(), sw=weight.stride(), sy=y.stride(),
         CENTERED=center is not None, WITH_SQUEEZE=with_squeeze, **geo.conv_args(),
     )  # fmt: skip
     return y, (squeeze.to(x.dtype) if with_squeeze else x.new_empty(0))
@@ -470,15 +496,17 @@ def forward_infer(
 
 def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):
     """(mean, biased var, gamma * invstd) of conv(x) per channel, fp32."""
-    groups, chunk = _chunking(geo, x.device)
-    mean_part = torch.empty((groups, geo.c), dtype=torch.float32, device=x.device)
-    m2_part = torch.empty_like(mean_part)
+    groups = _groups(geo, x.device)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    count_part = torch.empty(groups, **f32)
+    mean_part, m2_part = (torch.empty((groups, geo.c), **f32) for _ in range(2))
     _conv_stats_kernel[_channel_grid(groups)](
-        x, weight, mean_part, m2_part, M=geo.m, chunk=chunk, sx=x.stride(), sw=weight.stride(), **geo.conv_args()
-    )
-    mean, var, scale = (torch.empty(geo.c, dtype=torch.float32, device=x.device) for _ in range(3))
+        x, weight, count_part, mean_part, m2_part, N=geo.n, groups=groups, sx=x.stride(), sw=weight.stride(),
+        **geo.conv_args(),
+    )  # fmt: skip
+    mean, var, scale = (torch.empty(geo.c, **f32) for _ in range(3))
     _combine_stats_kernel[(triton.cdiv(geo.c, BLOCK_L),)](
-        mean_part, m2_part, gamma.contiguous(), mean, var, scale, geo.c, geo.m, chunk, groups, eps,
+        count_part, mean_part, m2_part, gamma.contiguous(), mean, var, scale, geo.c, groups, eps,
         BLOCK_G=BLOCK_G, BLOCK_C=BLOCK_L,
     )  # fmt: skip
     return mean, var, scale
@@ -518,14 +546,14 @@ def backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     geo = _Geometry.of(x, weight, stride, padding)
-    groups, chunk = _chunking(geo, x.device)
+    groups = _groups(geo, x.device)
     grid = _channel_grid(groups)
     f32 = {"dtype": torch.float32, "device": x.device}
     per_channel = [v.contiguous() for v in (gamma, beta, mean, invstd)]
     has_dsq = grad_squeeze is not None
     dsq = grad_squeeze.contiguous() if has_dsq else grad_y  # a placeholder pointer when absent
-    dy_args = {"inv_p_out": 1.0 / geo.p_out, "sdy": grad_y.stride(), "HAS_DSQ": has_dsq}
-    conv_args = {"M": geo.m, "chunk": chunk, "sx": x.stride(), "sw": weight.stride(), **geo.conv_args()}
+    dy_args = {"inv_p_out": 1.0 / (geo.h_out * geo.w_out), "sdy": grad_y.stride(), "HAS_DSQ": has_dsq}
+    conv_args = {"N": geo.n, "groups": groups, "sx": x.stride(), "sw": weight.stride(), **geo.conv_args()}
 
     sums_part = torch.empty((groups, 2 * geo.c), **f32)  # [sum dz | sum dz * xhat] per chunk
     sums = torch.empty(2 * geo.c, **f32)
@@ -546,10 +574,9 @@ def backward(
     dweight = sum_rows(dw_part, torch.empty((geo.c, 1, geo.k, geo.k), dtype=weight.dtype, device=x.device))
 
     dx = empty_like_layout(x, x.shape)
-    grid_dx = lambda meta: (triton.cdiv(meta["NP_IN"], meta["BLOCK_P"]), triton.cdiv(meta["C"], meta["BLOCK_C"]))  # noqa: E731
-    _dx_kernel[grid_dx](
-        dc, weight, dx, geo.c, geo.h_out, geo.w_out, geo.w, geo.h * geo.w, geo.n * geo.h * geo.w,
-        geo.pad_t, geo.pad_l, dc.stride(), weight.stride(), dx.stride(), K=geo.k, STRIDE=geo.stride,
+    _dx_kernel[_tile_grid(geo.n, geo.h, geo.w)](
+        dc, weight, dx, geo.c, geo.h, geo.w, geo.h_out, geo.w_out, geo.pad_t, geo.pad_l,
+        dc.stride(), weight.stride(), dx.stride(), K=geo.k, STRIDE=geo.stride,
     )  # fmt: skip
     # fresh tensors: op outputs must not alias each other
     dgamma = torch.empty_like(gamma).copy_(sums[geo.c :])
