@@ -100,7 +100,11 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Cal
     return train
 
 
-def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str) -> list[dict]:
+def run(
+    shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str, out: Path | None = None
+) -> list[dict]:
+    """Time every (shape, mode, provider); the CSV ``out`` (if any) is rewritten after each shape,
+    so a run cut short by a time limit still leaves the rows it measured."""
     device = torch.device("cuda")
     bandwidth = copy_bandwidth_gbs(device)
     common = {
@@ -118,6 +122,8 @@ def run(shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str
             lambda provider, mode, m=modules, x=x, s=shape: step_fn(m[provider], mode, x, output_size(s)),
             lambda mode, x=x, s=shape: floor_bytes(s, mode, x.element_size()), bandwidth, rep, **common,
         )  # fmt: skip
+        if out is not None:
+            write_rows(out, rows, append=False)
         del modules, x
         torch.cuda.empty_cache()
     return rows
@@ -147,10 +153,9 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_dwconv: needs a CUDA GPU (--list-shapes works without one)")
     providers = select_providers(args.providers, PROVIDERS, FUSED)
-    rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode)
-    print(kernel_table(rows, providers))
     out = args.out or Path(__file__).parent / "results" / f"dwconv_{slug(torch.cuda.get_device_name())}.csv"
-    write_rows(out, rows, append=False)
+    rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode, out=out)
+    print(kernel_table(rows, providers))
     print(f"wrote {out}")
 
 
