@@ -8,11 +8,13 @@
 # suite on CUDA, the shape sweeps of B0-B7 included, in parallel workers), sanitizer
 # (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
 # shapes), bench_model (B5 end to end), auto_table (the measured "auto" choice), main (python -m
-# fused_mbconv). A step is skipped when its time limit would pass the budget; a failing step does
-# not stop the later ones.
+# fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its native
+# resolution, fp32 and bf16: parity with torchvision in eval and one training step, and timings).
+# A step is skipped when its time limit would pass the budget; a failing step does not stop the
+# later ones.
 # $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
 # output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
-# fused_mbconv/ops/auto_table.json).
+# fused_mbconv/ops/auto_table.json), models.log.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-450}
@@ -23,20 +25,20 @@ SUMMARY="$OUT/summary.txt"
 ALL_STEPS="smoke tests sanitizer bench_dw bench_se bench_model auto_table main"
 STEPS=${*:-$ALL_STEPS}
 
-step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit unless skipped or over budget
-  local name=$1 limit=$2 log=$3
+step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless not selected or over budget
+  local label=$1 name=${1%%:*} limit=$2 log=$3
   shift 3
   if [[ $name != build && " $STEPS " != *" $name "* ]]; then
     return
   fi
   if ((SECONDS + limit > BUDGET_S)); then
-    echo "$name: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
+    echo "$label: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
     return
   fi
   local start=$SECONDS
-  echo "### $name: $*" >>"$log"
+  echo "### $label: $*" >>"$log"
   timeout "$limit" "$@" >>"$log" 2>&1
-  echo "$name: rc=$? in $((SECONDS - start)) s" | tee -a "$SUMMARY"
+  echo "$label: rc=$? in $((SECONDS - start)) s" | tee -a "$SUMMARY"
 }
 
 {
@@ -71,4 +73,12 @@ step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused --
   --out "$OUT/model.csv" --report /tmp/model.md
 step auto_table 70 "$LOG" $PY bench/bench_auto_table.py --time-budget 55 --out "$OUT/auto_table.json"
 step main 45 "$LOG" $PY -m fused_mbconv --device cuda
+# the variants most important first (the smallest, the largest, then the rest), batch sized to
+# the resolution
+for run in "b0 8" "b7 2" "b4 4" "b1 8" "b2 8" "b3 8" "b5 4" "b6 2"; do
+  set -- $run
+  for dtype in float32 bfloat16; do
+    step "models:$1-$dtype" 60 "$OUT/models.log" $PY -m fused_mbconv --variant "$1" --batch "$2" --dtype "$dtype" --steps 5
+  done
+done
 cat "$SUMMARY"
