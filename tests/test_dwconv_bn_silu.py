@@ -202,3 +202,23 @@ def test_reductions_split_into_chunks(monkeypatch, groups):
     with fused_mbconv.backend("triton"):
         for training in (True, False):
             check_parity((2, 17, 13, 11), 3, 1, False, torch.float32, "channels_last", training, True, "triton")
+
+
+@pytest.mark.parametrize(
+    "c,width,expected",
+    [
+        (240, 228, {(64, 32, 8), (64, 32, 16), (128, 32, 16), (32, 64, 8), (64, 64, 8)}),
+        (24, 228, {(64, 32, 8), (64, 32, 16), (128, 32, 16)}),  # no 64-channel blocks for 24 channels
+        (240, 7, {(64, 32, 8), (32, 64, 8), (64, 64, 8)}),  # no 16-wide tiles on a 7-wide plane
+        (3, 1, {(64, 32, 8)}),  # nothing fits: the narrowest config is kept
+    ],
+)
+def test_depthwise_tile_configs_fit_the_shape(c, width, expected):
+    """The autotuner's candidates (GPU configs) for a plane: channel blocks and tile widths
+    beyond the next power of two of the channels / plane width only compute masked lanes."""
+    if "triton" not in IMPLS["backward"].backends():
+        pytest.skip("no triton backend")
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    kept = triton_impl._prune("W_OUT")(triton_impl._TILE_CONFIGS, {"C": c}, W_OUT=width)
+    assert {(cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.kwargs["TILE_W"]) for cfg in kept} == expected
