@@ -130,3 +130,30 @@ def test_shape_classes():
     assert auto_table.shape_class(torch.empty(2, 3, dtype=torch.bfloat16)) == "bfloat16/matrix/small"
     assert auto_table.shape_class(torch.empty(1, 1 << 20)) == "float32/matrix/medium"
     assert auto_table.shape_class(torch.empty(16, 64, 128, 128, device="meta")) == "float32/nchw/large"
+
+
+@pytest.mark.parametrize("triton_available", [True, False], ids=["with_triton", "without_triton"])
+def test_cuda_backend_runs_the_gemms_it_lacks_on_triton_then_reference(monkeypatch, triton_available):
+    """The extension has no GEMM: under "cuda" the projection ops run on Triton (else the
+    reference), while the ops it has stay on its own kernels; a backend without an op and without
+    a fallback is an error that names both."""
+    from fused_mbconv import backends as backend_module
+    from fused_mbconv.ops import _registry
+    from fused_mbconv.ops.project_bn import IMPLS as PROJECT_IMPLS
+
+    names = ["auto", "cuda", "reference"] + (["triton"] if triton_available else [])
+    monkeypatch.setattr(backend_module, "available_backends", lambda: names)
+    monkeypatch.setattr(backend_module, "check_usable", lambda name, device: None)
+    cuda = torch.device("cuda")
+    project = PROJECT_IMPLS["forward_train"]
+    assert "cuda" not in project.backends()
+    expected = "triton" if triton_available and "triton" in project.backends() else "reference"
+    monkeypatch.setattr(backend_module, "get_backend", lambda: "cuda")
+    assert project.pick(cuda) is project._by_backend[expected]
+    if "cuda" in IMPLS["forward_train"].backends():
+        assert IMPLS["forward_train"].pick(cuda) is IMPLS["forward_train"]._by_backend["cuda"]
+    lonely = _registry.Implementations("lonely")
+    lonely.register("reference")(lambda: None)
+    monkeypatch.setattr(backend_module, "get_backend", lambda: "triton")
+    with pytest.raises(NotImplementedError, match="lonely has no 'triton' implementation"):
+        lonely.pick(cuda)

@@ -26,16 +26,20 @@ from fused_mbconv.ops.squeeze_excite import IMPLS as SE_IMPLS
 RUN_SLOW = os.environ.get("FUSED_MBCONV_RUN_SLOW", "0") == "1"
 
 
+def model_backends_names() -> list[str]:
+    """Backends that implement every op of the model."""
+    return [name for name in BACKENDS
+            if all(name in impls.backends() for impls in (*DW_IMPLS.values(), *SE_IMPLS.values()))]  # fmt: skip
+
+
 def model_backends():
     """Backends that implement every op; the Triton interpreter needs minutes per forward pass of
     a whole network, so there it runs only with FUSED_MBCONV_RUN_SLOW=1 (the GPU run covers it)."""
     out = []
-    for name in BACKENDS:
-        complete = all(name in impls.backends() for impls in (*DW_IMPLS.values(), *SE_IMPLS.values()))
+    for name in model_backends_names():
         slow = name == "triton" and INTERPRETED and not RUN_SLOW
         marks = pytest.mark.skip(reason="a whole model under TRITON_INTERPRET: FUSED_MBCONV_RUN_SLOW=1") if slow else ()
-        if complete:
-            out.append(pytest.param(name, id=name, marks=marks))
+        out.append(pytest.param(name, id=name, marks=marks))
     return out
 
 
@@ -346,3 +350,32 @@ def test_compile_fullgraph_whole_model_eval_and_train(compiler):
     stats = ({n: t for n, t in b[2].items() if t.is_floating_point()} for b in (c, e, d))
     running = parity.compare_all(*stats, torch.float32)
     assert all(r.ok for r in running), [str(r) for r in running if not r.ok]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in model_backends_names()])
+def test_compile_reduce_overhead_replays_cuda_graphs(backend):
+    """torch.compile(mode="reduce-overhead"): the fused ops' kernels are captured in CUDA graphs
+    (after the warm-up call has autotuned them) and replayed on new inputs; each replay must give
+    what eager torchvision gives for those inputs, in eval and in training steps (whose running
+    statistics advance in step with torchvision's)."""
+    torch._dynamo.reset()
+    tv, fused = matched_pair("b0", dropout=0.0, stochastic_depth_prob=0.0)
+    exact = copy.deepcopy(tv).double()
+    model = copy.deepcopy(fused)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    labels = torch.tensor([1, 2], device=DEVICE)
+    with backend_everywhere(backend):
+        for seed in range(3):  # warm-up, recording, replay
+            x = images(2, 64, seed=seed)
+            with torch.no_grad():
+                model.eval()
+                logits = compiled(x).clone()  # the graph's output buffer is reused by the next replay
+                check(parity.compare(f"eval logits, call {seed}", logits, tv.eval()(x), exact.eval()(x.double()),
+                                     torch.float32))  # fmt: skip
+        for seed in range(3):
+            x = images(2, 64, seed=10 + seed)
+            c, e, d = train_step(model, x, labels, run=compiled), train_step(tv, x, labels), train_step(exact, x, labels)
+            check(parity.compare(f"training loss, call {seed}", c[0], e[0], d[0], torch.float32))
+            grads = parity.compare_all(c[1], e[1], d[1], torch.float32)
+            assert all(g.ok for g in grads), [str(g) for g in grads if not g.ok]

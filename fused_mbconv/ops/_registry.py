@@ -20,6 +20,10 @@ AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 # suite: on the first GPU run (bench/results/2026-11-26_h200_first_contact.md) a training step
 # with the Triton backward did not finish within 60 s. Asking for "triton" or "cuda" still runs them.
 AUTO_ORDER_CUDA_UNVALIDATED = ("reference",)
+# An op that the requested backend does not implement runs on the first of these that it has and
+# that can run: the C++/CUDA extension has no GEMM (the expansion and projection ops), so a model
+# under "cuda" runs those on Triton's GEMM, or on the reference's where Triton is missing.
+FALLBACK = {"cuda": ("triton", "reference")}
 
 
 class Implementations:
@@ -44,7 +48,8 @@ class Implementations:
     def pick(self, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:
         """The implementation that runs on ``device`` under the backend in force; for "auto" on
         CUDA, the measured table's choice for tensors ``like`` the op's main input, if any, else
-        the first of ``auto_order`` that is available."""
+        the first of ``auto_order`` that is available; for a backend without this op, its
+        ``FALLBACK``."""
         requested = _backend.get_backend()
         if requested == "auto":
             if device.type == "cuda":
@@ -55,11 +60,15 @@ class Implementations:
                         return self._by_backend[name]
             return self._by_backend["reference"]
         _backend.check_usable(requested, device)
-        if requested not in self._by_backend:
-            raise NotImplementedError(
-                f"fused_mbconv::{self.op_name} has no {requested!r} implementation; it has {self.backends()}"
-            )
-        return self._by_backend[requested]
+        if requested in self._by_backend:
+            return self._by_backend[requested]
+        available = _backend.available_backends()
+        for name in FALLBACK.get(requested, ()):
+            if name in self._by_backend and name in available:
+                return self._by_backend[name]
+        raise NotImplementedError(
+            f"fused_mbconv::{self.op_name} has no {requested!r} implementation; it has {self.backends()}"
+        )
 
 
 def reference_fallback(reference_module, *, empty: bool = False):
