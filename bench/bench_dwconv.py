@@ -10,6 +10,7 @@ data after a warm-up call (compiling, autotuning). pct_bw_floor = the bytes that
     python bench/bench_dwconv.py                # all shapes, markdown table + CSV
     python bench/bench_dwconv.py --quick        # 3 shapes, shorter timing
     python bench/bench_dwconv.py --list-shapes  # the shapes only (no GPU needed)
+    python bench/bench_dwconv.py --smoke --out /tmp/dw.csv  # CPU, one small shape: the code path only
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import fused_mbconv  # noqa: E402
 from bench.common import (  # noqa: E402
+    KernelSetting,
     copy_bandwidth_gbs,
     environment,
     kernel_bench_parser,
@@ -42,13 +44,14 @@ VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
 FUSED = ("triton", "cuda")  # providers that run the fused module under that backend
 PROVIDERS = (*FUSED, "eager", "compile")
 MODES = ("infer", "train")
+SMOKE_SHAPES = [DWShape(8, 3, 2, 9)]
 
 
 def output_size(shape: DWShape) -> int:
     return -(-shape.size // shape.stride)  # "same" padding
 
 
-def floor_bytes(shape: DWShape, mode: str, itemsize: int) -> int:
+def floor_bytes(shape: DWShape, mode: str, itemsize: int, batch: int = BATCH) -> int:
     """Bytes any implementation of the fused design must move (weights and per-channel vectors
     are negligible):
 
@@ -59,8 +62,8 @@ def floor_bytes(shape: DWShape, mode: str, itemsize: int) -> int:
       writes and reads dc (the gradient of the conv output) between its dc and dx passes,
       2 |y| more, so it tops out below 100% of this floor.
     """
-    x = BATCH * shape.channels * shape.size**2 * itemsize
-    y = BATCH * shape.channels * output_size(shape) ** 2 * itemsize
+    x = batch * shape.channels * shape.size**2 * itemsize
+    y = batch * shape.channels * output_size(shape) ** 2 * itemsize
     return x + y if mode == "infer" else 5 * x + 3 * y
 
 
@@ -70,12 +73,12 @@ def eager_module(shape: DWShape) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c, c, k, shape.stride, k // 2, groups=c, bias=False), nn.BatchNorm2d(c), nn.SiLU())
 
 
-def make_modules(shape: DWShape, compile_mode: str) -> dict[str, nn.Module]:
-    eager = eager_module(shape).cuda().to(DTYPE, memory_format=torch.channels_last)
+def make_modules(shape: DWShape, setting: KernelSetting) -> dict[str, nn.Module]:
+    eager = eager_module(shape).to(setting.device, setting.dtype, memory_format=torch.channels_last)
     conv, bn, _ = copy.deepcopy(eager)
     fused = fused_mbconv.nn.DWConvBNAct.from_modules(conv, bn)
     return {**dict.fromkeys(FUSED, fused), "eager": eager,
-            "compile": torch.compile(copy.deepcopy(eager), mode=compile_mode)}  # fmt: skip
+            "compile": torch.compile(copy.deepcopy(eager), mode=setting.compile_mode)}  # fmt: skip
 
 
 def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Callable[[], object]:
@@ -100,32 +103,31 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Cal
     return train
 
 
-def run(
-    shapes: list[DWShape], providers: list[str], rep: int, compile_mode: str, out: Path | None = None
-) -> list[dict]:
+def run(shapes: list[DWShape], providers: list[str], setting: KernelSetting, out: Path | None = None) -> list[dict]:
     """Time every (shape, mode, provider); the CSV ``out`` (if any) is rewritten after each shape,
     so a run cut short by a time limit still leaves the rows it measured."""
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth_gbs(device)
+    bandwidth = copy_bandwidth_gbs(setting.device)
     common = {
-        "kind": "dwconv_bn_silu", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
-        "batch": BATCH, "resolution": RESOLUTION, **environment(device),
+        "kind": "dwconv_bn_silu", "dtype": str(setting.dtype).replace("torch.", ""), "layout": "channels_last",
+        "batch": setting.batch, "resolution": RESOLUTION, **environment(setting.device),
     }  # fmt: skip
     print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for shape in shapes:
-        x = torch.randn(BATCH, shape.channels, shape.size, shape.size, device="cuda", dtype=DTYPE)
-        x = x.contiguous(memory_format=torch.channels_last)
-        modules = make_modules(shape, compile_mode)
+        size = (setting.batch, shape.channels, shape.size, shape.size)
+        x = torch.randn(size, device=setting.device, dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
+        modules = make_modules(shape, setting)
         rows += kernel_rows(
             shape.name, providers, FUSED, MODES,
             lambda provider, mode, m=modules, x=x, s=shape: step_fn(m[provider], mode, x, output_size(s)),
-            lambda mode, x=x, s=shape: floor_bytes(s, mode, x.element_size()), bandwidth, rep, **common,
+            lambda mode, x=x, s=shape: floor_bytes(s, mode, x.element_size(), setting.batch), bandwidth, setting,
+            **common,
         )  # fmt: skip
         if out is not None:
             write_rows(out, rows, append=False)
         del modules, x
-        torch.cuda.empty_cache()
+        if setting.device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -133,7 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return kernel_bench_parser(__doc__, PROVIDERS, "CSV path (default bench/results/dwconv_<gpu>.csv)").parse_args(argv)
 
 
-def selected_shapes(quick: bool) -> list[DWShape]:
+def selected_shapes(quick: bool, smoke: bool = False) -> list[DWShape]:
+    if smoke:
+        return SMOKE_SHAPES
     shapes = depthwise_shapes(VARIANT)
     if not quick:
         return shapes
@@ -144,17 +148,16 @@ def selected_shapes(quick: bool) -> list[DWShape]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    shapes = selected_shapes(args.quick)
+    shapes = selected_shapes(args.quick, args.smoke)
     if args.list_shapes:
         print(f"EfficientNet-{VARIANT.upper()} depthwise shapes at {RESOLUTION}x{RESOLUTION}, batch {BATCH}:")
         for s in shapes:
             print(f"  {s.name:22s} channels={s.channels} kernel={s.kernel} stride={s.stride} input={s.size}x{s.size}")
         return
-    if not torch.cuda.is_available():
-        sys.exit("bench_dwconv: needs a CUDA GPU (--list-shapes works without one)")
-    providers = select_providers(args.providers, PROVIDERS, FUSED)
-    out = args.out or Path(__file__).parent / "results" / f"dwconv_{slug(torch.cuda.get_device_name())}.csv"
-    rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode, out=out)
+    setting = KernelSetting.from_args(args, BATCH, DTYPE)
+    providers = select_providers(args.providers, PROVIDERS, FUSED, args.smoke)
+    out = args.out or Path(__file__).parent / "results" / f"dwconv_{slug(environment(setting.device)['gpu'])}.csv"
+    rows = run(shapes, providers, setting, out)
     print(kernel_table(rows, providers))
     print(f"wrote {out}")
 

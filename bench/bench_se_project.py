@@ -30,6 +30,7 @@ random data after a warm-up call (compiling, autotuning). pct_bw_floor = the byt
     python bench/bench_se_project.py --quick        # 3 shapes, shorter timing
     python bench/bench_se_project.py --list-shapes  # the shapes only (no GPU needed)
     python bench/bench_se_project.py --out -        # the CSV to stdout, after the table
+    python bench/bench_se_project.py --smoke --out /tmp/se.csv  # CPU, one small shape: the code path only
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.common import (  # noqa: E402
     CSV_COLUMNS,
+    KernelSetting,
     copy_bandwidth_gbs,
     environment,
     kernel_bench_parser,
@@ -66,9 +68,10 @@ VARIANT, BATCH, RESOLUTION, DTYPE = "b5", 32, 456, torch.bfloat16
 FUSED = ("triton",)
 PROVIDERS = (*FUSED, "eager", "compile")
 MODES = ("infer", "train")
+SMOKE_SHAPES = [SEProjectShape(16, 4, 8, 5, True)]
 
 
-def floor_bytes(shape: SEProjectShape, mode: str, itemsize: int) -> int:
+def floor_bytes(shape: SEProjectShape, mode: str, itemsize: int, batch: int = BATCH) -> int:
     """Bytes any implementation of the fused design must move (weights, the (N, C) pooled/gate and
     the per-channel vectors are negligible); |h| = N C H W, |y| = N O H W:
 
@@ -83,8 +86,8 @@ def floor_bytes(shape: SEProjectShape, mode: str, itemsize: int) -> int:
     a sixth of h or less), and, here only, the squeeze's broadcast gradient adds one more pass over
     dh (see the module docstring).
     """
-    h = BATCH * shape.channels * shape.size**2 * itemsize
-    y = BATCH * shape.out * shape.size**2 * itemsize
+    h = batch * shape.channels * shape.size**2 * itemsize
+    y = batch * shape.out * shape.size**2 * itemsize
     residual = y if shape.residual else 0
     return h + y + residual if mode == "infer" else 4 * h + 3 * y + residual
 
@@ -195,31 +198,30 @@ def step_fn(
     return train
 
 
-def run(
-    shapes: list[SEProjectShape], providers: list[str], rep: int, compile_mode: str, out: Optional[Path]
-) -> list[dict]:
+def run(shapes: list[SEProjectShape], providers: list[str], setting: KernelSetting, out: Optional[Path]) -> list[dict]:
     """Time every (shape, mode, provider); the CSV ``out`` (if any) is rewritten after each shape,
     so a run cut short by a time limit still leaves the rows it measured (so does the log)."""
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth_gbs(device)
+    bandwidth = copy_bandwidth_gbs(setting.device)
     common = {
-        "kind": "se_project", "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last",
-        "batch": BATCH, "resolution": RESOLUTION, **environment(device),
+        "kind": "se_project", "dtype": str(setting.dtype).replace("torch.", ""), "layout": "channels_last",
+        "batch": setting.batch, "resolution": RESOLUTION, **environment(setting.device),
     }  # fmt: skip
     print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     rows = []
     for shape in shapes:
-        h, pooled, x_in = make_inputs(shape)
-        modules = make_modules(shape, compile_mode)
+        h, pooled, x_in = make_inputs(shape, setting.device, setting.dtype, setting.batch)
+        modules = make_modules(shape, setting.compile_mode, setting.device, setting.dtype)
         rows += kernel_rows(
             shape.name, providers, FUSED, MODES,
             lambda provider, mode, m=modules, s=shape, t=(h, pooled, x_in): step_fn(m[provider], mode, s, *t),
-            lambda mode, h=h, s=shape: floor_bytes(s, mode, h.element_size()), bandwidth, rep, **common,
+            lambda mode, h=h, s=shape: floor_bytes(s, mode, h.element_size(), setting.batch), bandwidth, setting,
+            **common,
         )  # fmt: skip
         if out is not None:
             write_rows(out, rows, append=False)
         del modules, h, pooled, x_in
-        torch.cuda.empty_cache()
+        if setting.device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -228,7 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return kernel_bench_parser(__doc__, PROVIDERS, out_help).parse_args(argv)
 
 
-def selected_shapes(quick: bool) -> list[SEProjectShape]:
+def selected_shapes(quick: bool, smoke: bool = False) -> list[SEProjectShape]:
+    if smoke:
+        return SMOKE_SHAPES
     shapes = se_project_shapes(VARIANT)
     if not quick:
         return shapes
@@ -240,20 +244,18 @@ def selected_shapes(quick: bool) -> list[SEProjectShape]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    shapes = selected_shapes(args.quick)
+    shapes = selected_shapes(args.quick, args.smoke)
     if args.list_shapes:
         print(f"EfficientNet-{VARIANT.upper()} SE + projection shapes at {RESOLUTION}x{RESOLUTION}, batch {BATCH}:")
         for s in shapes:
             print(f"  {s.name:26s} channels={s.channels} squeeze={s.squeeze} out={s.out} "
                   f"size={s.size}x{s.size} residual={s.residual}")  # fmt: skip
         return
-    if not torch.cuda.is_available():
-        sys.exit("bench_se_project: needs a CUDA GPU (--list-shapes works without one)")
-    providers = select_providers(args.providers, PROVIDERS, FUSED)
-    out = args.out or Path(__file__).parent / "results" / f"se_project_{slug(torch.cuda.get_device_name())}.csv"
-    to_stdout = str(out) == "-"  # gpu_check.sh: its $OUT brings back 8 files at most, the log is one
-    rows = run(shapes, providers, rep=20 if args.quick else 100, compile_mode=args.compile_mode,
-               out=None if to_stdout else out)  # fmt: skip
+    setting = KernelSetting.from_args(args, BATCH, DTYPE)
+    providers = select_providers(args.providers, PROVIDERS, FUSED, args.smoke)
+    out = args.out or Path(__file__).parent / "results" / f"se_project_{slug(environment(setting.device)['gpu'])}.csv"
+    to_stdout = str(out) == "-"  # the CSV in the log: one file fewer to bring back from a GPU run
+    rows = run(shapes, providers, setting, out=None if to_stdout else out)
     print(kernel_table(rows, providers))
     if to_stdout:
         print()

@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -40,8 +41,10 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 20, w
     return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
 
 
-def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s: 1 GiB
+    moved on a GPU (many times its L2), 64 MiB on the CPU."""
+    nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = measure(lambda: dst.copy_(src), device, repeats=20, warmup=3)["median_ms"]
@@ -109,13 +112,36 @@ def read_rows(path: str | Path) -> list[dict]:
 KERNEL_QUANTILES = [0.5, 0.2, 0.8]
 
 
-def time_kernel_call(fn: Callable[[], object], rep: int) -> list[float]:
-    """(median, p20, p80) ms of ``fn`` by triton.testing.do_bench, after one untimed call
-    (compiling, autotuning)."""
+@dataclass(frozen=True)
+class KernelSetting:
+    """Where and how a per-op benchmark runs: on the GPU, the issue's batch and dtype; with
+    ``--smoke``, the CPU, a small batch in fp32 and a few repeats, to run every code path in CI."""
+
+    device: torch.device
+    batch: int
+    dtype: torch.dtype
+    rep: int  # do_bench's milliseconds of repeats on the GPU; the number of calls on the CPU
+    compile_mode: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> KernelSetting:
+        if args.smoke:
+            return cls(torch.device("cpu"), 2, torch.float32, 2, args.compile_mode)
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (--list-shapes and --smoke work without one)")
+        return cls(torch.device("cuda"), batch, dtype, 20 if args.quick else 100, args.compile_mode)
+
+
+def time_kernel_call(fn: Callable[[], object], setting: KernelSetting) -> list[float]:
+    """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning): by
+    triton.testing.do_bench on the GPU, by wall clock on the CPU."""
+    fn()
+    if setting.device.type != "cuda":
+        times = measure(fn, setting.device, repeats=setting.rep, warmup=0)
+        return [times["median_ms"], times["p20_ms"], times["p80_ms"]]
     import triton.testing  # here: the CPU-only parts of the benchmarks need no Triton
 
-    fn()
-    return triton.testing.do_bench(fn, rep=rep, quantiles=KERNEL_QUANTILES)
+    return triton.testing.do_bench(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
 
 
 def kernel_rows(
@@ -126,7 +152,7 @@ def kernel_rows(
     step: Callable[[str, str], Callable[[], object]],
     floor_bytes: Callable[[str], int],
     bandwidth_gbs: float,
-    rep: int,
+    setting: KernelSetting,
     **columns,
 ) -> list[dict]:
     """Time ``step(provider, mode)`` (the call to time, built under the provider's backend) for
@@ -140,7 +166,7 @@ def kernel_rows(
         for provider in providers:
             try:
                 with fused_mbconv.backend(provider if provider in fused else "auto"):
-                    median, p20, p80 = time_kernel_call(step(provider, mode), rep)
+                    median, p20, p80 = time_kernel_call(step(provider, mode), setting)
             except Exception as e:
                 print(f"{name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 continue
@@ -158,21 +184,23 @@ def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> 
     p.add_argument("--out", type=Path, help=out_help)
     p.add_argument("--quick", action="store_true", help="3 shapes, shorter timing")
     p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit (no GPU needed)")
+    p.add_argument("--smoke", action="store_true", help="CPU, one small shape, no torch.compile: the code path only")
     p.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
     return p
 
 
-def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...]) -> list[str]:
+def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...], smoke: bool = False) -> list[str]:
     """The comma-separated ``arg`` checked against ``known``; fused backends that cannot run here
-    are dropped."""
+    are dropped, and torch.compile from a smoke run (Inductor takes minutes on a CPU)."""
     import fused_mbconv
 
     providers = [p for p in arg.split(",") if p]
     unknown = set(providers) - set(known)
     if unknown:
         raise SystemExit(f"--providers: unknown {sorted(unknown)}; expected a subset of {known}")
-    return [p for p in providers if p not in fused or p in fused_mbconv.available_backends()]
+    runnable = fused_mbconv.available_backends()
+    return [p for p in providers if (p not in fused or p in runnable) and not (smoke and p == "compile")]
 
 
 def kernel_table(rows: list[dict], providers: list[str]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import INTERPRETED
+from conftest import BACKENDS, INTERPRETED
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -159,7 +159,7 @@ def test_auto_table_rejects_a_wrong_result():
 def test_kernel_rows_keep_going_past_a_failing_provider(monkeypatch, capsys):
     from bench import common
 
-    monkeypatch.setattr(common, "time_kernel_call", lambda fn, rep: [fn(), 0.9, 1.1])
+    monkeypatch.setattr(common, "time_kernel_call", lambda fn, setting: [fn(), 0.9, 1.1])
 
     def step(provider, mode):
         if provider == "compile":
@@ -167,8 +167,26 @@ def test_kernel_rows_keep_going_past_a_failing_provider(monkeypatch, capsys):
         return lambda: 2.0 if mode == "train" else 1.0
 
     rows = common.kernel_rows("c8", ["reference", "compile"], ("reference",), ("infer", "train"), step,
-                              lambda mode: 10**9, 1000.0, rep=1, kind="k")  # fmt: skip
+                              lambda mode: 10**9, 1000.0, setting=None, kind="k")  # fmt: skip
     assert [(r["provider"], r["mode"], r["median_ms"]) for r in rows] == [("reference", "infer", 1.0),
                                                                           ("reference", "train", 2.0)]
     assert rows[0]["pct_bw_floor"] == 100.0 and rows[0]["kind"] == "k"  # 1 GB at 1000 GB/s in 1 ms
     assert "c8 infer compile: FAILED RuntimeError: inductor says no" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["bench_dwconv", "bench_se_project"])
+def test_kernel_benchmark_smoke_run_on_cpu(script, tmp_path, capsys):
+    """--smoke runs the GPU benchmark's whole path on the CPU (one small shape, fp32): a row per
+    (mode, provider) that can run here, with a time and a % of the bandwidth floor, in the CSV and
+    the markdown table. (The GPU run itself is bench/gpu_check.sh's.)"""
+    import importlib
+
+    bench = importlib.import_module(f"bench.{script}")
+    out = tmp_path / "rows.csv"
+    bench.main(["--smoke", "--out", str(out)])
+    providers = [p for p in bench.PROVIDERS if p != "compile" and (p not in bench.FUSED or p in BACKENDS)]
+    rows = read_rows(out)
+    assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in bench.MODES for p in providers}
+    # (% of the floor rounds to 0 here: a few KB moved against a bandwidth measured on 64 MiB)
+    assert all(float(r["median_ms"]) > 0 and float(r["pct_bw_floor"]) >= 0 and r["gpu"].startswith("cpu") for r in rows)
+    assert f"| {bench.SMOKE_SHAPES[0].name} | train |" in capsys.readouterr().out
