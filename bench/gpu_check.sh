@@ -4,8 +4,8 @@
 # time budget, and a rerun after a fix names only the steps it needs.
 #   bash bench/gpu_check.sh                  every step, until BUDGET_S (default 450 s) is spent
 #   bash bench/gpu_check.sh tests bench_dw   those steps only (build always runs first)
-# Steps: smoke (one training step of one block per backend, first-call times), tests (the whole
-# suite on CUDA, the shape sweeps of B0-B7 included, in parallel workers), sanitizer
+# Steps: smoke (one training step of one block per backend, first-call times), tests (the suite on
+# CUDA, in parallel workers), sweeps (every layer shape of B0-B7 through each fused op), sanitizer
 # (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
 # shapes), bench_model (B5 end to end), auto_table (the measured "auto" choice), main (python -m
 # fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its native
@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests sanitizer bench_dw bench_se bench_model auto_table main"
+ALL_STEPS="smoke tests sweeps sanitizer bench_dw bench_se bench_model auto_table main"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless not selected or over budget
@@ -56,11 +56,17 @@ step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip instal
 step smoke 45 "$LOG" $PY bench/gpu_smoke.py
 # parallel workers compile Triton kernels side by side (compilation, not the GPU, bounds a sweep
 # over ~1000 shapes); no tuning: the first config of each kernel. CI's CPU-only checks (the
-# ahead-of-time compile, the C++ emulation of the CUDA kernels) are left out here.
-WORKERS=$($PY -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
-step tests 180 "$OUT/tests.log" env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $WORKERS \
-  --maxfail=30 -rfE --ignore tests/test_triton_compile.py --ignore tests/test_cuda_kernels_on_cpu.py \
-  --ignore tests/test_cuda_index_math.py tests
+# ahead-of-time compile, the C++ emulation of the CUDA kernels) are left out here. The shape sweeps
+# of B0-B7 are their own step, so that a slow sweep leaves the suite's report whole; -v names each
+# test as it ends, so a step cut short by its limit still says how far it got.
+PYTEST=(env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rfE --maxfail=30)
+$PY -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
+step tests 150 "$OUT/tests.log" "${PYTEST[@]}" -q --ignore tests/test_triton_compile.py \
+  --ignore tests/test_cuda_kernels_on_cpu.py --ignore tests/test_cuda_index_math.py \
+  --ignore tests/test_gpu_dwconv_shapes.py --ignore tests/test_gpu_se_shapes.py --ignore tests/test_gpu_pointwise_shapes.py tests
+step sweeps 120 "$OUT/tests.log" "${PYTEST[@]}" -v tests/test_gpu_dwconv_shapes.py tests/test_gpu_se_shapes.py \
+  tests/test_gpu_pointwise_shapes.py
 # depthwise: channels_last vector paths and strided layouts; squeeze-excite (CUDA backend): every
 # weight form and layout, a broadcast upstream gradient, C = 72 (16-byte vectors)
 step sanitizer 60 "$LOG" compute-sanitizer --tool memcheck --error-exitcode 1 \
