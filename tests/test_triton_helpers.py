@@ -105,9 +105,47 @@ def _autotuned(monkeypatch, prune=None):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_autotune_prunes_then_keeps_the_first_when_disabled(monkeypatch, enabled):
+    """Pruned, the candidates of a call are compiled side by side before they are timed (with
+    tuning off, the one config left compiles at its launch)."""
     monkeypatch.setenv("FUSED_MBCONV_TRITON_AUTOTUNE", "1" if enabled else "0")
+    compiled = []
+    monkeypatch.setattr(_triton, "precompile", lambda fn, configs, named_args, kwargs: compiled.append(configs))
     kernel, configs = _autotuned(monkeypatch, prune=lambda configs, named_args, **kwargs: configs[1:])
-    assert kernel.prune_configs({}) == (configs[1:] if enabled else configs[1:2])
+    assert kernel.prune_configs({"BLOCK_FLAG": 1}) == (configs[1:] if enabled else configs[1:2])
+    assert compiled == ([configs[1:]] if enabled else [])
+
+
+def test_precompile_compiles_the_configs_side_by_side(monkeypatch):
+    """precompile hands each config's compilation to triton's asynchronous compile mode with a
+    thread pool: the compilations overlap, each finished kernel is kept (finalized), and a config
+    whose compilation fails is skipped here (its launch will raise as usual)."""
+    import threading
+    import time
+
+    from triton.runtime._async_compile import active_mode
+
+    finalized, started, lock = {}, [], threading.Lock()
+
+    class FakeJit:
+        def warmup(self, grid, **kwargs):
+            block = kwargs["BLOCK"]
+
+            def compile_one():
+                with lock:
+                    started.append(time.perf_counter())
+                time.sleep(0.5)
+                if block == 64:
+                    raise RuntimeError("ptxas says no")
+                return f"kernel{block}"
+
+            active_mode.get().submit(block, compile_one, lambda kernel, b=block: finalized.__setitem__(b, kernel))
+
+    monkeypatch.setenv("FUSED_MBCONV_COMPILE_THREADS", "3")
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    _triton.precompile(FakeJit(), configs, {"x_ptr": None}, {"n": 3})
+    assert finalized == {16: "kernel16", 32: "kernel32"}
+    assert len(started) == 3 and max(started) - min(started) < 0.4  # all began before any could end
+    assert active_mode.get() is None
 
 
 def test_autotune_without_prune(monkeypatch):

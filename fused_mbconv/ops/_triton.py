@@ -5,7 +5,9 @@ reference). The per-op choices (tile configs,
 tuning keys, how a reduction is split) stay in each op's ``triton_impl``.
 
 FUSED_MBCONV_TRITON_AUTOTUNE=0 skips the tuning of every kernel (first config), for test sweeps
-over many shapes.
+over many shapes. Before a new shape is tuned, its candidate configs are compiled side by side in
+threads (compiling, not timing, is most of a first call's cost); FUSED_MBCONV_COMPILE_THREADS=1
+compiles them one by one as triton does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -39,6 +42,30 @@ def _quick_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def compile_threads() -> int:
+    return int(os.environ.get("FUSED_MBCONV_COMPILE_THREADS", min(8, os.cpu_count() or 1)))
+
+
+def precompile(jit_fn, configs: list[triton.Config], named_args: dict, call_kwargs: dict) -> None:
+    """Compile ``jit_fn`` for each config of one call (its arguments ``named_args`` and
+    ``call_kwargs``, as the autotuner's prune hook sees them) in a pool of threads, into the
+    kernel cache that the autotuner's timed launches then hit. Triton's own asynchronous compile
+    mode does the work (the same specialization and cache keys as a launch); a config that fails
+    to compile fails again, with the autotuner's handling, when it is launched. Without that mode
+    (a triton that lacks it, or one already active around this call) the autotuner compiles as
+    usual."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:
+        return
+    if active_mode.get() is not None:
+        return
+    with ThreadPoolExecutor(min(len(configs), compile_threads())) as pool:
+        with AsyncCompileMode(pool, ignore_errors=True):
+            for cfg in configs:
+                jit_fn.warmup(grid=(1,), **named_args, **call_kwargs, **cfg.all_kwargs())
+
+
 def autotune(
     configs: list[triton.Config],
     key: list[str],
@@ -57,12 +84,24 @@ def autotune(
     if INTERPRETED:
         return triton.autotune(configs=[configs[0] if interpreted is None else interpreted], key=key, **kwargs)
 
+    tuned = {}  # the JITFunction, once decorated
+
     def early_prune(configs, named_args, **call_kwargs):
         kept = prune(configs, named_args, **call_kwargs) if prune is not None else configs
-        return kept if autotuning_enabled() else kept[:1]
+        if not autotuning_enabled():
+            return kept[:1]
+        if len(kept) > 1 and compile_threads() > 1:
+            precompile(tuned["fn"], kept, named_args, call_kwargs)
+        return kept
 
     kwargs.setdefault("do_bench", _quick_bench)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **kwargs)
+    decorate = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **kwargs)
+
+    def decorator(fn):
+        tuned["fn"] = fn
+        return decorate(fn)
+
+    return decorator
 
 
 # ---------------------------------------------------------------------------------------------
