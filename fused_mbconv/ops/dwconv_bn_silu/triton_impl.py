@@ -76,6 +76,10 @@ _TILE_CONFIGS = _tile_configs([(64, 32, 4, 8), (64, 32, 4, 16), (128, 32, 8, 16)
 # tiles have masked rows and columns on the test shapes.
 _TILE_INTERPRETED = _tile_configs([(128, 32, 1, 8)])[0]
 _TILE_KEY = ["C", "H_OUT", "W_OUT", "K", "STRIDE"]
+# Plane sizes, paddings and counts are not specialized on (value 1, divisibility by 16): each
+# distinct pattern would compile every config anew, and they guide no vectorization; the channel
+# count and the strides (contiguity and alignment of the channel vectors) are.
+_PLANE = ["H", "W", "H_OUT", "W_OUT", "pad_t", "pad_l"]
 
 
 def _autotune(key=_TILE_KEY, width="W_OUT", **kwargs):
@@ -191,7 +195,7 @@ def _bn_silu_backward(c, dy, mean, invstd, gamma, beta):
 
 
 @_autotune(reset_to_zero=["sq_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=_PLANE)
 def _conv_bn_silu_kernel(
     x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, y_ptr, sq_ptr,
     C, H, W, H_OUT, W_OUT, inv_p_out, pad_t, pad_l, sx, sw, sy,
@@ -222,7 +226,7 @@ def _conv_bn_silu_kernel(
 
 
 @_autotune()
-@triton.jit
+@triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _conv_stats_kernel(
     x_ptr, w_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
     N, C, H, W, H_OUT, W_OUT, groups, pad_t, pad_l, sx, sw,
@@ -281,7 +285,7 @@ def _combine_stats_kernel(
 
 
 @_autotune()
-@triton.jit
+@triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _dz_sums_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, part_ptr,
     N, C, H, W, H_OUT, W_OUT, groups, inv_p_out, pad_t, pad_l, sx, sw, sdy,
@@ -312,7 +316,7 @@ def _dz_sums_kernel(
 
 
 @_autotune()
-@triton.jit
+@triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _dconv_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, sums_ptr,
     dc_ptr, sums_part_ptr, dw_part_ptr,
@@ -371,7 +375,7 @@ def _dconv_kernel(
 
 
 @_autotune(["C", "H", "W", "K", "STRIDE"], width="W")
-@triton.jit
+@triton.jit(do_not_specialize=_PLANE)
 def _dx_kernel(
     dc_ptr, w_ptr, dx_ptr,
     C, H, W, H_OUT, W_OUT, pad_t, pad_l, sdc, sw, sdx,
