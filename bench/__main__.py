@@ -35,9 +35,11 @@ PROVIDERS = {
     "fused-cuda": (True, None, "cuda"),
     "fused+compile": (True, "default", "auto"),
 }
-# Batch per variant on the GPU, sized so B0-B7 together fit the device time of one session; the
-# biggest variants also get fewer timed repeats.
-GPU_BATCH = {"b0": 64, "b1": 64, "b2": 48, "b3": 32, "b4": 16, "b5": 16, "b6": 8, "b7": 8}
+# (inference, training) batch per variant on the GPU, sized so B0-B7 together fit the device time
+# of one session (B5's are the targets': 32 and 16); the biggest variants also get fewer timed
+# repeats.
+GPU_BATCH = {"b0": (64, 64), "b1": (64, 64), "b2": (48, 48), "b3": (32, 32), "b4": (32, 16), "b5": (32, 16),
+             "b6": (16, 8), "b7": (16, 8)}  # fmt: skip
 GPU_REPEATS = {"b6": 5, "b7": 5}
 
 
@@ -83,6 +85,15 @@ def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Ca
     return train
 
 
+def batch_size(args: argparse.Namespace, variant: str, mode: str, device: torch.device) -> int:
+    if args.batch:
+        return args.batch
+    if device.type != "cuda":
+        return 2
+    infer, train = GPU_BATCH[variant]
+    return infer if mode == "infer" else train
+
+
 def run_one(variant, provider, model, mode, batch, resolution, dtype_name, device, channels_last, repeats) -> dict:
     row = {
         "kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,
@@ -116,8 +127,8 @@ def parse_args(argv):
     p.add_argument("--providers", default="eager,compile,fused,fused+compile" if on_gpu else "eager,fused")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, default=None, help="default: per variant on GPU, 2 on CPU")
-    p.add_argument("--latency", action="store_true", help="also measure batch 1 (latency)")
+    p.add_argument("--batch", type=int, default=None, help="default: per variant and mode on GPU, 2 on CPU")
+    p.add_argument("--latency", action="store_true", help="also measure batch-1 inference (latency)")
     p.add_argument("--resolution", type=int, default=None, help="default: native on GPU, 64 on CPU")
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--repeats", type=int, default=None,
@@ -148,18 +159,19 @@ def main(argv=None) -> int:
     plan = []
     for variant in variants:
         resolution = args.resolution or (VARIANTS[variant].resolution if device.type == "cuda" else 64)
-        batches = [args.batch or (GPU_BATCH[variant] if device.type == "cuda" else 2)] + ([1] if args.latency else [])
-        plan += [(variant, resolution, batch) for batch in batches]
+        plan += [(variant, resolution, latency) for latency in ([False, True] if args.latency else [False])]
     start = time.monotonic()
     rows = 0
-    with tqdm(total=len(plan) * len(providers) * len(modes), file=sys.stderr, desc="bench") as progress:
-        for variant, resolution, batch in plan:
+    steps = sum(1 if latency else len(modes) for _, _, latency in plan) * len(providers)
+    with tqdm(total=steps, file=sys.stderr, desc="bench") as progress:
+        for variant, resolution, latency in plan:
             over_budget = args.time_budget is not None and time.monotonic() - start > args.time_budget
             models = dict.fromkeys(providers) if over_budget else build_models(
                 variant, providers, device, DTYPES[args.dtype], channels_last)  # fmt: skip
             repeats = args.repeats or (GPU_REPEATS.get(variant, 10) if device.type == "cuda" else 3)
             for provider, model in models.items():
-                for mode in modes:
+                for mode in ["infer"] if latency else modes:  # latency: batch-1 inference
+                    batch = 1 if latency else batch_size(args, variant, mode, device)
                     progress.set_postfix_str(f"{variant} {provider} {mode} b{batch}")
                     if args.time_budget is not None and time.monotonic() - start > args.time_budget:
                         row = {"kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,

@@ -56,6 +56,23 @@ def test_cli_small_cpu_run(tmp_path):
     assert csv_path.with_suffix(".md").exists()
 
 
+def test_cli_batch_per_mode_and_latency(tmp_path, monkeypatch):
+    """On a GPU each variant has an inference and a training batch (B5: 32 and 16, the targets');
+    --latency adds batch-1 inference rows (not training: one sample's BN statistics)."""
+    from bench import __main__ as cli
+
+    args = cli.parse_args(["--variants", "b5"])
+    cuda = torch.device("cuda")
+    assert (cli.batch_size(args, "b5", "infer", cuda), cli.batch_size(args, "b5", "train", cuda)) == (32, 16)
+    assert cli.batch_size(cli.parse_args(["--batch", "3"]), "b5", "train", cuda) == 3
+    csv_path = tmp_path / "models.csv"
+    monkeypatch.chdir(ROOT)
+    cli.main(["--variants", "b0", "--providers", "eager", "--resolution", "32", "--repeats", "1", "--latency",
+              "--out", str(csv_path)])  # fmt: skip
+    rows = [(r["mode"], r["batch"], r["status"]) for r in read_rows(csv_path)]
+    assert rows == [("infer", "2", "ok"), ("train", "2", "ok"), ("infer", "1", "ok")]
+
+
 def test_cli_time_budget_records_what_it_skips(tmp_path):
     """With the budget spent before the first row, every row is written as skipped, not dropped."""
     csv_path = tmp_path / "models.csv"
