@@ -7,7 +7,8 @@
 # Steps: smoke (one training step of one block per backend, first-call times), tests (the suite on
 # CUDA, in parallel workers), sweeps (every layer shape of B0-B7 through each fused op), sanitizer
 # (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
-# shapes), bench_model (B5 end to end), auto_table (the measured "auto" choice), main (python -m
+# shapes), bench_model (B5 end to end), profile (B5's training step kernel by kernel), auto_table
+# (the measured "auto" choice), main (python -m
 # fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its native
 # resolution, fp32 and bf16: parity with torchvision in eval and one training step, and timings).
 # A step is skipped when its time limit would pass the budget; a failing step does not stop the
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests sweeps sanitizer bench_dw bench_se bench_model auto_table main"
+ALL_STEPS="smoke tests sweeps sanitizer bench_dw bench_se bench_model profile auto_table main"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless not selected or over budget
@@ -79,6 +80,8 @@ step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --out "$OUT/se_pro
 # --report-only model.csv`
 step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused-triton --time-budget 60 \
   --out "$OUT/model.csv" --report /tmp/model.md
+# per-kernel time of one B5 training step, eager vs fused: where the time goes
+step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2
 step auto_table 70 "$LOG" $PY bench/bench_auto_table.py --time-budget 55 --out "$OUT/auto_table.json"
 step main 45 "$LOG" $PY -m fused_mbconv --device cuda
 # the variants most important first (the smallest, the largest, then the rest), batch sized to

@@ -207,3 +207,16 @@ def test_kernel_benchmark_smoke_run_on_cpu(script, tmp_path, capsys):
     # (% of the floor rounds to 0 here: a few KB moved against a bandwidth measured on 64 MiB)
     assert all(float(r["median_ms"]) > 0 and float(r["pct_bw_floor"]) >= 0 and r["gpu"].startswith("cpu") for r in rows)
     assert f"| {bench.SMOKE_SHAPES[0].name} | train |" in capsys.readouterr().out
+
+
+def test_profile_names_where_each_provider_spends_its_step(capsys):
+    """bench/profile_model.py on the CPU (operators, not kernels): a table per provider, with
+    torch's convolution backward in eager's and the fused ops in the fused model's."""
+    from bench import profile_model
+
+    profile_model.main(["--variant", "b0", "--resolution", "32", "--batch", "2", "--steps", "1", "--top", "40",
+                        "--providers", "eager,fused", "--mode", "train"])  # fmt: skip
+    out = capsys.readouterr().out
+    eager, fused = out.split("### fused")
+    assert "### eager" in eager and "aten::convolution_backward" in eager and "fused_mbconv::" not in eager
+    assert "fused_mbconv::project_bn_backward" in fused and "fused_mbconv::dwconv_bn_silu" in fused
