@@ -8,11 +8,10 @@
 # CUDA, in parallel workers), sweeps (every layer shape of B0-B7 through each fused op), sanitizer
 # (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
 # shapes), bench_model (B5 end to end), profile (B5's training step kernel by kernel), auto_table
-# (the measured "auto" choice), main (python -m
-# fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its native
-# resolution, fp32 and bf16: parity with torchvision in eval and one training step, and timings).
-# A step is skipped when its time limit would pass the budget; a failing step does not stop the
-# later ones.
+# (the measured "auto" choice), main (python -m fused_mbconv). Only when named: models (python -m
+# fused_mbconv for every variant at its native resolution, fp32 and bf16: parity with torchvision
+# in eval and one training step, and timings). A step is skipped when its time limit would pass
+# the budget; a failing step does not stop the later ones.
 # $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
 # output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
 # fused_mbconv/ops/auto_table.json), models.log.
