@@ -207,9 +207,9 @@ def test_reductions_split_into_chunks(monkeypatch, groups):
 @pytest.mark.parametrize(
     "c,width,expected",
     [
-        (240, 228, {(64, 32, 8), (64, 32, 16), (128, 32, 16), (32, 64, 8), (64, 64, 8)}),
-        (24, 228, {(64, 32, 8), (64, 32, 16), (128, 32, 16)}),  # no 64-channel blocks for 24 channels
-        (240, 7, {(64, 32, 8), (32, 64, 8), (64, 64, 8)}),  # no 16-wide tiles on a 7-wide plane
+        (240, 228, {(128, 32, 16), (64, 64, 8), (128, 64, 16), (64, 32, 8)}),
+        (24, 228, {(128, 32, 16), (64, 32, 8)}),  # no 64-channel blocks for 24 channels
+        (240, 7, {(64, 64, 8), (64, 32, 8)}),  # no 16-wide tiles on a 7-wide plane
         (3, 1, {(64, 32, 8)}),  # nothing fits: the narrowest config is kept
     ],
 )

@@ -98,16 +98,17 @@ def _plan() -> list[dict]:
            "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
     ]  # fmt: skip
     bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr", "gamma_ptr", "beta_ptr"], F32)
-    dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32}
+    dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
     excite_scratch = {"h_ptr": F32, "dl_ptr": F32, "dh_ptr": F32}
     return [
         # fused_mbconv.ops._triton: out is fp32 sums, or the dtype of dweight / squeeze / dgate
         dict(module="common", kernel="_sum_rows_kernel", ptrs={"part_ptr": F32},
              variants=[{"BLOCK_G": common._SUM_BLOCK_G, "BLOCK_L": common._SUM_BLOCK_L}]),
         # depthwise conv + BN + SiLU
-        dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32}, tuples=("sx", "sw", "sy"),
+        dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
-        dict(module="dwconv", kernel="_conv_stats_kernel", ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr"], F32),
+        dict(module="dwconv", kernel="_conv_stats_kernel",
+             ptrs=dict.fromkeys(["w_ptr", "count_part_ptr", "mean_part_ptr", "m2_part_ptr"], F32),
              tuples=("sx", "sw"), variants=dw_shapes([{}])),
         dict(module="dwconv", kernel="_combine_stats_kernel", floats=("eps",),
              ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "scale_ptr"], F32),
@@ -119,7 +120,8 @@ def _plan() -> list[dict]:
              tuples=("sx", "sw", "sdy", "sdc"), floats=("inv_count", "inv_p_out"),
              variants=[{**v, "KK_PAD": triton.next_power_of_2(v["K"] ** 2)}
                        for v in dw_shapes(_grid(HAS_DSQ=(True, False), TRAINING=(True, False)))]),
-        dict(module="dwconv", kernel="_dx_kernel", tuples=("sdc", "sw", "sdx"), variants=dw_shapes([{}])),
+        dict(module="dwconv", kernel="_dx_kernel", tuples=("sdc", "sw", "sdx"), ptrs={"w_ptr": F32},
+             variants=dw_shapes([{"PAD_ODD": 0}, {"PAD_ODD": 1}])),
         # squeeze-excite: a reduction over H*W writes fp32 partials when it is split
         dict(module="se", kernel="_squeeze_kernel", floats=("inv_hw",),
              variants=_grid(FLAT=(True, False), out_ptr=(D, F32))),
