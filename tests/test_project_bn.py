@@ -119,6 +119,21 @@ def test_matches_eager(backend, dtype, layout, training):
     check(dtype, layout, training, with_extras=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channel_vectors(backend, dtype, training):
+    """channels_last with C and O multiples of 8 (EfficientNet's widths): the kernels then claim
+    16-byte channel vectors (``_triton.vector_alignment``: 8 channels in bf16, 4 in fp32), masks
+    written per vector; O = 40 is no multiple of the tile width 16 nor of 16 itself."""
+    from fused_mbconv.ops._triton import vector_alignment
+
+    shape = (2, 48, 40, 3, 5)
+    x, *_ = make_case(dtype, "channels_last", True, shape=shape)
+    assert vector_alignment(x) == 16 // x.element_size()
+    skip_if_slow(backend, 2 * 48 * 15)
+    check(dtype, "channels_last", training, with_extras=True, shape=shape)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_without_gate_residual_or_noise(backend, training):
     """Plain conv1x1 + BN: every optional input absent."""

@@ -198,7 +198,8 @@ def _job(row: dict, fn, dtype: str, variant: dict, cfg, arch: int, tier: str) ->
     unknown = set(variant) - set(params)
     if unknown:
         raise KeyError(f"{row['kernel']}: the plan names {sorted(unknown)}, not parameters of the kernel")
-    values = {**variant, **(cfg.kwargs if cfg is not None else {})}
+    # ALIGN (_triton.vector_alignment): the 16-byte channel vectors of channels_last EfficientNet widths
+    values = {"ALIGN": 4 if dtype == "fp32" else 8, **variant, **(cfg.kwargs if cfg is not None else {})}
     signature, constexprs = {}, {}
     for p in fn.params:
         name = p.name
@@ -446,7 +447,9 @@ Made by `python tests/test_triton_compile.py --markdown {MARKDOWN.relative_to(RO
 without a GPU: each kernel compiled ahead of time by triton {report["triton"]} (ptxas: {report["ptxas"]})
 for sm_90 (and sm_80), statistics from `ptxas -v`. Date: {report["date"]}; kernels of {report["source"]}.
 Nothing here ran on a GPU: register counts are ptxas's, and the GPU machine's triton (and its ptxas)
-may differ. Coverage: see the docstring of tests/test_triton_compile.py. dtype is the op's dtype
+may differ. Compiled without a launch's specialization (unit strides as constants, divisibility
+by 16), so loads here are often scalar where a channels_last launch's are 16-byte vectors: for
+the SASS of kernels compiled as launched, see `python bench/triton_sass.py`. Coverage: see the docstring of tests/test_triton_compile.py. dtype is the op's dtype
 (internal partials and statistics are fp32; "fp32 only": no pointer follows it); config is the
 autotune config (tile sizes, warps, stages), "-" for kernels launched with fixed tiles.
 {body}
@@ -485,6 +488,29 @@ def test_every_triton_kernel_compiles_for_sm90():
         for r in failures
     ]
     assert not problems, f"{len(failures)} of {len(report['results'])} compilations failed\n\n" + "\n\n".join(problems)
+
+
+def test_launch_specialized_kernels_move_whole_channel_vectors():
+    """Compiled as a channels_last bf16 launch specializes them (bench/triton_sass.py), with 40
+    channels (no multiple of 16, so triton alone would not know the rows' alignment): the
+    depthwise kernel and the GEMMs load and store 16 bytes at a time (LDG.E.128 / STG.E.128,
+    LDGSTS.128), never element by element, and the GEMMs run on Hopper's wgmma (HGMMA)."""
+    pytest.importorskip("triton")
+    if _ptxas_path() is None:
+        pytest.skip("triton's NVIDIA backend (ptxas) is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
+        proc = subprocess.run([sys.executable, "bench/triton_sass.py", "--channels", "40", "--size", "9"], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(proc.stdout)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| dwconv", "| projection", "| expansion"))]
+    assert len(rows) == 11, proc.stdout
+    for row in rows:
+        assert "LDG.E.128" in row or "LDGSTS.E.BYPASS.128" in row, row
+        assert "STG.E.128" in row and ".U16" not in row, row
+    assert all("HGMMA" in row for row in rows if not row.startswith("| dwconv")), proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

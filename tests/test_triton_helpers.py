@@ -186,3 +186,20 @@ def test_triton_entry():
         fn(*args)
         assert calls.pop() == expected, (fn, args)
     assert fp64_only.__name__ == "op"
+
+
+def test_vector_alignment_claims_only_what_holds():
+    """16 bytes of channels per row where every tensor has unit channel stride and 16-byte rows;
+    otherwise 1 (no claim), whatever else is passed."""
+    def cl(c, dtype=torch.bfloat16, h=3, w=5):
+        return torch.empty(2, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    assert _triton.vector_alignment(cl(40)) == 8  # bf16: 8 channels a vector
+    assert _triton.vector_alignment(cl(20, torch.float32)) == 4
+    assert _triton.vector_alignment(cl(40), cl(20, torch.float32), None) == 4  # the widest dtype's vector
+    assert _triton.vector_alignment(cl(20)) == 1  # 20 bf16 channels: rows of 40 bytes
+    assert _triton.vector_alignment(torch.empty(2, 40, 3, 5, dtype=torch.bfloat16)) == 1  # NCHW: channels strided
+    assert _triton.vector_alignment(cl(48)[:, 8:]) == 8  # a channel slice 16 bytes in keeps the claim
+    assert _triton.vector_alignment(cl(48)[:, 4:44]) == 1  # 8 bytes in: misaligned
+    assert _triton.vector_alignment(torch.empty(40, 240, dtype=torch.bfloat16)) == 8  # a GEMM weight (O, C)
+    assert _triton.vector_alignment(None) == 1

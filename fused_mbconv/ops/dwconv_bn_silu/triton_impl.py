@@ -36,7 +36,17 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv.ops._triton import autotune, cast, chan_merge, merge_rows, multiprocessors, sum_rows, triton_entry
+from fused_mbconv.ops._triton import (
+    autotune,
+    below,
+    cast,
+    chan_merge,
+    merge_rows,
+    multiprocessors,
+    sum_rows,
+    triton_entry,
+    vector_alignment,
+)
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
 # The per-chunk statistics are merged BLOCK_G chunks at a time, BLOCK_L channels per program.
@@ -122,9 +132,12 @@ def _tile_count(N, H, W, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(n, h, w, cs, strides):
-    """int64 element offsets of a (positions, channels) tile of an (N, C, H, W) tensor."""
+def _tile_offsets(n, h, w, cs, strides, ALIGN: tl.constexpr):
+    """int64 element offsets of a (positions, channels) tile of an (N, C, H, W) tensor; ALIGN:
+    what every position's offset is a multiple of (``_triton.vector_alignment``)."""
     rows = n.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[2] + w.to(tl.int64) * strides[3]
+    if ALIGN > 1:
+        rows = tl.multiple_of(rows, ALIGN)
     return rows[:, None] + (cs.to(tl.int64) * strides[1])[None, :]
 
 
@@ -149,33 +162,42 @@ def _pick(i: tl.constexpr, v0, v1, v2, v3, v4):
 
 
 @triton.jit
-def _tap_weights(w_ptr, cs, mask_c, kh, sw, K: tl.constexpr):
+def _tap_weight(w_ptr, cs, mask_c, kh, kw: tl.constexpr, sw, ALIGN: tl.constexpr):
+    offs = cs * sw[0] + kh * sw[2] + kw * sw[3]
+    if ALIGN >= 4:  # the channel count is a multiple of 4: so is each tap's offset in the fp32 taps
+        offs = tl.multiple_of(offs, 4)
+    return tl.load(w_ptr + offs, mask=mask_c, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap_weights(w_ptr, cs, mask_c, kh, sw, K: tl.constexpr, ALIGN: tl.constexpr):
     """The weights of the K taps of row kh for the tile's channels, fp32 (K <= 5; unused ones 0)."""
-    w_kh = w_ptr + cs * sw[0] + kh * sw[2]
-    w0 = tl.load(w_kh, mask=mask_c, other=0.0).to(tl.float32)
-    w1 = tl.load(w_kh + sw[3], mask=mask_c, other=0.0).to(tl.float32)
-    w2 = tl.load(w_kh + 2 * sw[3], mask=mask_c, other=0.0).to(tl.float32)
+    w0 = _tap_weight(w_ptr, cs, mask_c, kh, 0, sw, ALIGN)
+    w1 = _tap_weight(w_ptr, cs, mask_c, kh, 1, sw, ALIGN)
+    w2 = _tap_weight(w_ptr, cs, mask_c, kh, 2, sw, ALIGN)
     w3 = tl.zeros_like(w0)
     w4 = tl.zeros_like(w0)
     if K > 3:
-        w3 = tl.load(w_kh + 3 * sw[3], mask=mask_c, other=0.0).to(tl.float32)
-        w4 = tl.load(w_kh + 4 * sw[3], mask=mask_c, other=0.0).to(tl.float32)
+        w3 = _tap_weight(w_ptr, cs, mask_c, kh, 3, sw, ALIGN)
+        w4 = _tap_weight(w_ptr, cs, mask_c, kh, 4, sw, ALIGN)
     return w0, w1, w2, w3, w4
 
 
 @triton.jit
-def _column(x_c, rows, ok_row, iw, m: tl.constexpr, mask_c, W, sx):
+def _column(x_c, rows, ok_row, iw, m: tl.constexpr, mask_c, W, sx, ALIGN: tl.constexpr):
     """Input column iw + m of the strips' rows (int64 offsets ``rows`` at column iw), fp32,
     zero outside the plane (the padding)."""
     ok = ok_row & (iw + m >= 0) & (iw + m < W)
     offs = rows + m * sx[3].to(tl.int64)
+    if ALIGN > 1:
+        offs = tl.multiple_of(offs, ALIGN)
     return tl.load(x_c + offs[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _conv(
     x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
-    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The conv at the STRIP positions of each strip, as STRIP tiles (strips, channels), fp32:
     c_j[r, ch] = sum_{kh, kw} w[ch, kh, kw] * x[n, ch, oh*S - pad_t + kh, (ow0 + j)*S - pad_l + kw],
@@ -200,9 +222,11 @@ def _conv(
         ih = oh * STRIDE - pad_t + kh
         ok_row = ok_h & (ih >= 0) & (ih < H)
         rows = x_r + ih.to(tl.int64) * sx[2]
-        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K)
+        if ALIGN > 1:  # also here: _column's claim on its offsets is lost when they are these rows (m = 0)
+            rows = tl.multiple_of(rows, ALIGN)
+        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, ALIGN)
         for m in tl.static_range((STRIP - 1) * STRIDE + K):
-            xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx)
+            xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN)
             for j in tl.static_range(STRIP):
                 if m - j * STRIDE >= 0:
                     if m - j * STRIDE < K:
@@ -223,21 +247,23 @@ def _conv(
 
 
 @triton.jit
-def _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):
+def _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
+           ALIGN: tl.constexpr):
     """This program's channels and its chunk [start, end) of the output tiles (empty when the
     tiles run out before the programs)."""
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tiles = _tile_count(N, H_OUT, W_OUT, BLOCK_P, TILE_W)
     per_chunk = tl.cdiv(tiles, groups)
     start = tl.program_id(0) * per_chunk
-    return cs, cs < C, start, tl.minimum(start + per_chunk, tiles)
+    return cs, below(cs, C, ALIGN), start, tl.minimum(start + per_chunk, tiles)
 
 
 @triton.jit
-def _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ: tl.constexpr):
+def _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ: tl.constexpr,
+             ALIGN: tl.constexpr):
     """dL/dy at the positions (oh, ow) of sample n, 0 on masked positions."""
     mask = ok_p[:, None] & mask_c[None, :]
-    dy = tl.load(dy_ptr + _tile_offsets(n, oh, ow, cs, sdy), mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + _tile_offsets(n, oh, ow, cs, sdy, ALIGN), mask=mask, other=0.0).to(tl.float32)
     if HAS_DSQ:
         # squeeze = mean over (Ho, Wo) of y, so each y element receives grad_squeeze / (Ho * Wo)
         dsq = tl.load(dsq_ptr + n * C + cs, mask=mask_c, other=0.0).to(tl.float32)
@@ -261,7 +287,7 @@ def _bn_silu_backward(c, dy, mean, invstd, gamma, beta):
 
 @triton.jit
 def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy,
-                   CENTERED: tl.constexpr):  # fmt: skip
+                   CENTERED: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """y = silu((c - center) * scale + shift) stored at strip position j; returns y, 0 where masked."""
     if CENTERED:
         c -= center[None, :]
@@ -269,7 +295,7 @@ def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, cent
     y = z * tl.sigmoid(z)
     ow = ow0 + j
     mask = (ok_h & (ow < W_OUT))[:, None] & mask_c[None, :]
-    tl.store(y_ptr + _tile_offsets(n, oh, ow, cs, sy), cast(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + _tile_offsets(n, oh, ow, cs, sy, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)
     return tl.where(mask, y, 0.0)
 
 
@@ -278,7 +304,7 @@ def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, cent
 def _conv_bn_silu_kernel(
     x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, y_ptr, sq_ptr,
     C, H, W, H_OUT, W_OUT, inv_p_out, pad_t, pad_l, sx, sw, sy,
-    K: tl.constexpr, STRIDE: tl.constexpr, CENTERED: tl.constexpr, WITH_SQUEEZE: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, CENTERED: tl.constexpr, WITH_SQUEEZE: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """y = silu((conv(x) - center) * scale + shift) and squeeze += mean of y over (Ho, Wo).
@@ -289,16 +315,16 @@ def _conv_bn_silu_kernel(
     """
     n, oh, ow0, ok_h = _tile(tl.program_id(0), H_OUT, W_OUT, BLOCK_P, TILE_W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cs < C
+    mask_c = below(cs, C, ALIGN)
     c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
-                           K, STRIDE, BLOCK_P, BLOCK_C)  # fmt: skip
+                           K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
     center = _load_channels(center_ptr, cs, mask_c)
     scale = _load_channels(scale_ptr, cs, mask_c)
     shift = _load_channels(shift_ptr, cs, mask_c)
-    y = _bn_silu_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED)
-    y += _bn_silu_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED)
-    y += _bn_silu_store(c2, 2, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED)
-    y += _bn_silu_store(c3, 3, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED)
+    y = _bn_silu_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
+    y += _bn_silu_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
+    y += _bn_silu_store(c2, 2, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
+    y += _bn_silu_store(c3, 3, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
     if WITH_SQUEEZE:
         # the unrounded fp32 y, as the reference averages before casting; one reduction per tile
         partial = tl.sum(y, axis=0) * inv_p_out
@@ -316,18 +342,19 @@ def _sq_dev(c, ok, mean):
 def _conv_stats_kernel(
     x_ptr, w_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
     N, C, H, W, H_OUT, W_OUT, groups, pad_t, pad_l, sx, sw,
-    K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """Training pass 1: (count, mean, M2) of conv(x) per channel over this program's chunk,
     each tile's exact (mean, M2) merged into the running triple by Chan's formula."""
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     count = 0.0
     mean = tl.zeros((BLOCK_C,), tl.float32)
     m2 = tl.zeros((BLOCK_C,), tl.float32)
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
-                               K, STRIDE, BLOCK_P, BLOCK_C)  # fmt: skip
+                               K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         ok0 = ok_h & (ow0 < W_OUT)
         ok1 = ok_h & (ow0 + 1 < W_OUT)
         ok2 = ok_h & (ow0 + 2 < W_OUT)
@@ -380,10 +407,10 @@ def _combine_stats_kernel(
 
 @triton.jit
 def _dz_at(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-           mean, invstd, gamma, beta, HAS_DSQ: tl.constexpr):  # fmt: skip
+           mean, invstd, gamma, beta, HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """(xhat, dz) at strip position j (dz = dL/d(BN output before SiLU), 0 where masked)."""
     ow = ow0 + j
-    dy = _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_h & (ow < W_OUT), cs, mask_c, C, inv_p_out, sdy, HAS_DSQ)
+    dy = _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_h & (ow < W_OUT), cs, mask_c, C, inv_p_out, sdy, HAS_DSQ, ALIGN)
     return _bn_silu_backward(c, dy, mean, invstd, gamma, beta)
 
 
@@ -392,13 +419,13 @@ def _dz_at(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out
 def _dz_sums_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, part_ptr,
     N, C, H, W, H_OUT, W_OUT, groups, inv_p_out, pad_t, pad_l, sx, sw, sdy,
-    K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """Training backward pass 1: this chunk's sum(dz) and sum(dz * xhat) per channel (the dbeta
     and dgamma partials, which the BN backward of every position needs), into
     part[chunk, 0:C] and part[chunk, C:2C]."""
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     mean = _load_channels(mean_ptr, cs, mask_c)
     invstd = _load_channels(invstd_ptr, cs, mask_c)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
@@ -409,15 +436,15 @@ def _dz_sums_kernel(
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         # recompute c instead of storing it in the forward
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
-                               K, STRIDE, BLOCK_P, BLOCK_C)  # fmt: skip
+                               K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         xhat0, dz0 = _dz_at(c0, 0, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ)  # fmt: skip
+                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         xhat1, dz1 = _dz_at(c1, 1, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ)  # fmt: skip
+                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         xhat2, dz2 = _dz_at(c2, 2, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ)  # fmt: skip
+                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         xhat3, dz3 = _dz_at(c3, 3, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ)  # fmt: skip
+                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         sum_dz += tl.sum(dz0 + dz1 + dz2 + dz3, axis=0)
         sum_dz_xhat += tl.sum(dz0 * xhat0 + dz1 * xhat1 + dz2 * xhat2 + dz3 * xhat3, axis=0)
     row = part_ptr + tl.program_id(0) * 2 * C + cs
@@ -428,18 +455,18 @@ def _dz_sums_kernel(
 @triton.jit
 def _dc_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
               mean, invstd, gamma, beta, HAS_DSQ: tl.constexpr, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-              TRAINING: tl.constexpr):  # fmt: skip
+              TRAINING: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """dc at strip position j, stored (in dc's dtype); returns the fp32 dc, dz and dz * xhat
     (0 where masked)."""
     xhat, dz = _dz_at(c, j, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                      mean, invstd, gamma, beta, HAS_DSQ)  # fmt: skip
+                      mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
     ow = ow0 + j
     mask = (ok_h & (ow < W_OUT))[:, None] & mask_c[None, :]
     if TRAINING:
         dc = tl.where(mask, a[None, :] * (dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]), 0.0)
     else:
         dc = a[None, :] * dz
-    tl.store(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc), cast(dc, dc_ptr.dtype.element_ty), mask=mask)
+    tl.store(dc_ptr + _tile_offsets(n, oh, ow, cs, sdc, ALIGN), cast(dc, dc_ptr.dtype.element_ty), mask=mask)
     return dc, dz, dz * xhat
 
 
@@ -457,7 +484,7 @@ def _dconv_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, sums_ptr,
     dc_ptr, sums_part_ptr, dw_part_ptr,
     N, C, H, W, H_OUT, W_OUT, groups, inv_count, inv_p_out, pad_t, pad_l, sx, sw, sdy, sdc,
-    K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr, TRAINING: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr, TRAINING: tl.constexpr, ALIGN: tl.constexpr,
     KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """dc = dL/dconv(x) at every output position of this chunk, stored for the dx pass, and
@@ -468,7 +495,7 @@ def _dconv_kernel(
     otherwise dc = a * dz, and this pass also emits the sum(dz), sum(dz * xhat) partials.
     """
     R: tl.constexpr = BLOCK_P // STRIP
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W)
+    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     mean = _load_channels(mean_ptr, cs, mask_c)
     invstd = _load_channels(invstd_ptr, cs, mask_c)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
@@ -487,19 +514,19 @@ def _dconv_kernel(
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
-                               K, STRIDE, BLOCK_P, BLOCK_C)  # fmt: skip
+                               K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         dc0, dz0, dzx0 = _dc_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
                                       sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-                                      TRAINING)  # fmt: skip
+                                      TRAINING, ALIGN)  # fmt: skip
         dc1, dz1, dzx1 = _dc_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
                                       sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-                                      TRAINING)  # fmt: skip
+                                      TRAINING, ALIGN)  # fmt: skip
         dc2, dz2, dzx2 = _dc_store(c2, 2, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
                                       sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-                                      TRAINING)  # fmt: skip
+                                      TRAINING, ALIGN)  # fmt: skip
         dc3, dz3, dzx3 = _dc_store(c3, 3, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
                                       sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-                                      TRAINING)  # fmt: skip
+                                      TRAINING, ALIGN)  # fmt: skip
         if not TRAINING:
             sum_dz += tl.sum(dz0 + dz1 + dz2 + dz3, axis=0)
             sum_dz_xhat += tl.sum(dzx0 + dzx1 + dzx2 + dzx3, axis=0)
@@ -511,13 +538,15 @@ def _dconv_kernel(
             ih = oh * STRIDE - pad_t + kh
             ok_row = ok_h & (ih >= 0) & (ih < H)
             rows = x_r + ih.to(tl.int64) * sx[2]
+            if ALIGN > 1:
+                rows = tl.multiple_of(rows, ALIGN)
             p0 = tl.zeros((R, BLOCK_C), tl.float32)
             p1 = tl.zeros((R, BLOCK_C), tl.float32)
             p2 = tl.zeros((R, BLOCK_C), tl.float32)
             p3 = tl.zeros((R, BLOCK_C), tl.float32)
             p4 = tl.zeros((R, BLOCK_C), tl.float32)
             for m in tl.static_range((STRIP - 1) * STRIDE + K):
-                xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx)
+                xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN)
                 for j in tl.static_range(STRIP):
                     if m - j * STRIDE >= 0:
                         if m - j * STRIDE < K:
@@ -551,7 +580,7 @@ def _dconv_kernel(
 def _dx_kernel(
     dc_ptr, w_ptr, dx_ptr,
     C, H, W, H_OUT, W_OUT, pad_t, pad_l, sdc, sw, sdx,
-    K: tl.constexpr, STRIDE: tl.constexpr, PAD_ODD: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, PAD_ODD: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
 ):  # fmt: skip
     """dx = the transposed depthwise conv of dc, gathered per input pixel (strips of the input
@@ -565,7 +594,7 @@ def _dx_kernel(
     R: tl.constexpr = BLOCK_P // STRIP
     n, ih, iw0, ok_h = _tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cs < C
+    mask_c = below(cs, C, ALIGN)
     dc_c = dc_ptr + (cs.to(tl.int64) * sdc[1])[None, :]
     acc0 = tl.zeros((R, BLOCK_C), tl.float32)
     acc1 = tl.zeros((R, BLOCK_C), tl.float32)
@@ -577,7 +606,7 @@ def _dx_kernel(
         oh = num_h // STRIDE
         ok_row = ok_h & (num_h >= 0) & (num_h % STRIDE == 0) & (oh < H_OUT)
         rows = n.to(tl.int64) * sdc[0] + oh.to(tl.int64) * sdc[2]
-        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K)
+        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, ALIGN)
         for dd in tl.static_range(STRIP + K - 1):
             d = dd - (K - 1)  # j - kw, from -(K - 1) to STRIP - 1
             if (PAD_ODD + dd + K - 1) % STRIDE == 0:  # (pad_l + d) % S == 0, dd + K - 1 keeps it >= 0
@@ -585,6 +614,8 @@ def _dx_kernel(
                 ow = num_w // STRIDE
                 ok = ok_row & (num_w >= 0) & (ow < W_OUT)
                 offs = rows + ow.to(tl.int64) * sdc[3]
+                if ALIGN > 1:
+                    offs = tl.multiple_of(offs, ALIGN)
                 col = tl.load(dc_c + offs[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
                 for j in tl.static_range(STRIP):
                     if j - d >= 0:
@@ -601,8 +632,8 @@ def _dx_kernel(
     dx_ty = dx_ptr.dtype.element_ty
     for j in tl.static_range(STRIP):
         mask = (ok_h & (iw0 + j < W))[:, None] & mask_c[None, :]
-        tl.store(dx_ptr + _tile_offsets(n, ih, iw0 + j, cs, sdx), cast(_pick(j, acc0, acc1, acc2, acc3, acc3), dx_ty),
-                 mask=mask)  # fmt: skip
+        acc = _pick(j, acc0, acc1, acc2, acc3, acc3)
+        tl.store(dx_ptr + _tile_offsets(n, ih, iw0 + j, cs, sdx, ALIGN), cast(acc, dx_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,7 +718,7 @@ def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze:
     _conv_bn_silu_kernel[_tile_grid(geo.n, geo.h_out, geo.w_out)](
         x, weight, scale if center is None else center.contiguous(), scale, shift.contiguous(), y, squeeze,
         inv_p_out=1.0 / (geo.h_out * geo.w_out), sx=x.stride(), sw=weight.stride(), sy=y.stride(),
-        CENTERED=center is not None, WITH_SQUEEZE=with_squeeze, **geo.conv_args(),
+        CENTERED=center is not None, WITH_SQUEEZE=with_squeeze, ALIGN=vector_alignment(x, y), **geo.conv_args(),
     )  # fmt: skip
     return y, (squeeze.to(x.dtype) if with_squeeze else x.new_empty(0))
 
@@ -715,7 +746,7 @@ def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):
     mean_part, m2_part = (torch.empty((groups, geo.c), **f32) for _ in range(2))
     _conv_stats_kernel[_channel_grid(groups)](
         x, weight, count_part, mean_part, m2_part, N=geo.n, groups=groups, sx=x.stride(), sw=weight.stride(),
-        **geo.conv_args(),
+        ALIGN=vector_alignment(x), **geo.conv_args(),
     )  # fmt: skip
     mean, var, scale = (torch.empty(geo.c, **f32) for _ in range(3))
     _combine_stats_kernel[(triton.cdiv(geo.c, BLOCK_L),)](
@@ -768,7 +799,10 @@ def backward(
     dsq = grad_squeeze.contiguous() if has_dsq else grad_y  # a placeholder pointer when absent
     dy_args = {"inv_p_out": 1.0 / (geo.h_out * geo.w_out), "sdy": grad_y.stride(), "HAS_DSQ": has_dsq}
     taps = _taps_by_channel(weight)
-    conv_args = {"N": geo.n, "groups": groups, "sx": x.stride(), "sw": taps.stride(), **geo.conv_args()}
+    # dc in x's dtype, as eager autograd holds it: it is written once and read once
+    dc = empty_like_layout(x, (geo.n, geo.c, geo.h_out, geo.w_out))
+    align = vector_alignment(x, grad_y, dc)
+    conv_args = {"N": geo.n, "groups": groups, "sx": x.stride(), "sw": taps.stride(), "ALIGN": align, **geo.conv_args()}
 
     sums_part = torch.empty((groups, 2 * geo.c), **f32)  # [sum dz | sum dz * xhat] per chunk
     sums = torch.empty(2 * geo.c, **f32)
@@ -776,8 +810,6 @@ def backward(
         _dz_sums_kernel[grid](grad_y, dsq, x, taps, *per_channel, sums_part, **dy_args, **conv_args)
         sum_rows(sums_part, sums)
 
-    # dc in x's dtype, as eager autograd holds it: it is written once and read once
-    dc = empty_like_layout(x, (geo.n, geo.c, geo.h_out, geo.w_out))
     dw_part = torch.empty((groups, geo.c * geo.k * geo.k), **f32)
     _dconv_kernel[grid](
         grad_y, dsq, x, taps, *per_channel, sums, dc, sums_part, dw_part,
@@ -792,7 +824,7 @@ def backward(
     _dx_kernel[_tile_grid(geo.n, geo.h, geo.w)](
         dc, taps, dx, geo.c, geo.h, geo.w, geo.h_out, geo.w_out, geo.pad_t, geo.pad_l,
         dc.stride(), taps.stride(), dx.stride(), K=geo.k, STRIDE=geo.stride,
-        PAD_ODD=geo.pad_l % 2 if geo.stride == 2 else 0,
+        PAD_ODD=geo.pad_l % 2 if geo.stride == 2 else 0, ALIGN=vector_alignment(dc, dx),
     )  # fmt: skip
     # fresh tensors: op outputs must not alias each other
     dgamma = torch.empty_like(gamma).copy_(sums[geo.c :])

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout, memory_format_of
 from fused_mbconv.ops import _triton
-from fused_mbconv.ops._triton import cast
+from fused_mbconv.ops._triton import cast, vector_alignment
 from fused_mbconv.ops.project_bn import IMPLS, reference
 
 # ---------------------------------------------------------------------------------------------
@@ -91,19 +91,25 @@ def _precision(x: torch.Tensor) -> str:
 
 
 @triton.jit
-def _offsets(n64, p, c, s_n, s_c, s_p):
+def _offsets(n64, p, c, s_n, s_c, s_p, ALIGN: tl.constexpr):
     """int64 offsets of the (positions, channels) tile [n, c, p] of a tensor with strides
-    (s_n, s_c, s_p), p the flat (h, w) index."""
-    return n64 * s_n + p.to(tl.int64)[:, None] * s_p + c.to(tl.int64)[None, :] * s_c
+    (s_n, s_c, s_p), p the flat (h, w) index; ALIGN: what every position's offset is known to be
+    a multiple of (``_triton.vector_alignment``)."""
+    rows = n64 * s_n + p.to(tl.int64) * s_p
+    if ALIGN > 1:
+        rows = tl.multiple_of(rows, ALIGN)
+    return rows[:, None] + c.to(tl.int64)[None, :] * s_c
 
 
 @triton.jit
-def _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE: tl.constexpr):
+def _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE: tl.constexpr,
+                ALIGN: tl.constexpr):
     """x[n, k, p] * gate[n, k] as a (positions, channels) tile in x's dtype, the operand of tl.dot."""
-    mask = mask_p[:, None] & (k < C)[None, :]
-    a = tl.load(x_ptr + _offsets(n64, p, k, s_xn, s_xc, s_xp), mask=mask, other=0.0)
+    mask_k = _triton.below(k, C, ALIGN)
+    mask = mask_p[:, None] & mask_k[None, :]
+    a = tl.load(x_ptr + _offsets(n64, p, k, s_xn, s_xc, s_xp, ALIGN), mask=mask, other=0.0)
     if HAS_GATE:
-        g = tl.load(gate_ptr + n64 * s_gn + k * s_gc, mask=k < C, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + n64 * s_gn + k * s_gc, mask=mask_k, other=0.0).to(tl.float32)
         a = cast(a.to(tl.float32) * g[None, :], x_ptr.dtype.element_ty)
     return a
 
@@ -135,7 +141,7 @@ def _project_kernel(
     C, N_COLS, HW,
     s_xn, s_xc, s_xp, s_gn, s_gc, s_wo, s_wc, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
     HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_BS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_M), cdiv(O, BLOCK_N)); O is N_COLS.
@@ -145,13 +151,16 @@ def _project_kernel(
     #   STATS: the tile's (mean, M2) of acc per o, for the batch statistics (Chan's merge later)
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_o = o < N_COLS
+    mask_o = _triton.below(o, N_COLS, ALIGN)
+    w_rows = o.to(tl.int64) * s_wo
+    if ALIGN > 1:
+        w_rows = tl.multiple_of(w_rows, ALIGN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, C, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
-        wt = tl.load(w_ptr + o[None, :].to(tl.int64) * s_wo + k[:, None] * s_wc,
-                     mask=(k < C)[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
+        a = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE, ALIGN)
+        wt = tl.load(w_ptr + w_rows[None, :] + k[:, None] * s_wc,
+                     mask=_triton.below(k, C, ALIGN)[:, None] & mask_o[None, :], other=0.0)  # fmt: skip
         acc = _triton.dot(a, cast(wt.to(tl.float32), x_ptr.dtype.element_ty), acc, PRECISION)
     mask = mask_p[:, None] & mask_o[None, :]
     if STATS:
@@ -174,8 +183,8 @@ def _project_kernel(
     if HAS_BS:
         acc *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
-        acc += tl.load(res_ptr + _offsets(n64, p, o, s_rn, s_rc, s_rp), mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + _offsets(n64, p, o, s_yn, s_yc, s_yp), cast(acc, y_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(res_ptr + _offsets(n64, p, o, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + _offsets(n64, p, o, s_yn, s_yc, s_yp, ALIGN), cast(acc, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -209,24 +218,26 @@ def _combine_stats_kernel(
 def _normalize_kernel(
     z_ptr, a_ptr, b_ptr, res_ptr, bs_ptr, y_ptr, C, HW,
     s_zn, s_zc, s_zp, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
-    ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, HAS_BS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): y = bs[n] * act(a[c] * z + b[c]) + res,
     # a = gamma * invstd and b = beta - mean * a: the BN of the training forward
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = mask_p[:, None] & (c < C)[None, :]
-    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + c, mask=c < C, other=0.0)
-    b = tl.load(b_ptr + c, mask=c < C, other=0.0)
+    mask_c = _triton.below(c, C, ALIGN)
+    mask = mask_p[:, None] & mask_c[None, :]
+    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + c, mask=mask_c, other=0.0)
+    b = tl.load(b_ptr + c, mask=mask_c, other=0.0)
     y = z * a[None, :] + b[None, :]
     if ACT:
         y = y * tl.sigmoid(y)
     if HAS_BS:
         y *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
-        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp), mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp), cast(y, y_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +249,7 @@ def _normalize_kernel(
 def _dy_sums_kernel(
     dy_ptr, z_ptr, bs_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr, C, HW, CHUNK, SPLITS,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp,
-    ACT: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * SPLITS, cdiv(C, BLOCK_C)), each program over one CHUNK of a sample's H*W:
     #   part[row, c] = sum du,  part[row, C + c] = sum du * zhat     (row = n * SPLITS + split)
@@ -248,7 +259,7 @@ def _dy_sums_kernel(
     start = (tl.program_id(0) % SPLITS) * CHUNK
     end = tl.minimum(start + CHUNK, HW)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
+    mask_c = _triton.below(c, C, ALIGN)
     mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
@@ -258,8 +269,8 @@ def _dy_sums_kernel(
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < end)[:, None] & mask_c[None, :]
-        dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp), mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
         zhat = (z - mean[None, :]) * invstd[None, :]
         if ACT:
             dy *= _silu_grad(zhat * gamma[None, :] + beta[None, :])
@@ -278,29 +289,30 @@ def _dy_sums_kernel(
 def _dz_kernel(
     dy_ptr, z_ptr, bs_ptr, coef_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dz_ptr, C, HW,
     s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_qn, s_qc, s_qp,
-    ACT: tl.constexpr, HAS_BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): the BN backward, per element
     #   dz = k1[c] * du + k2[c] * z + k3[c]   (coefficients from the host: ``_dz_coefficients``)
     #   du = bs[n] * dy (* silu'(u) with ACT, u = gamma * (z - mean) * invstd + beta)
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = mask_p[:, None] & (c < C)[None, :]
-    dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp), mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp), mask=mask, other=0.0).to(tl.float32)
-    k1 = tl.load(coef_ptr + c, mask=c < C, other=0.0)
-    k2 = tl.load(coef_ptr + C + c, mask=c < C, other=0.0)
-    k3 = tl.load(coef_ptr + 2 * C + c, mask=c < C, other=0.0)
+    mask_c = _triton.below(c, C, ALIGN)
+    mask = mask_p[:, None] & mask_c[None, :]
+    dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    k1 = tl.load(coef_ptr + c, mask=mask_c, other=0.0)
+    k2 = tl.load(coef_ptr + C + c, mask=mask_c, other=0.0)
+    k3 = tl.load(coef_ptr + 2 * C + c, mask=mask_c, other=0.0)
     if HAS_BS:
         dy *= tl.load(bs_ptr + n64).to(tl.float32)
     if ACT:
-        mean = tl.load(mean_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        invstd = tl.load(invstd_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        gamma = tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+        invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+        gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
         dy *= _silu_grad((z - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :])
     dz = dy * k1[None, :] + z * k2[None, :] + k3[None, :]
-    tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp, ALIGN), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
 @_gemm_autotune(["N_COLS", "K", "HW", "s_xc"])
@@ -308,7 +320,7 @@ def _dz_kernel(
 def _dx_kernel(
     dz_ptr, w_ptr, x_ptr, gate_ptr, dx_ptr, dgate_part_ptr, N_COLS, K, HW,
     s_qn, s_qc, s_qp, s_wo, s_wc, s_xn, s_xc, s_xp, s_gn, s_gc, s_dxn, s_dxc, s_dxp,
-    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_M), cdiv(C, BLOCK_N)); C is N_COLS, O is K (the reduced length).
@@ -316,22 +328,26 @@ def _dx_kernel(
     #   dx = dxg * gate[n, c];   dgate_part[tile, c] = sum_p dxg * x[n, c, p]
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_M)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_c = c < N_COLS
+    mask_c = _triton.below(c, N_COLS, ALIGN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        dz = tl.load(dz_ptr + _offsets(n64, p, k, s_qn, s_qc, s_qp), mask=mask_p[:, None] & (k < K)[None, :],
+        mask_k = _triton.below(k, K, ALIGN)
+        dz = tl.load(dz_ptr + _offsets(n64, p, k, s_qn, s_qc, s_qp, ALIGN), mask=mask_p[:, None] & mask_k[None, :],
                      other=0.0)  # fmt: skip
-        w = tl.load(w_ptr + k[:, None].to(tl.int64) * s_wo + c[None, :] * s_wc,
-                    mask=(k < K)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+        w_rows = k.to(tl.int64) * s_wo
+        if ALIGN > 1:
+            w_rows = tl.multiple_of(w_rows, ALIGN)
+        w = tl.load(w_ptr + w_rows[:, None] + c[None, :] * s_wc,
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
         acc = _triton.dot(dz, cast(w.to(tl.float32), dz_ptr.dtype.element_ty), acc, PRECISION)
     mask = mask_p[:, None] & mask_c[None, :]
     if HAS_GATE:
-        x = tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp, ALIGN), mask=mask, other=0.0).to(tl.float32)
         dgate = tl.sum(acc * x, axis=0)
         tl.store(dgate_part_ptr + tl.program_id(0).to(tl.int64) * N_COLS + c, dgate, mask=mask_c)
         acc *= tl.load(gate_ptr + n64 * s_gn + c * s_gc, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    tl.store(dx_ptr + _offsets(n64, p, c, s_dxn, s_dxc, s_dxp), cast(acc, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + _offsets(n64, p, c, s_dxn, s_dxc, s_dxp, ALIGN), cast(acc, dx_ptr.dtype.element_ty), mask=mask)
 
 
 @_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
@@ -339,7 +355,7 @@ def _dx_kernel(
 def _dweight_kernel(
     dz_ptr, x_ptr, gate_ptr, part_ptr, N, C, N_COLS, HW,
     s_qn, s_qc, s_qp, s_xn, s_xc, s_xp, s_gn, s_gc,
-    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (cdiv(O, BLOCK_N), cdiv(C, BLOCK_K), splits); O is N_COLS. The position tiles (BLOCK_M
@@ -353,9 +369,9 @@ def _dweight_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for t in range(split * per_split, tl.minimum((split + 1) * per_split, tiles)):
         n64, p, mask_p = _tile_position(t, HW, BLOCK_M)
-        dz_t = tl.load(dz_ptr + tl.trans(_offsets(n64, p, o, s_qn, s_qc, s_qp)),
-                       mask=(o < N_COLS)[:, None] & mask_p[None, :], other=0.0)  # fmt: skip
-        xg = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, c, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE)
+        dz_t = tl.load(dz_ptr + tl.trans(_offsets(n64, p, o, s_qn, s_qc, s_qp, ALIGN)),
+                       mask=_triton.below(o, N_COLS, ALIGN)[:, None] & mask_p[None, :], other=0.0)  # fmt: skip
+        xg = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, c, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE, ALIGN)
         acc = _triton.dot(dz_t, xg, acc, PRECISION)
     offs = (split.to(tl.int64) * N_COLS + o[:, None]) * C + c[None, :]
     tl.store(part_ptr + offs, acc, mask=(o < N_COLS)[:, None] & (c < C)[None, :])
@@ -418,7 +434,7 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
         *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
         *(_strides(res) if res is not None else (0, 0, 0)), *_strides(out),
         HAS_GATE=gate is not None, AFFINE=scale is not None, ACT=act, HAS_RES=res is not None,
-        HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x),
+        HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x), ALIGN=vector_alignment(x, wm, res, out),
     )  # fmt: skip
     return (parts, launch["rows"]) if stats else None
 
@@ -455,7 +471,7 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, sil
     _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
         z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
         *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
-        ACT=silu, HAS_RES=res is not None, HAS_BS=bs is not None,
+        ACT=silu, HAS_RES=res is not None, HAS_BS=bs is not None, ALIGN=vector_alignment(z, res, y),
     )  # fmt: skip
     return y, z, mean, var
 
@@ -507,13 +523,15 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     per_channel = [v.float().contiguous() for v in (mean, invstd, gamma, beta)]
     _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
         dy, z, bs, *per_channel, part, o, hw, chunk, splits, *_strides(dy), *_strides(z), ACT=silu, HAS_BS=has_bs,
+        ALIGN=vector_alignment(dy, z),
     )  # fmt: skip
     sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
     coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
     dz = torch.empty_like(z)
     _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
-        dy, z, bs, coef, *per_channel, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), ACT=silu, HAS_BS=has_bs
-    )
+        dy, z, bs, coef, *per_channel, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), ACT=silu, HAS_BS=has_bs,
+        ALIGN=vector_alignment(dy, z, dz),
+    )  # fmt: skip
 
     # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
     dx = empty_like_layout(x, x.shape)
@@ -527,7 +545,7 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     _dx_kernel[dx_grid](
         dz, wm, x, gate_arg, dx, dgate_part, c, o, hw,
         *_strides(dz), *wm.stride(), *_strides(x), *gate_strides, *_strides(dx),
-        HAS_GATE=has_gate, PRECISION=precision,
+        HAS_GATE=has_gate, PRECISION=precision, ALIGN=vector_alignment(dz, wm, x, dx),
     )  # fmt: skip
     dgate = x.new_empty(0)
     if has_gate:
@@ -551,7 +569,7 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
 
     _dweight_kernel[dweight_grid](
         dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,
-        HAS_GATE=has_gate, PRECISION=precision,
+        HAS_GATE=has_gate, PRECISION=precision, ALIGN=vector_alignment(dz, x),
     )  # fmt: skip
     dweight = part_w[: rows["splits"]].sum(dim=0).to(weight.dtype).reshape(weight.shape)
     # copies: op outputs must not alias each other

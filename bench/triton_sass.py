@@ -1,0 +1,154 @@
+"""Static SASS of the Triton kernels as a GPU launch compiles them, on a machine without a GPU.
+
+A launch specializes a kernel on its arguments (unit strides become constants, pointers and
+integers divisible by 16 are marked so), and that decides whether channel vectors are loaded 16
+bytes at a time or one element at a time. This compiles the depthwise and projection kernels for
+sm_90 with the specialization that real channels_last tensors give (triton's own argument binder,
+no driver), disassembles them (nvdisasm from triton's package) and reports, per kernel: registers,
+memory instructions by width, tensor-core instructions, and for the depthwise inference kernel the
+instructions per output (the loop over rows of taps counted K times). Static counts, not timings.
+
+    python bench/triton_sass.py                 # B5-like shapes: 57 x 57 planes, bf16
+    python bench/triton_sass.py --channels 40   # a width that is no multiple of 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.compiler import compile as triton_compile  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from fused_mbconv.ops._triton import vector_alignment  # noqa: E402
+from fused_mbconv.ops.dwconv_bn_silu import triton_impl as dw  # noqa: E402
+from fused_mbconv.ops.project_bn import triton_impl as pj  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+
+
+def compile_as_launched(kernel, *args, **kwargs):
+    """The kernel (under its autotuner) compiled for sm_90 as a launch with these arguments
+    (tensors may live on the CPU: only their dtype, strides and addresses matter) would be."""
+    fn = kernel
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_summary(compiled) -> dict:
+    """Registers, stack, every opcode, and the longest loop body of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    lines = text.splitlines()
+    ops = [m.group(1) if (m := _OPCODE.search(line)) else None for line in lines]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loop = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loop = max(loop, sum(1 for op in ops[labels[m.group(1)]:i + 1] if op))
+    counted = [op for op in ops if op]
+    return {"registers": int(regs.group(1)) if regs else None, "stack": int(regs.group(2)) if regs else None,
+            "instructions": len(counted), "loop": loop, "opcodes": collections.Counter(counted)}  # fmt: skip
+
+
+def _memory(opcodes: collections.Counter) -> str:
+    kinds = {op: n for op, n in opcodes.items() if op.startswith(("LDG", "STG", "LDGSTS", "REDG"))}
+    return ", ".join(f"{n} {op}" for op, n in sorted(kinds.items()))
+
+
+def _channels_last(*shape, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def depthwise_rows(channels: int, size: int) -> list[str]:
+    """The depthwise inference kernel, each kernel size and stride, the first two tile configs."""
+    rows = []
+    for k, s in [(3, 1), (3, 2), (5, 1), (5, 2)]:
+        pad = k // 2
+        out = (size + 2 * pad - k) // s + 1
+        x, y = _channels_last(2, channels, size, size), _channels_last(2, channels, out, out)
+        taps = dw._taps_by_channel(torch.empty(channels, 1, k, k, dtype=torch.bfloat16))
+        vec, squeeze = torch.empty(channels), torch.empty(2, channels)
+        for cfg in dw._TILE_CONFIGS[:2]:
+            compiled = compile_as_launched(
+                dw._conv_bn_silu_kernel, x, taps, vec, vec, vec, y, squeeze, channels, size, size, out, out,
+                1.0 / out**2, pad, pad, x.stride(), taps.stride(), y.stride(), K=k, STRIDE=s, CENTERED=False,
+                WITH_SQUEEZE=True, ALIGN=vector_alignment(x, y), num_warps=cfg.num_warps, **cfg.kwargs,
+            )  # fmt: skip
+            info = sass_summary(compiled)
+            outputs = cfg.kwargs["BLOCK_P"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)  # per thread
+            per_output = (info["instructions"] - info["loop"] + info["loop"] * k) / outputs
+            tile = "x".join(str(v) for v in cfg.kwargs.values())
+            rows.append(f"| dwconv inference k{k} s{s} | {tile} w{cfg.num_warps} | {info['registers']} | "
+                        f"{info['stack']} | {per_output:.0f} | {_memory(info['opcodes'])} |")  # fmt: skip
+    return rows
+
+
+def projection_rows(size: int) -> list[str]:
+    """The projection GEMM (gate, residual) and the expansion GEMM (SiLU) on B5 widths, first config."""
+    rows = []
+    cfg = pj._GEMM_CONFIGS[0]
+    shapes = [("projection", 240, 40, True), ("expansion", 40, 240, False), ("projection", 1152, 192, True)]
+    for name, c, o, gated in shapes:
+        x, y = _channels_last(2, c, size, size), _channels_last(2, o, size, size)
+        res = y if gated else None
+        gate, wm, vec = torch.empty(2, c, dtype=torch.bfloat16), torch.empty(o, c, dtype=torch.bfloat16), torch.empty(o)
+        compiled = compile_as_launched(
+            pj._project_kernel, x, gate, wm, vec, vec, y, y, y, y, y, c, o, size * size,
+            *pj._strides(x), *gate.stride(), *wm.stride(), *pj._strides(y), *pj._strides(y),
+            HAS_GATE=gated, AFFINE=True, ACT=not gated, HAS_RES=gated, HAS_BS=False, STATS=False, PRECISION="tf32",
+            ALIGN=vector_alignment(x, wm, res, y), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+        )  # fmt: skip
+        info = sass_summary(compiled)
+        mma = sum(n for op, n in info["opcodes"].items() if op.startswith(("HGMMA", "HMMA")))
+        kind = "HGMMA (wgmma)" if any(op.startswith("HGMMA") for op in info["opcodes"]) else "HMMA"
+        tile = "x".join(str(v) for v in cfg.kwargs.values())
+        rows.append(f"| {name} {c}->{o} | {tile} w{cfg.num_warps} | {info['registers']} | {info['stack']} | "
+                    f"{mma} {kind} | {_memory(info['opcodes'])} |")  # fmt: skip
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--channels", type=int, default=240, help="depthwise channels (default 240, B5 stage 3)")
+    p.add_argument("--size", type=int, default=57, help="plane height = width")
+    args = p.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_90, bf16, channels_last, {args.size}x{args.size} planes\n")
+    print("| kernel | tile | registers | stack | instructions / output | memory instructions |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(depthwise_rows(args.channels, args.size)))
+    print("\n| GEMM | tile | registers | stack | matrix instructions | memory instructions |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(projection_rows(args.size)))
+
+
+if __name__ == "__main__":
+    main()
