@@ -84,8 +84,8 @@ STRIP: tl.constexpr = tl.constexpr(4)
 # channels (one 16-byte vector of bf16; 32 outputs a thread) or 4 (8-byte vectors, about half the
 # registers: ptxas gives the backward kernels 170-240 registers a thread with 8, 100-130 with 4,
 # sm_90). Square-ish tiles (least halo): a tile along a row, 64 x 1 (the first design), took
-# 190-255 registers a thread and spilled in the backward (bench/results/triton_sm90_registers.md).
-# Few configs: each is compiled per kernel specialization.
+# 190-255 registers a thread and spilled in the backward (bench/results/triton_sm90_registers.md
+# at commit a25ef34). Few configs: each is compiled per kernel specialization.
 _TILE_CONFIGS = _tile_configs(
     [(128, 32, 4, 16), (64, 64, 4, 8), (128, 64, 8, 16), (128, 32, 8, 16), (64, 32, 4, 8), (64, 32, 2, 8)]
 )
@@ -95,7 +95,7 @@ _TILE_INTERPRETED = _tile_configs([(128, 32, 1, 8)])[0]
 _TILE_KEY = ["C", "H_OUT", "W_OUT", "K", "STRIDE"]
 # Plane sizes, paddings and counts are not specialized on (value 1, divisibility by 16): each
 # distinct pattern would compile every config anew, and they guide no vectorization; the channel
-# count and the strides (contiguity and alignment of the channel vectors) are.
+# count and the strides (contiguity and alignment of the channel vectors, with ALIGN) are.
 _PLANE = ["H", "W", "H_OUT", "W_OUT", "pad_t", "pad_l"]
 
 
