@@ -471,6 +471,43 @@ def _dc_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_
 
 
 @triton.jit
+def _row_products(
+    x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
+    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """For the K taps of row kh: the sum over the strip positions j of dc_j * x[tap of output j],
+    per (strip, channel), not yet summed over the strips (p3, p4: 0 for K = 3). x_r: the strips'
+    int64 offsets at sample n and input column iw (their window's first)."""
+    ih = oh * STRIDE - pad_t + kh
+    ok_row = ok_h & (ih >= 0) & (ih < H)
+    rows = x_r + ih.to(tl.int64) * sx[2]
+    if ALIGN > 1:
+        rows = tl.multiple_of(rows, ALIGN)
+    p0 = tl.zeros((R, BLOCK_C), tl.float32)
+    p1 = tl.zeros((R, BLOCK_C), tl.float32)
+    p2 = tl.zeros((R, BLOCK_C), tl.float32)
+    p3 = tl.zeros((R, BLOCK_C), tl.float32)
+    p4 = tl.zeros((R, BLOCK_C), tl.float32)
+    for m in tl.static_range((STRIP - 1) * STRIDE + K):
+        xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN)
+        for j in tl.static_range(STRIP):
+            if m - j * STRIDE >= 0:
+                if m - j * STRIDE < K:
+                    p = xm * _pick(j, dc0, dc1, dc2, dc3, dc3)
+                    if m - j * STRIDE == 0:
+                        p0 += p
+                    if m - j * STRIDE == 1:
+                        p1 += p
+                    if m - j * STRIDE == 2:
+                        p2 += p
+                    if m - j * STRIDE == 3:
+                        p3 += p
+                    if m - j * STRIDE == 4:
+                        p4 += p
+    return p0, p1, p2, p3, p4
+
+
+@triton.jit
 def _add_tap(dw, p, kh, kw: tl.constexpr, taps, K: tl.constexpr):
     """dw[kh * K + kw, :] += sum over the strips of p (a tap's products), kw < K."""
     if kw < K:
@@ -511,6 +548,9 @@ def _dconv_kernel(
     x_c = x_ptr + (cs.to(tl.int64) * sx[1])[None, :]
     taps = tl.arange(0, KK_PAD)
     dw = tl.zeros((KK_PAD, BLOCK_C), tl.float32)
+    if K == 3:
+        q0 = tl.zeros((R, BLOCK_C), tl.float32)
+        q1, q2, q3, q4, q5, q6, q7, q8 = q0, q0, q0, q0, q0, q0, q0, q0
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, W_OUT, pad_t, pad_l, sx, sw,
@@ -534,38 +574,37 @@ def _dconv_kernel(
         # so each column is loaded once per row of taps (the conv just loaded it: cache hits)
         iw = ow0 * STRIDE - pad_l
         x_r = n.to(tl.int64) * sx[0] + iw.to(tl.int64) * sx[3]
-        for kh in range(K):  # a runtime loop, as in _conv
-            ih = oh * STRIDE - pad_t + kh
-            ok_row = ok_h & (ih >= 0) & (ih < H)
-            rows = x_r + ih.to(tl.int64) * sx[2]
-            if ALIGN > 1:
-                rows = tl.multiple_of(rows, ALIGN)
-            p0 = tl.zeros((R, BLOCK_C), tl.float32)
-            p1 = tl.zeros((R, BLOCK_C), tl.float32)
-            p2 = tl.zeros((R, BLOCK_C), tl.float32)
-            p3 = tl.zeros((R, BLOCK_C), tl.float32)
-            p4 = tl.zeros((R, BLOCK_C), tl.float32)
-            for m in tl.static_range((STRIP - 1) * STRIDE + K):
-                xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN)
-                for j in tl.static_range(STRIP):
-                    if m - j * STRIDE >= 0:
-                        if m - j * STRIDE < K:
-                            p = xm * _pick(j, dc0, dc1, dc2, dc3, dc3)
-                            if m - j * STRIDE == 0:
-                                p0 += p
-                            if m - j * STRIDE == 1:
-                                p1 += p
-                            if m - j * STRIDE == 2:
-                                p2 += p
-                            if m - j * STRIDE == 3:
-                                p3 += p
-                            if m - j * STRIDE == 4:
-                                p4 += p
-            dw = _add_tap(dw, p0, kh, 0, taps, K)
-            dw = _add_tap(dw, p1, kh, 1, taps, K)
-            dw = _add_tap(dw, p2, kh, 2, taps, K)
-            dw = _add_tap(dw, p3, kh, 3, taps, K)
-            dw = _add_tap(dw, p4, kh, 4, taps, K)
+        if K == 3:
+            # the 9 taps' products stay per strip across the chunk's tiles (9 accumulators fit in
+            # registers): reduced over the strips once, after the loop, not 9 times per tile
+            for kh in tl.static_range(3):
+                p0, p1, p2, _, _ = _row_products(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx,
+                                                 dc0, dc1, dc2, dc3, K, STRIDE, ALIGN, R, BLOCK_C)  # fmt: skip
+                if kh == 0:
+                    q0, q1, q2 = q0 + p0, q1 + p1, q2 + p2
+                if kh == 1:
+                    q3, q4, q5 = q3 + p0, q4 + p1, q5 + p2
+                if kh == 2:
+                    q6, q7, q8 = q6 + p0, q7 + p1, q8 + p2
+        else:
+            for kh in range(K):  # a runtime loop, as in _conv
+                p0, p1, p2, p3, p4 = _row_products(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx,
+                                                   dc0, dc1, dc2, dc3, K, STRIDE, ALIGN, R, BLOCK_C)  # fmt: skip
+                dw = _add_tap(dw, p0, kh, 0, taps, K)
+                dw = _add_tap(dw, p1, kh, 1, taps, K)
+                dw = _add_tap(dw, p2, kh, 2, taps, K)
+                dw = _add_tap(dw, p3, kh, 3, taps, K)
+                dw = _add_tap(dw, p4, kh, 4, taps, K)
+    if K == 3:
+        dw = _add_tap(dw, q0, 0, 0, taps, K)
+        dw = _add_tap(dw, q1, 0, 1, taps, K)
+        dw = _add_tap(dw, q2, 0, 2, taps, K)
+        dw = _add_tap(dw, q3, 1, 0, taps, K)
+        dw = _add_tap(dw, q4, 1, 1, taps, K)
+        dw = _add_tap(dw, q5, 1, 2, taps, K)
+        dw = _add_tap(dw, q6, 2, 0, taps, K)
+        dw = _add_tap(dw, q7, 2, 1, taps, K)
+        dw = _add_tap(dw, q8, 2, 2, taps, K)
     # dweight partials laid out like the contiguous (C, 1, K, K) weight: [chunk, ch * K * K + tap]
     dw_offs = tl.program_id(0) * C * K * K + cs[None, :] * (K * K) + taps[:, None]
     tl.store(dw_part_ptr + dw_offs, dw, mask=(taps[:, None] < K * K) & mask_c[None, :])
