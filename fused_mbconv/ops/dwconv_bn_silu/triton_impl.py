@@ -43,6 +43,7 @@ from fused_mbconv.ops._triton import (
     chan_merge,
     merge_rows,
     multiprocessors,
+    sigmoid,
     sum_rows,
     triton_entry,
     vector_alignment,
@@ -277,7 +278,7 @@ def _bn_silu_backward(c, dy, mean, invstd, gamma, beta):
     returns xhat and dz = dy * silu'(z), silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
     xhat = (c - mean[None, :]) * invstd[None, :]
     z = xhat * gamma[None, :] + beta[None, :]
-    sig = tl.sigmoid(z)
+    sig = sigmoid(z)
     return xhat, dy * sig * (1.0 + z * (1.0 - sig))
 
 
@@ -292,7 +293,7 @@ def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, cent
     if CENTERED:
         c -= center[None, :]
     z = c * scale[None, :] + shift[None, :]
-    y = z * tl.sigmoid(z)
+    y = z * sigmoid(z)
     ow = ow0 + j
     mask = (ok_h & (ow < W_OUT))[:, None] & mask_c[None, :]
     tl.store(y_ptr + _tile_offsets(n, oh, ow, cs, sy, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout, memory_format_of
 from fused_mbconv.ops import _triton
-from fused_mbconv.ops._triton import cast, vector_alignment
+from fused_mbconv.ops._triton import cast, sigmoid, vector_alignment
 from fused_mbconv.ops.project_bn import IMPLS, reference
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def _tile_position(pid, HW, BLOCK_M: tl.constexpr):
 @triton.jit
 def _silu_grad(u):
     """silu'(u) = s (1 + u (1 - s)), s = sigmoid(u)."""
-    s = tl.sigmoid(u)
+    s = sigmoid(u)
     return s * (1.0 + u * (1.0 - s))
 
 
@@ -179,7 +179,7 @@ def _project_kernel(
         shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         acc = acc * scale[None, :] + shift[None, :]
     if ACT:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * sigmoid(acc)
     if HAS_BS:
         acc *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
@@ -232,7 +232,7 @@ def _normalize_kernel(
     b = tl.load(b_ptr + c, mask=mask_c, other=0.0)
     y = z * a[None, :] + b[None, :]
     if ACT:
-        y = y * tl.sigmoid(y)
+        y = y * sigmoid(y)
     if HAS_BS:
         y *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
