@@ -163,6 +163,26 @@ def _pick(i: tl.constexpr, v0, v1, v2, v3, v4):
 
 
 @triton.jit
+def _strip_fma(col, TAP0: tl.constexpr, TAP_STEP: tl.constexpr, w0, w1, w2, w3, w4, acc0, acc1, acc2, acc3,
+               K: tl.constexpr):  # fmt: skip
+    """acc_j += col * w_k for each strip position j whose tap k = TAP0 + j * TAP_STEP is one of
+    the K (compile-time indices: nothing but the multiply-adds is left)."""
+    for j in tl.static_range(STRIP):
+        if TAP0 + j * TAP_STEP >= 0:
+            if TAP0 + j * TAP_STEP < K:
+                p = col * _pick(TAP0 + j * TAP_STEP, w0, w1, w2, w3, w4)[None, :]
+                if j == 0:
+                    acc0 += p
+                if j == 1:
+                    acc1 += p
+                if j == 2:
+                    acc2 += p
+                if j == 3:
+                    acc3 += p
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _tap_weight(w_ptr, cs, mask_c, kh, kw: tl.constexpr, sw, ALIGN: tl.constexpr):
     offs = cs * sw[0] + kh * sw[2] + kw * sw[3]
     if ALIGN >= 4:  # the channel count is a multiple of 4: so is each tap's offset in the fp32 taps
@@ -228,18 +248,8 @@ def _conv(
         w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, ALIGN)
         for m in tl.static_range((STRIP - 1) * STRIDE + K):
             xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN)
-            for j in tl.static_range(STRIP):
-                if m - j * STRIDE >= 0:
-                    if m - j * STRIDE < K:
-                        p = xm * _pick(m - j * STRIDE, w0, w1, w2, w3, w4)[None, :]
-                        if j == 0:
-                            c0 += p
-                        if j == 1:
-                            c1 += p
-                        if j == 2:
-                            c2 += p
-                        if j == 3:
-                            c3 += p
+            # output j reads this column through tap m - j * S
+            c0, c1, c2, c3 = _strip_fma(xm, m, -STRIDE, w0, w1, w2, w3, w4, c0, c1, c2, c3, K)
     c0 = tl.where((ow0 < W_OUT)[:, None], c0, 0.0)
     c1 = tl.where((ow0 + 1 < W_OUT)[:, None], c1, 0.0)
     c2 = tl.where((ow0 + 2 < W_OUT)[:, None], c2, 0.0)
@@ -657,18 +667,8 @@ def _dx_kernel(
                 if ALIGN > 1:
                     offs = tl.multiple_of(offs, ALIGN)
                 col = tl.load(dc_c + offs[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-                for j in tl.static_range(STRIP):
-                    if j - d >= 0:
-                        if j - d < K:
-                            p = col * _pick(j - d, w0, w1, w2, w3, w4)[None, :]
-                            if j == 0:
-                                acc0 += p
-                            if j == 1:
-                                acc1 += p
-                            if j == 2:
-                                acc2 += p
-                            if j == 3:
-                                acc3 += p
+                # input j takes this output column through tap j - d
+                acc0, acc1, acc2, acc3 = _strip_fma(col, -d, 1, w0, w1, w2, w3, w4, acc0, acc1, acc2, acc3, K)
     dx_ty = dx_ptr.dtype.element_ty
     for j in tl.static_range(STRIP):
         mask = (ok_h & (iw0 + j < W))[:, None] & mask_c[None, :]
