@@ -75,9 +75,10 @@ def autotune(
     **kwargs,
 ):
     """``triton.autotune`` over ``configs``, keyed on ``key``, timed briefly (``do_bench=`` to
-    override). ``prune(configs, named_args, **kwargs) -> configs`` (triton's early_config_prune
-    signature) drops configs before any is compiled; with autotuning disabled only the first
-    config left runs. Other ``kwargs`` go to ``triton.autotune`` (reset_to_zero, ...).
+    override) and remembered on disk. ``prune(configs, named_args, **kwargs) -> configs``
+    (triton's early_config_prune signature) drops configs before any is compiled; with
+    autotuning disabled only the first config left runs. Other ``kwargs`` go to
+    ``triton.autotune`` (reset_to_zero, ...).
 
     Under the interpreter (which runs a kernel in numpy, one program at a time, tuning would run
     it once per config) only ``interpreted`` runs, by default ``configs[0]``."""
@@ -95,6 +96,9 @@ def autotune(
         return kept
 
     kwargs.setdefault("do_bench", _quick_bench)
+    # the timings per shape are kept in triton's on-disk cache: the next process on this machine
+    # does not time the candidates again (their compiled code is in that cache already)
+    kwargs.setdefault("cache_results", True)
     decorate = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, **kwargs)
 
     def decorator(fn):
