@@ -6,7 +6,8 @@ bytes at a time or one element at a time. This compiles the depthwise and projec
 sm_90 with the specialization that real channels_last tensors give (triton's own argument binder,
 no driver), disassembles them (nvdisasm from triton's package) and reports, per kernel: registers,
 memory instructions by width, tensor-core instructions, and for the depthwise inference kernel the
-instructions per output (the loop over rows of taps counted K times). Static counts, not timings.
+instructions per output (the loop over rows of taps counted K times); the depthwise training
+kernels with their static instruction counts. Static counts, not timings.
 
     python bench/triton_sass.py                 # B5-like shapes: 57 x 57 planes, bf16
     python bench/triton_sass.py --channels 40   # a width that is no multiple of 16
@@ -112,6 +113,39 @@ def depthwise_rows(channels: int, size: int) -> list[str]:
     return rows
 
 
+def depthwise_training_rows(channels: int, size: int) -> list[str]:
+    """The training kernels (statistics, BN-backward sums, dc + dweight, dx) at k3 and k5 stride
+    1, first tile config: registers, stack, static instruction count, memory instructions."""
+    rows = []
+    cfg = dw._TILE_CONFIGS[0]
+    for k in (3, 5):
+        pad = k // 2
+        x, y = _channels_last(2, channels, size, size), _channels_last(2, channels, size, size)
+        taps = dw._taps_by_channel(torch.empty(channels, 1, k, k, dtype=torch.bfloat16))
+        vec, part = torch.empty(channels), torch.empty(64, 2 * channels * k * k)
+        geo = {"C": channels, "H": size, "W": size, "H_OUT": size, "W_OUT": size, "pad_t": pad, "pad_l": pad,
+               "K": k, "STRIDE": 1, "ALIGN": vector_alignment(x, y)}  # fmt: skip
+        geo.update(num_warps=cfg.num_warps, **cfg.kwargs)
+        chunked = {"N": 2, "groups": 64, "sx": x.stride(), "sw": taps.stride()}
+        launches = {
+            "statistics": (dw._conv_stats_kernel, (x, taps, vec, part, part), chunked),
+            "BN-backward sums": (dw._dz_sums_kernel, (y, vec, x, taps, vec, vec, vec, vec, part),
+                                 {**chunked, "inv_p_out": 0.1, "sdy": y.stride(), "HAS_DSQ": True}),
+            "dc + dweight": (dw._dconv_kernel, (y, vec, x, taps, vec, vec, vec, vec, vec, y, part, part),
+                             {**chunked, "inv_count": 0.1, "inv_p_out": 0.1, "sdy": y.stride(), "sdc": y.stride(),
+                              "HAS_DSQ": True, "TRAINING": True, "KK_PAD": triton.next_power_of_2(k * k)}),
+            "dx": (dw._dx_kernel, (y, taps, x), {"sdc": y.stride(), "sw": taps.stride(), "sdx": x.stride(),
+                                               "PAD_ODD": 0}),
+        }  # fmt: skip
+        for name, (kernel, args, kwargs) in launches.items():
+            compiled = compile_as_launched(kernel, *args, **kwargs, **geo)
+            info = sass_summary(compiled)
+            tile = "x".join(str(v) for v in cfg.kwargs.values())
+            rows.append(f"| dwconv {name} k{k} s1 | {tile} w{cfg.num_warps} | {info['registers']} | {info['stack']} | "
+                        f"{info['instructions']} | {_memory(info['opcodes'])} |")  # fmt: skip
+    return rows
+
+
 def projection_rows(size: int) -> list[str]:
     """The projection GEMM (gate, residual) and the expansion GEMM (SiLU) on B5 widths, first config."""
     rows = []
@@ -145,6 +179,9 @@ def main(argv=None) -> None:
     print("| kernel | tile | registers | stack | instructions / output | memory instructions |")
     print("|---|---|---|---|---|---|")
     print("\n".join(depthwise_rows(args.channels, args.size)))
+    print("\n| training kernel | tile | registers | stack | static instructions | memory instructions |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(depthwise_training_rows(args.channels, args.size)))
     print("\n| GEMM | tile | registers | stack | matrix instructions | memory instructions |")
     print("|---|---|---|---|---|---|")
     print("\n".join(projection_rows(args.size)))

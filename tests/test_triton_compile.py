@@ -505,7 +505,8 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
                               cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| dwconv", "| projection", "| expansion"))]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith(("| dwconv inference", "| projection", "| expansion"))]  # fmt: skip
     assert len(rows) == 11, proc.stdout
     for row in rows:
         assert "LDG.E.128" in row or "LDGSTS.E.BYPASS.128" in row, row
