@@ -12,6 +12,8 @@
 # fused_mbconv for every variant at its native resolution, fp32 and bf16: parity with torchvision
 # in eval and one training step, and timings). A step is skipped when its time limit would pass
 # the budget; a failing step does not stop the later ones.
+# Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
+# FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
 # output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
 # fused_mbconv/ops/auto_table.json), models.log.

@@ -188,7 +188,7 @@ def test_triton_entry():
     assert fp64_only.__name__ == "op"
 
 
-def test_vector_alignment_claims_only_what_holds():
+def test_vector_alignment_claims_only_what_holds(monkeypatch):
     """16 bytes of channels per row where every tensor has unit channel stride and 16-byte rows;
     otherwise 1 (no claim), whatever else is passed."""
     def cl(c, dtype=torch.bfloat16, h=3, w=5):
@@ -203,3 +203,5 @@ def test_vector_alignment_claims_only_what_holds():
     assert _triton.vector_alignment(cl(48)[:, 4:44]) == 1  # 8 bytes in: misaligned
     assert _triton.vector_alignment(torch.empty(40, 240, dtype=torch.bfloat16)) == 8  # a GEMM weight (O, C)
     assert _triton.vector_alignment(None) == 1
+    monkeypatch.setenv("FUSED_MBCONV_VECTOR_HINTS", "0")  # the bisection switch: no claim at all
+    assert _triton.vector_alignment(cl(40)) == 1

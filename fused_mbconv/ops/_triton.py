@@ -166,8 +166,8 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-# The interpreter runs no PTX: there sigmoid is tl.sigmoid.
-_PTX_SIGMOID: tl.constexpr = tl.constexpr(not INTERPRETED)
+# The interpreter runs no PTX: there sigmoid is tl.sigmoid (FUSED_MBCONV_PTX_SIGMOID=0: everywhere).
+_PTX_SIGMOID: tl.constexpr = tl.constexpr(not INTERPRETED and os.environ.get("FUSED_MBCONV_PTX_SIGMOID", "1") != "0")
 
 
 @triton.jit
@@ -234,9 +234,9 @@ def vector_alignment(*tensors: torch.Tensor | None) -> int:
     dtype when every tensor has unit stride along dim 1 (the channels), a channel count, every
     other stride and its data address all multiples of 16 bytes (channels_last with C % 8 == 0
     in 16-bit, C % 4 == 0 in fp32; contiguous 2-D weights likewise); else 1, no claim (NCHW,
-    odd channel counts, sliced views)."""
+    odd channel counts, sliced views; FUSED_MBCONV_VECTOR_HINTS=0: always)."""
     present = [t for t in tensors if t is not None]
-    if not present:
+    if not present or os.environ.get("FUSED_MBCONV_VECTOR_HINTS", "1") == "0":
         return 1
     align = min(16 // t.element_size() for t in present)
     for t in present:
