@@ -29,14 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import fused_mbconv  # noqa: E402
 from bench.common import (  # noqa: E402
     KernelSetting,
-    copy_bandwidth_gbs,
     environment,
     kernel_bench_parser,
-    kernel_rows,
+    kernel_shape_rows,
     kernel_table,
     select_providers,
     slug,
-    write_rows,
 )
 from fused_mbconv.models.config import DWShape, depthwise_shapes  # noqa: E402
 
@@ -104,31 +102,16 @@ def step_fn(module: nn.Module, mode: str, x: torch.Tensor, out_size: int) -> Cal
 
 
 def run(shapes: list[DWShape], providers: list[str], setting: KernelSetting, out: Path | None = None) -> list[dict]:
-    """Time every (shape, mode, provider); the CSV ``out`` (if any) is rewritten after each shape,
-    so a run cut short by a time limit still leaves the rows it measured."""
-    bandwidth = copy_bandwidth_gbs(setting.device)
-    common = {
-        "kind": "dwconv_bn_silu", "dtype": str(setting.dtype).replace("torch.", ""), "layout": "channels_last",
-        "batch": setting.batch, "resolution": RESOLUTION, **environment(setting.device),
-    }  # fmt: skip
-    print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
-    rows = []
-    for shape in shapes:
+    """Time every (shape, mode, provider), rows into the CSV ``out`` as they come."""
+
+    def case(shape: DWShape):
         size = (setting.batch, shape.channels, shape.size, shape.size)
         x = torch.randn(size, device=setting.device, dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
         modules = make_modules(shape, setting)
-        rows += kernel_rows(
-            shape.name, providers, FUSED, MODES,
-            lambda provider, mode, m=modules, x=x, s=shape: step_fn(m[provider], mode, x, output_size(s)),
-            lambda mode, x=x, s=shape: floor_bytes(s, mode, x.element_size(), setting.batch), bandwidth, setting,
-            **common,
-        )  # fmt: skip
-        if out is not None:
-            write_rows(out, rows, append=False)
-        del modules, x
-        if setting.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+        return (lambda provider, mode: step_fn(modules[provider], mode, x, output_size(shape)),
+                lambda mode: floor_bytes(shape, mode, x.element_size(), setting.batch))  # fmt: skip
+
+    return kernel_shape_rows("dwconv_bn_silu", shapes, providers, FUSED, MODES, setting, RESOLUTION, case, out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -50,10 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench.common import (  # noqa: E402
     CSV_COLUMNS,
     KernelSetting,
-    copy_bandwidth_gbs,
     environment,
     kernel_bench_parser,
-    kernel_rows,
+    kernel_shape_rows,
     kernel_table,
     select_providers,
     slug,
@@ -199,30 +198,15 @@ def step_fn(
 
 
 def run(shapes: list[SEProjectShape], providers: list[str], setting: KernelSetting, out: Optional[Path]) -> list[dict]:
-    """Time every (shape, mode, provider); the CSV ``out`` (if any) is rewritten after each shape,
-    so a run cut short by a time limit still leaves the rows it measured (so does the log)."""
-    bandwidth = copy_bandwidth_gbs(setting.device)
-    common = {
-        "kind": "se_project", "dtype": str(setting.dtype).replace("torch.", ""), "layout": "channels_last",
-        "batch": setting.batch, "resolution": RESOLUTION, **environment(setting.device),
-    }  # fmt: skip
-    print(f"{common['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
-    rows = []
-    for shape in shapes:
-        h, pooled, x_in = make_inputs(shape, setting.device, setting.dtype, setting.batch)
+    """Time every (shape, mode, provider), rows into the CSV ``out`` (if any) as they come."""
+
+    def case(shape: SEProjectShape):
+        inputs = make_inputs(shape, setting.device, setting.dtype, setting.batch)
         modules = make_modules(shape, setting.compile_mode, setting.device, setting.dtype)
-        rows += kernel_rows(
-            shape.name, providers, FUSED, MODES,
-            lambda provider, mode, m=modules, s=shape, t=(h, pooled, x_in): step_fn(m[provider], mode, s, *t),
-            lambda mode, h=h, s=shape: floor_bytes(s, mode, h.element_size(), setting.batch), bandwidth, setting,
-            **common,
-        )  # fmt: skip
-        if out is not None:
-            write_rows(out, rows, append=False)
-        del modules, h, pooled, x_in
-        if setting.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+        return (lambda provider, mode: step_fn(modules[provider], mode, shape, *inputs),
+                lambda mode: floor_bytes(shape, mode, inputs[0].element_size(), setting.batch))  # fmt: skip
+
+    return kernel_shape_rows("se_project", shapes, providers, FUSED, MODES, setting, RESOLUTION, case, out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

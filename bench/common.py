@@ -178,6 +178,38 @@ def kernel_rows(
     return rows
 
 
+def kernel_shape_rows(
+    kind: str,
+    shapes: list,
+    providers: list[str],
+    fused: tuple[str, ...],
+    modes: tuple[str, ...],
+    setting: KernelSetting,
+    resolution: int,
+    case: Callable,
+    out: Path | None,
+) -> list[dict]:
+    """``kernel_rows`` for every shape (``shape.name``); ``case(shape)`` builds its inputs and
+    modules and returns (step(provider, mode), floor_bytes(mode)). The CSV ``out`` (if any) is
+    rewritten after each shape, so a run cut short by a time limit keeps the rows it measured."""
+    bandwidth = copy_bandwidth_gbs(setting.device)
+    columns = {
+        "kind": kind, "dtype": str(setting.dtype).replace("torch.", ""), "layout": "channels_last",
+        "batch": setting.batch, "resolution": resolution, **environment(setting.device),
+    }  # fmt: skip
+    print(f"{columns['gpu']}: copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    rows = []
+    for shape in shapes:
+        step, floor = case(shape)
+        rows += kernel_rows(shape.name, providers, fused, modes, step, floor, bandwidth, setting, **columns)
+        if out is not None:
+            write_rows(out, rows, append=False)
+        del step, floor  # the shape's tensors and modules, before the next shape's
+        if setting.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> argparse.ArgumentParser:
     """The options every per-op benchmark takes."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
