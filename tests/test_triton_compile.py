@@ -495,9 +495,10 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     channels (no multiple of 16, so triton alone would not know the rows' alignment): the
     depthwise kernel and the GEMMs load and store 16 bytes at a time (LDG.E.128 / STG.E.128,
     LDGSTS.128), never element by element, and the GEMMs run on Hopper's wgmma (HGMMA)."""
-    pytest.importorskip("triton")
-    if _ptxas_path() is None:
-        pytest.skip("triton's NVIDIA backend (ptxas) is missing")
+    triton = pytest.importorskip("triton")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if _ptxas_path() is None or not all((tools / t).exists() for t in ("nvdisasm", "cuobjdump")):
+        pytest.skip("triton's NVIDIA backend (ptxas, nvdisasm, cuobjdump) is missing")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
