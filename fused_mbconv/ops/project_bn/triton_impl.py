@@ -124,6 +124,22 @@ def _tile_position(pid, HW, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _activate_and_store(
+    y, n64, p, c, mask, bs_ptr, res_ptr, y_ptr, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, HAS_RES: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of both forward kernels: y = bs[n] * act(y) + res, stored in y's dtype
+    (act: SiLU with ACT, else the identity)."""
+    if ACT:
+        y = y * sigmoid(y)
+    if HAS_BS:
+        y *= tl.load(bs_ptr + n64).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _silu_grad(u):
     """silu'(u) = s (1 + u (1 - s)), s = sigmoid(u)."""
     s = sigmoid(u)
@@ -178,13 +194,8 @@ def _project_kernel(
         scale = tl.load(scale_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         acc = acc * scale[None, :] + shift[None, :]
-    if ACT:
-        acc = acc * sigmoid(acc)
-    if HAS_BS:
-        acc *= tl.load(bs_ptr + n64).to(tl.float32)
-    if HAS_RES:
-        acc += tl.load(res_ptr + _offsets(n64, p, o, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + _offsets(n64, p, o, s_yn, s_yc, s_yp, ALIGN), cast(acc, y_ptr.dtype.element_ty), mask=mask)
+    _activate_and_store(acc, n64, p, o, mask, bs_ptr, res_ptr, y_ptr, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
+                        ACT, HAS_BS, HAS_RES, ALIGN)  # fmt: skip
 
 
 @triton.jit
@@ -231,13 +242,8 @@ def _normalize_kernel(
     a = tl.load(a_ptr + c, mask=mask_c, other=0.0)
     b = tl.load(b_ptr + c, mask=mask_c, other=0.0)
     y = z * a[None, :] + b[None, :]
-    if ACT:
-        y = y * sigmoid(y)
-    if HAS_BS:
-        y *= tl.load(bs_ptr + n64).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)
+    _activate_and_store(y, n64, p, c, mask, bs_ptr, res_ptr, y_ptr, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
+                        ACT, HAS_BS, HAS_RES, ALIGN)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
