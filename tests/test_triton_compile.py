@@ -78,7 +78,6 @@ def _plan() -> list[dict]:
     import triton
 
     from fused_mbconv.ops import _triton as common
-    from fused_mbconv.ops.dwconv_bn_silu import triton_impl as dw
 
     # every depthwise kernel is specialized on the kernel size and the stride: each flag combination
     # with k3 s2, then every other (k, s) with the first flags (k5 compiles take 5-15 s each)
@@ -95,7 +94,7 @@ def _plan() -> list[dict]:
         *[{**v, "AFFINE": True, "STATS": False}
           for v in _grid(HAS_GATE=(True, False), HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))],
         *[{"HAS_GATE": g, "AFFINE": False, "ACT": False, "HAS_RES": False, "HAS_BS": False, "STATS": True,
-           "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
+           "count_part_ptr": F32, "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
     ]  # fmt: skip
     bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr", "gamma_ptr", "beta_ptr"], F32)
     dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
@@ -104,15 +103,15 @@ def _plan() -> list[dict]:
         # fused_mbconv.ops._triton: out is fp32 sums, or the dtype of dweight / squeeze / dgate
         dict(module="common", kernel="_sum_rows_kernel", ptrs={"part_ptr": F32},
              variants=[{"BLOCK_G": common._SUM_BLOCK_G, "BLOCK_L": common._SUM_BLOCK_L}]),
+        dict(module="common", kernel="_combine_stats_kernel",
+             ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr"], F32),
+             variants=[{"BLOCK_G": common._STATS_BLOCK_G, "BLOCK_C": common._STATS_BLOCK_C}]),
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
         dict(module="dwconv", kernel="_conv_stats_kernel",
              ptrs=dict.fromkeys(["w_ptr", "count_part_ptr", "mean_part_ptr", "m2_part_ptr"], F32),
              tuples=("sx", "sw"), variants=dw_shapes([{}])),
-        dict(module="dwconv", kernel="_combine_stats_kernel", floats=("eps",),
-             ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "scale_ptr"], F32),
-             variants=[{"BLOCK_G": dw.BLOCK_G, "BLOCK_C": dw.BLOCK_L}]),
         dict(module="dwconv", kernel="_dz_sums_kernel", ptrs={**dw_per_channel, "part_ptr": F32},
              tuples=("sx", "sw", "sdy"), floats=("inv_p_out",), variants=dw_shapes(_grid(HAS_DSQ=(True, False)))),
         dict(module="dwconv", kernel="_dconv_kernel",
@@ -132,10 +131,6 @@ def _plan() -> list[dict]:
         dict(module="se", kernel="_excite_backward_weights_kernel", ptrs=excite_scratch, dot=True),
         # projection: a GEMM (tf32 / ieee for fp32 by torch's flag, added per dtype) and BN passes
         dict(module="project", kernel="_project_kernel", variants=project, dot=True, optional=("ACT",)),
-        dict(module="project", kernel="_combine_stats_kernel", ptrs=dict.fromkeys(
-             ["mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr"], F32),
-             # BLOCK_C = min(128, next_power_of_2(output channels))
-             variants=[{"BLOCK_G": 32, "BLOCK_C": 2**i} for i in range(7, -1, -1)]),
         dict(module="project", kernel="_normalize_kernel", ptrs={"a_ptr": F32, "b_ptr": F32}, optional=("ACT",),
              variants=_grid(HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))),
         dict(module="project", kernel="_dy_sums_kernel", ptrs={**bn_per_channel, "part_ptr": F32}, optional=("ACT",),

@@ -199,6 +199,35 @@ def below(idx, n, ALIGN: tl.constexpr):
     return idx < n
 
 
+# Partial statistics are merged _STATS_BLOCK_G rows at a time, _STATS_BLOCK_C channels per program.
+_STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
+
+
+@triton.jit
+def _combine_stats_kernel(
+    count_part_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, rows,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Merge per-row (count, mean, M2) partials into the mean and the biased variance M2 / count
+    of every channel, BLOCK_G rows at a time (rows of count 0 drop out)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cs < C
+    count = 0.0
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for g0 in range(0, rows, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        ok_g = gs < rows
+        n_g = tl.load(count_part_ptr + gs, mask=ok_g, other=0.0)
+        mask = ok_g[:, None] & mask_c[None, :]
+        offs = gs.to(tl.int64)[:, None] * C + cs[None, :]
+        mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
+        m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
+        count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
+    tl.store(mean_ptr + cs, mean, mask=mask_c)
+    tl.store(var_ptr + cs, m2 / count, mask=mask_c)
+
+
 # Partial rows are summed _SUM_BLOCK_G rows at a time, _SUM_BLOCK_L columns per program.
 _SUM_BLOCK_G, _SUM_BLOCK_L = 32, 128
 
@@ -263,6 +292,22 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(length, _SUM_BLOCK_L),)
     _sum_rows_kernel[grid](part, out, rows, length, BLOCK_G=_SUM_BLOCK_G, BLOCK_L=_SUM_BLOCK_L)
     return out
+
+
+def combine_stats(
+    count_part: torch.Tensor, mean_part: torch.Tensor, m2_part: torch.Tensor, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel, fp32, of the first ``rows`` (default: all) partial
+    rows: ``count_part`` (rows,), ``mean_part`` and ``m2_part`` (rows, C), fp32 and contiguous,
+    each row the exact (count, mean, M2) of a disjoint set of positions. Chan's merge in a
+    fixed order: deterministic, and sound when the mean is large against the spread."""
+    rows = count_part.shape[0] if rows is None else rows
+    c = mean_part.shape[1]
+    mean, var = (torch.empty(c, dtype=torch.float32, device=mean_part.device) for _ in range(2))
+    _combine_stats_kernel[(triton.cdiv(c, _STATS_BLOCK_C),)](
+        count_part, mean_part, m2_part, mean, var, c, rows, BLOCK_G=_STATS_BLOCK_G, BLOCK_C=_STATS_BLOCK_C
+    )
+    return mean, var
 
 
 def triton_entry(reference_module, *, empty: bool = False):

@@ -41,7 +41,7 @@ from fused_mbconv.ops._triton import (
     below,
     cast,
     chan_merge,
-    merge_rows,
+    combine_stats,
     multiprocessors,
     sigmoid,
     sum_rows,
@@ -50,8 +50,6 @@ from fused_mbconv.ops._triton import (
 )
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
 
-# The per-chunk statistics are merged BLOCK_G chunks at a time, BLOCK_L channels per program.
-BLOCK_G, BLOCK_L = 32, 128
 # A reduction's program takes at least this many output positions on average.
 MIN_CHUNK = 256
 
@@ -381,35 +379,6 @@ def _conv_stats_kernel(
     tl.store(mean_part_ptr + row, mean, mask=mask_c)
     tl.store(m2_part_ptr + row, m2, mask=mask_c)
     tl.store(count_part_ptr + tl.program_id(0), count, mask=tl.program_id(1) == 0)
-
-
-@triton.jit
-def _combine_stats_kernel(
-    count_part_ptr, mean_part_ptr, m2_part_ptr, gamma_ptr, mean_ptr, var_ptr, scale_ptr,
-    C, groups, eps,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Merge the per-chunk (count, mean, M2) into the batch mean, the biased variance M2 / count
-    and the normalising scale gamma / sqrt(var + eps), BLOCK_G chunks at a time (empty chunks,
-    count 0, drop out)."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cs < C
-    count = 0.0
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for g0 in range(0, groups, BLOCK_G):
-        gs = g0 + tl.arange(0, BLOCK_G)
-        ok_g = gs < groups
-        n_g = tl.load(count_part_ptr + gs, mask=ok_g, other=0.0)
-        mask = ok_g[:, None] & mask_c[None, :]
-        offs = gs[:, None] * C + cs[None, :]
-        mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
-        m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-        count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
-    var = m2 / count
-    tl.store(mean_ptr + cs, mean, mask=mask_c)
-    tl.store(var_ptr + cs, var, mask=mask_c)
-    tl.store(scale_ptr + cs, _load_channels(gamma_ptr, cs, mask_c) * tl.rsqrt(var + eps), mask=mask_c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,11 +757,8 @@ def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):
         x, weight, count_part, mean_part, m2_part, N=geo.n, groups=groups, sx=x.stride(), sw=weight.stride(),
         ALIGN=vector_alignment(x), **geo.conv_args(),
     )  # fmt: skip
-    mean, var, scale = (torch.empty(geo.c, **f32) for _ in range(3))
-    _combine_stats_kernel[(triton.cdiv(geo.c, BLOCK_L),)](
-        count_part, mean_part, m2_part, gamma.contiguous(), mean, var, scale, geo.c, groups, eps,
-        BLOCK_G=BLOCK_G, BLOCK_C=BLOCK_L,
-    )  # fmt: skip
+    mean, var = combine_stats(count_part, mean_part, m2_part)
+    scale = gamma.float() * torch.rsqrt(var + eps)
     return mean, var, scale
 
 

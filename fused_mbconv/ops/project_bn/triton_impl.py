@@ -153,7 +153,7 @@ def _silu_grad(u):
 @_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
 @triton.jit(do_not_specialize=["HW"])
 def _project_kernel(
-    x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, bs_ptr, y_ptr, mean_part_ptr, m2_part_ptr,
+    x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, bs_ptr, y_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
     C, N_COLS, HW,
     s_xn, s_xc, s_xp, s_gn, s_gc, s_wo, s_wc, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
     HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
@@ -190,38 +190,13 @@ def _project_kernel(
         row = tl.program_id(0).to(tl.int64) * N_COLS + o
         tl.store(mean_part_ptr + row, mean, mask=mask_o)
         tl.store(m2_part_ptr + row, tl.sum(dev * dev, axis=0), mask=mask_o)
+        tl.store(count_part_ptr + tl.program_id(0), count, mask=tl.program_id(1) == 0)
     if AFFINE:
         scale = tl.load(scale_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         acc = acc * scale[None, :] + shift[None, :]
     _activate_and_store(acc, n64, p, o, mask, bs_ptr, res_ptr, y_ptr, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
                         ACT, HAS_BS, HAS_RES, ALIGN)  # fmt: skip
-
-
-@triton.jit
-def _combine_stats_kernel(
-    mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, HW, tiles_per_sample, tiles, tile_rows,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """Merge the per-tile (mean, M2) of every channel into the batch mean and biased variance: a
-    block of tiles at once, the blocks by Chan's update. A tile holds ``tile_rows`` positions,
-    fewer when it is the last of its sample."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cs < C
-    count = 0.0
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for g0 in range(0, tiles, BLOCK_G):
-        ts = g0 + tl.arange(0, BLOCK_G)
-        first = (ts % tiles_per_sample) * tile_rows
-        n_t = tl.where(ts < tiles, tl.minimum(tile_rows, HW - first), 0).to(tl.float32)
-        mask = (ts < tiles)[:, None] & mask_c[None, :]
-        offs = ts.to(tl.int64)[:, None] * C + cs[None, :]
-        mean_t = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
-        m2_t = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-        count, mean, m2 = _triton.chan_merge(count, mean, m2, *_triton.merge_rows(n_t, mean_t, m2_t))
-    tl.store(mean_ptr + cs, mean, mask=mask_c)
-    tl.store(var_ptr + cs, m2 / count, mask=mask_c)
 
 
 @_tile_autotune(["C", "HW"])
@@ -416,8 +391,8 @@ def _tiles(n: int, hw: int, block: int) -> int:
 
 
 def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool, act: bool = False):
-    """Launch ``_project_kernel`` into ``out``; with ``stats`` returns the per-tile (mean, M2)
-    partials and the tile height they were made with."""
+    """Launch ``_project_kernel`` into ``out``; with ``stats`` returns the per-tile (count, mean,
+    M2) partials and the tile height they were made with."""
     n, c, h, w = x.shape
     o = weight.shape[0]
     wm = _matrix(weight)
@@ -430,7 +405,8 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
         return _tiles(n, h * w, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"])
 
     # the partials' row count depends on the tile height the tuner picks: size for the smallest
-    parts = [torch.empty((_tiles(n, h * w, _MIN_BLOCK_M), o), **f32) for _ in range(2)] if stats else [out, out]
+    most = _tiles(n, h * w, _MIN_BLOCK_M)
+    parts = [torch.empty(most, **f32), *(torch.empty((most, o), **f32) for _ in range(2))] if stats else [out] * 3
     res = _like(out, residual)
     _project_kernel[grid](
         x, placeholder if gate is None else gate, wm,
@@ -462,14 +438,8 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, sil
     o = weight.shape[0]
     z = empty_like_layout(x, (n, o, h, w))
     y = torch.empty_like(z)
-    mean, var = (torch.empty(o, dtype=torch.float32, device=x.device) for _ in range(2))
-    (mean_part, m2_part), rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
-    tiles_per_sample = triton.cdiv(h * w, rows)
-    block_c = min(128, triton.next_power_of_2(o))
-    _combine_stats_kernel[(triton.cdiv(o, block_c),)](
-        mean_part, m2_part, mean, var, o, h * w, tiles_per_sample, n * tiles_per_sample, rows,
-        BLOCK_G=32, BLOCK_C=block_c,
-    )  # fmt: skip
+    parts, rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
+    mean, var = _triton.combine_stats(*parts, rows=_tiles(n, h * w, rows))  # the tiles of the config that ran
     a = gamma.float() * torch.rsqrt(var + eps)
     b = beta.float() - mean * a
     res = _like(z, residual)
