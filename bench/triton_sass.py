@@ -156,7 +156,7 @@ def projection_rows(size: int) -> list[str]:
         res = y if gated else None
         gate, wm, vec = torch.empty(2, c, dtype=torch.bfloat16), torch.empty(o, c, dtype=torch.bfloat16), torch.empty(o)
         compiled = compile_as_launched(
-            pj._project_kernel, x, gate, wm, vec, vec, y, y, y, y, y, c, o, size * size,
+            pj._project_kernel, x, gate, wm, vec, vec, y, y, y, y, y, y, c, o, size * size,
             *pj._strides(x), *gate.stride(), *wm.stride(), *pj._strides(y), *pj._strides(y),
             HAS_GATE=gated, AFFINE=True, ACT=not gated, HAS_RES=gated, HAS_BS=False, STATS=False, PRECISION="tf32",
             ALIGN=vector_alignment(x, wm, res, y), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
