@@ -13,7 +13,8 @@
 # in eval and one training step, and timings). A step is skipped when its time limit would pass
 # the budget; a failing step does not stop the later ones.
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
-# FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_TRITON_AUTOTUNE=0.
+# FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
+# tiles always masked), FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
 # output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
 # fused_mbconv/ops/auto_table.json), models.log.
@@ -69,11 +70,12 @@ step tests 150 "$OUT/tests.log" "${PYTEST[@]}" -q --ignore tests/test_triton_com
   --ignore tests/test_gpu_dwconv_shapes.py --ignore tests/test_gpu_se_shapes.py --ignore tests/test_gpu_pointwise_shapes.py tests
 step sweeps 120 "$OUT/tests.log" "${PYTEST[@]}" -v tests/test_gpu_dwconv_shapes.py tests/test_gpu_se_shapes.py \
   tests/test_gpu_pointwise_shapes.py
-# depthwise: channels_last vector paths and strided layouts; squeeze-excite (CUDA backend): every
-# weight form and layout, a broadcast upstream gradient, C = 72 (16-byte vectors)
+# depthwise: channels_last vector paths, strided layouts, the unmasked interior-tile path (bf16);
+# squeeze-excite (CUDA backend): every weight form and layout, a broadcast upstream gradient,
+# C = 72 (16-byte vectors)
 step sanitizer 60 "$LOG" compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
-  "test_channels_last_vector_width or (test_parity and float32 and strided) or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
+  "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
 step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
 step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
 # fused-triton: "auto" keeps training on the reference ops until the Triton ones pass on the GPU

@@ -6,8 +6,9 @@ bytes at a time or one element at a time. This compiles the depthwise and projec
 sm_90 with the specialization that real channels_last tensors give (triton's own argument binder,
 no driver), disassembles them (nvdisasm from triton's package) and reports, per kernel: registers,
 memory instructions by width, tensor-core instructions, and for the depthwise inference kernel the
-instructions per output (the loop over rows of taps counted K times); the depthwise training
-kernels with their static instruction counts. Static counts, not timings.
+instructions per output of an interior tile (no masks) and of a border tile (the loop over rows of
+taps of that path counted K times); the depthwise training kernels with their static instruction
+counts. Static counts, not timings.
 
     python bench/triton_sass.py                 # B5-like shapes: 57 x 57 planes, bf16
     python bench/triton_sass.py --channels 40   # a width that is no multiple of 16
@@ -60,7 +61,8 @@ def _tool(name: str) -> str:
 
 
 def sass_summary(compiled) -> dict:
-    """Registers, stack, every opcode, and the longest loop body of a compiled kernel."""
+    """Registers, stack, every opcode, and the loops of a compiled kernel (backward branches; the
+    bare self-branch after EXIT is none) as (first line, last line, instructions)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -70,14 +72,33 @@ def sass_summary(compiled) -> dict:
     lines = text.splitlines()
     ops = [m.group(1) if (m := _OPCODE.search(line)) else None for line in lines]
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    loop = 0
+    loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
-            loop = max(loop, sum(1 for op in ops[labels[m.group(1)]:i + 1] if op))
+            body = sum(1 for op in ops[labels[m.group(1)]:i + 1] if op)
+            if body > 1:
+                loops.append((labels[m.group(1)], i, body))
     counted = [op for op in ops if op]
     return {"registers": int(regs.group(1)) if regs else None, "stack": int(regs.group(2)) if regs else None,
-            "instructions": len(counted), "loop": loop, "opcodes": collections.Counter(counted)}  # fmt: skip
+            "instructions": len(counted), "loops": loops, "opcodes": collections.Counter(counted)}  # fmt: skip
+
+
+def per_output_by_path(info: dict, k: int, tiles_per_run: int, outputs: int) -> list[float]:
+    """Dynamic instructions per output of the depthwise forward kernel, one figure per path
+    through a tile (interior: the smaller loop body first), from its nested loops: a loop over a
+    run's tiles holding one loop over the K rows of taps per path. A tile runs the tile loop's
+    own instructions (both paths' few outside their row loops: an upper bound) and its path's row
+    loop K times; the code outside the tile loop is shared by the run's tiles."""
+    loops = info["loops"]
+    outer = max(loops, key=lambda lp: lp[2])
+    rows = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
+    if rows:  # a tile loop around the row loops
+        per_tile, per_run = outer[2] - sum(lp[2] for lp in rows), info["instructions"] - outer[2]
+    else:  # one tile a program
+        rows, per_run = loops, 0
+        per_tile = info["instructions"] - sum(lp[2] for lp in rows)
+    return [(per_run / tiles_per_run + per_tile + lp[2] * k) / outputs for lp in sorted(rows, key=lambda lp: lp[2])]
 
 
 def _memory(opcodes: collections.Counter) -> str:
@@ -106,10 +127,10 @@ def depthwise_rows(channels: int, size: int) -> list[str]:
             )  # fmt: skip
             info = sass_summary(compiled)
             outputs = cfg.kwargs["BLOCK_P"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)  # per thread
-            per_output = (info["instructions"] - info["loop"] + info["loop"] * k) / outputs
+            per_output = ", ".join(f"{v:.0f}" for v in per_output_by_path(info, k, 1, outputs))
             tile = "x".join(str(v) for v in cfg.kwargs.values())
             rows.append(f"| dwconv inference k{k} s{s} | {tile} w{cfg.num_warps} | {info['registers']} | "
-                        f"{info['stack']} | {per_output:.0f} | {_memory(info['opcodes'])} |")  # fmt: skip
+                        f"{info['stack']} | {per_output} | {_memory(info['opcodes'])} |")  # fmt: skip
     return rows
 
 
@@ -176,7 +197,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=57, help="plane height = width")
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, bf16, channels_last, {args.size}x{args.size} planes\n")
-    print("| kernel | tile | registers | stack | instructions / output | memory instructions |")
+    print("| kernel | tile | registers | stack | instructions / output (interior, border tile) | memory instructions |")
     print("|---|---|---|---|---|---|")
     print("\n".join(depthwise_rows(args.channels, args.size)))
     print("\n| training kernel | tile | registers | stack | static instructions | memory instructions |")

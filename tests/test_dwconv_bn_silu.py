@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_matches, skip_if_slow
+from conftest import DEVICE, INTERPRETED, assert_matches, skip_if_slow
 from eager import dw_triplet
 
 import fused_mbconv
@@ -120,14 +120,52 @@ def test_channels_last_vector_width(backend, dtype, k, stride, tf, training):
     check_parity(shape, k, stride, tf, dtype, "channels_last", training, with_squeeze=True, backend=backend)
 
 
-@pytest.mark.parametrize("k,stride,tf", [(3, 1, False), (5, 2, True)], ids=lambda v: str(v))
+def _interior_tile_plane(backend, plane, stride):
+    """A plane (input h, w) in which some tiles of the Triton kernels read no padding and take the
+    unmasked path beside border tiles that take the masked one: under the interpreter (16 x 8
+    tiles; asserted) the smallest such, 3 x 3 tiles of output (its time goes with the programs,
+    not the elements: no skip_if_slow); on a GPU, 64 x 64 outputs, with interior tiles in every
+    tile config."""
+    if not INTERPRETED:
+        return 64 * stride, 64 * stride
+    if backend == "triton":
+        from fused_mbconv.ops.dwconv_bn_silu.triton_impl import _TILE_INTERPRETED
+
+        tile = _TILE_INTERPRETED.kwargs
+        assert (tile["BLOCK_P"] // tile["TILE_W"], tile["TILE_W"], tile["BLOCK_C"]) == (16, 8, 32), "shape chosen for these"
+    return plane
+
+
+@pytest.mark.parametrize("k,stride,tf", [(3, 1, False), (5, 1, True)], ids=lambda v: str(v))
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_channel_blocks_with_tail(backend, k, stride, tf, training):
-    """C = 40: more than one channel block of the Triton kernels, the last one partly masked
-    (channels_last fp16, the layout and a dtype of mixed-precision training)."""
-    shape = (2, 40, 9, 11)
-    skip_if_slow(backend, 2 * 40 * 9 * 11)
-    check_parity(shape, k, stride, tf, torch.float16, "channels_last", training, with_squeeze=True, backend=backend)
+def test_channel_blocks_and_interior_tiles(backend, k, stride, tf, training):
+    """Interior and border tiles (``_interior_tile_plane``: 36 x 20 under the interpreter); at k3
+    C = 40, two channel blocks of the Triton kernels, the second partly masked (only the full one
+    has interior tiles), at k5 C = 32, one (half the interpreter's time). bf16 channels_last, the
+    layout and dtype of mixed-precision training."""
+    h, w = _interior_tile_plane(backend, (36, 20), stride)
+    c = 40 if k == 3 else 32
+    check_parity((1, c, h, w), k, stride, tf, torch.bfloat16, "channels_last", training, True, backend)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_interior_tiles_at_stride_2(backend, training):
+    """The unmasked path's bounds at stride 2 with TF padding (1 before, 2 after; 72 x 34 input,
+    36 x 17 outputs under the interpreter). Forward only (the outputs, the squeeze and,
+    training, the batch statistics): the backward's conv takes the same path, checked at stride
+    1 above, and its dx pass over this input would cost the interpreter a minute."""
+    h, w = _interior_tile_plane(backend, (72, 34), 2)
+    fused, eager, exact = dw_triplet(40, 5, 2, True, torch.bfloat16, DEVICE)
+    x = make_input((1, 40, h, w), torch.bfloat16, "channels_last")
+    with torch.no_grad():
+        y, s = fused.train(training)(x, with_squeeze=True)
+        ye, se = _EagerAdapter(eager).train(training)(x, with_squeeze=True)
+        yx, sx = _EagerAdapter(exact).train(training)(x.double(), with_squeeze=True)
+    assert_matches(y, ye, yx, "y")
+    assert_matches(s, se, sx, "squeeze")
+    if training:
+        for buf in ("running_mean", "running_var"):
+            assert_matches(*(getattr(m[1], buf) for m in (fused, eager, exact)), buf)
 
 
 ODD_SHAPES = [(1, 1, 7, 7), (2, 3, 13, 7), (3, 17, 1, 13), (1, 17, 7, 1), (2, 1152, 7, 7), (2, 3, 112, 112), (1, 17, 112, 13)]

@@ -110,7 +110,7 @@ def _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, k, C, s_xn, s_xc, s_xp, s_gn, s
     a = tl.load(x_ptr + _offsets(n64, p, k, s_xn, s_xc, s_xp, ALIGN), mask=mask, other=0.0)
     if HAS_GATE:
         g = tl.load(gate_ptr + n64 * s_gn + k * s_gc, mask=mask_k, other=0.0).to(tl.float32)
-        a = cast(a.to(tl.float32) * g[None, :], x_ptr.dtype.element_ty)
+        a = cast(_triton.widen(a) * g[None, :], x_ptr.dtype.element_ty)
     return a
 
 
@@ -135,7 +135,7 @@ def _activate_and_store(
     if HAS_BS:
         y *= tl.load(bs_ptr + n64).to(tl.float32)
     if HAS_RES:
-        y += tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+        y += _triton.widen(tl.load(res_ptr + _offsets(n64, p, c, s_rn, s_rc, s_rp, ALIGN), mask=mask, other=0.0))
     tl.store(y_ptr + _offsets(n64, p, c, s_yn, s_yc, s_yp, ALIGN), cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -213,7 +213,7 @@ def _normalize_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = _triton.below(c, C, ALIGN)
     mask = mask_p[:, None] & mask_c[None, :]
-    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    z = _triton.widen(tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0))
     a = tl.load(a_ptr + c, mask=mask_c, other=0.0)
     b = tl.load(b_ptr + c, mask=mask_c, other=0.0)
     y = z * a[None, :] + b[None, :]
@@ -250,8 +250,8 @@ def _dy_sums_kernel(
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < end)[:, None] & mask_c[None, :]
-        dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+        dy = _triton.widen(tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0))
+        z = _triton.widen(tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0))
         zhat = (z - mean[None, :]) * invstd[None, :]
         if ACT:
             dy *= _silu_grad(zhat * gamma[None, :] + beta[None, :])
@@ -279,8 +279,8 @@ def _dz_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = _triton.below(c, C, ALIGN)
     mask = mask_p[:, None] & mask_c[None, :]
-    dy = tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+    dy = _triton.widen(tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0))
+    z = _triton.widen(tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0))
     k1 = tl.load(coef_ptr + c, mask=mask_c, other=0.0)
     k2 = tl.load(coef_ptr + C + c, mask=mask_c, other=0.0)
     k3 = tl.load(coef_ptr + 2 * C + c, mask=mask_c, other=0.0)
@@ -324,7 +324,7 @@ def _dx_kernel(
         acc = _triton.dot(dz, cast(w.to(tl.float32), dz_ptr.dtype.element_ty), acc, PRECISION)
     mask = mask_p[:, None] & mask_c[None, :]
     if HAS_GATE:
-        x = tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp, ALIGN), mask=mask, other=0.0).to(tl.float32)
+        x = _triton.widen(tl.load(x_ptr + _offsets(n64, p, c, s_xn, s_xc, s_xp, ALIGN), mask=mask, other=0.0))
         dgate = tl.sum(acc * x, axis=0)
         tl.store(dgate_part_ptr + tl.program_id(0).to(tl.int64) * N_COLS + c, dgate, mask=mask_c)
         acc *= tl.load(gate_ptr + n64 * s_gn + c * s_gc, mask=mask_c, other=0.0).to(tl.float32)[None, :]

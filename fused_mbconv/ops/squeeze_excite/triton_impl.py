@@ -26,6 +26,7 @@ from fused_mbconv.ops._triton import (
     multiprocessors,
     sum_rows,
     triton_entry,
+    widen,
 )
 from fused_mbconv.ops.squeeze_excite import IMPLS, reference
 
@@ -134,7 +135,7 @@ def _squeeze_kernel(
         hw = hw0 + tl.arange(0, BLOCK_HW)
         mask = (hw[:, None] < end) & (c[None, :] < C)
         x = tl.load(x_base + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None], mask=mask, other=0.0)
-        acc += x.to(tl.float32)
+        acc += widen(x)
     # out is (N, C) when SPLITS == 1, else (SPLITS, N, C): the same flat index either way
     out = tl.sum(acc, axis=0) * inv_hw
     tl.store(out_ptr + (split.to(tl.int64) * N + n) * C + c, cast(out, out_ptr.dtype.element_ty), mask=c < C)
@@ -172,7 +173,7 @@ def _scale_kernel(
     mask = (hw[:, None] < HW) & (c[None, :] < C)
     gate = tl.load(gate_ptr + n * s_gn + c64 * s_gc, mask=c < C, other=0.0).to(tl.float32)
     x_off = n * s_xn + c64[None, :] * s_xc + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None]
-    y = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) * gate[None, :]
+    y = widen(tl.load(x_ptr + x_off, mask=mask, other=0.0)) * gate[None, :]
     y_off = n * s_yn + c64[None, :] * s_yc + _hw_offsets(hw, W, s_yh, s_yw, FLAT)[:, None]
     tl.store(y_ptr + y_off, cast(y, y_ptr.dtype.element_ty), mask=mask)
 
@@ -215,8 +216,8 @@ def _scale_backward_kernel(
         dy_off = n64 * s_dyn + c64 * s_dyc + _hw_offsets(hw, W, s_dyh, s_dyw, FLAT)[:, None]
         x_off = n64 * s_xn + c64 * s_xc + _hw_offsets(hw, W, s_xh, s_xw, FLAT)[:, None]
         dx_off = n64 * s_dxn + c64 * s_dxc + _hw_offsets(hw, W, s_dxh, s_dxw, FLAT)[:, None]
-        dy = tl.load(dy_ptr + dy_off, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        dy = widen(tl.load(dy_ptr + dy_off, mask=mask, other=0.0))
+        x = widen(tl.load(x_ptr + x_off, mask=mask, other=0.0))
         tl.store(dx_ptr + dx_off, cast(dy * gate[None, :], dx_ptr.dtype.element_ty), mask=mask)
         acc += dy * x
     dgate = tl.sum(acc, axis=0)
