@@ -10,11 +10,14 @@ import os
 
 import pytest
 import torch
+from fast_interpreter import reuse_language_patch
 
 import fused_mbconv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1" and DEVICE.type == "cpu"
+if INTERPRETED:
+    reuse_language_patch()
 BACKENDS = [b for b in ("reference", "triton", "cuda") if b in fused_mbconv.available_backends()]
 
 # The Triton interpreter runs kernels element by element in numpy: keep its inputs small.

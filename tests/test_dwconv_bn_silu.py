@@ -107,6 +107,10 @@ def check_parity(shape, k, stride, tf, dtype, layout, training, with_squeeze, ba
 def test_parity(backend, dtype, k, stride, tf, layout, training):
     shape = (2, 17, 13, 11)
     skip_if_slow(backend, 2 * 17 * 13 * 11)
+    if backend == "triton" and INTERPRETED and dtype == torch.float16 and layout != "channels_last":
+        # a dtype's path (conversions, rounding) does not depend on the layout: fp16 runs in
+        # channels_last, fp32 and bf16 in every layout (all on the GPU)
+        pytest.skip("interpreted: fp16 is covered in channels_last")
     check_parity(shape, k, stride, tf, dtype, layout, training, with_squeeze=True, backend=backend)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, INTERPRETED
 
 from fused_mbconv import ops
 
@@ -89,6 +89,11 @@ def test_every_op_is_sampled():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 def test_opcheck(backend, dtype, requires_grad):
+    if backend == "triton" and INTERPRETED and (dtype == torch.bfloat16) == requires_grad:
+        # opcheck runs every op several times: interpreted, that is minutes per case. fp32 with
+        # gradients and bf16 without cover the registration and the Triton implementations'
+        # aliasing of each dtype path; all four cases run on the GPU
+        pytest.skip("interpreted: the fp32-grad and bf16-nograd cases cover the Triton ops")
     for op, args in all_samples(dtype, requires_grad):
         torch.library.opcheck(op, args)
 
