@@ -256,9 +256,8 @@ def _conv(
     """The conv at the STRIP positions of each strip, as STRIP tiles (strips, channels), fp32:
     c_j[r, ch] = sum_{kh, kw} w[ch, kh, kw] * x[n, ch, oh*S - pad_t + kh, (ow0 + j)*S - pad_l + kw],
     0 on rows outside the output plane (not on columns past W_OUT: they may read the plane). An
-    ``interior`` tile (``_interior``) loads without
-    masks: no predicates to compute, no zeroing of masked-off lanes (sm_90 SASS, k5 s1: 30 of
-    the 380 instructions per row of taps)."""
+    ``interior`` tile (``_interior``) loads without masks: no predicates to compute, no zeroing
+    of masked-off lanes (sm_90 SASS, k5 s1: 30 of the 380 instructions per row of taps)."""
     if interior:
         c0, c1, c2, c3 = _conv_window(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                       K, STRIDE, ALIGN, BLOCK_P, BLOCK_C, False)  # fmt: skip
