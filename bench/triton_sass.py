@@ -61,8 +61,8 @@ def _tool(name: str) -> str:
 
 
 def sass_summary(compiled) -> dict:
-    """Registers, stack, every opcode, and the loops of a compiled kernel (backward branches; the
-    bare self-branch after EXIT is none) as (first line, last line, instructions)."""
+    """Registers, stack, every opcode, and the instruction counts of a compiled kernel's loop
+    bodies (backward branches; the bare self-branch after EXIT is none)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -78,27 +78,19 @@ def sass_summary(compiled) -> dict:
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             body = sum(1 for op in ops[labels[m.group(1)]:i + 1] if op)
             if body > 1:
-                loops.append((labels[m.group(1)], i, body))
+                loops.append(body)
     counted = [op for op in ops if op]
     return {"registers": int(regs.group(1)) if regs else None, "stack": int(regs.group(2)) if regs else None,
             "instructions": len(counted), "loops": loops, "opcodes": collections.Counter(counted)}  # fmt: skip
 
 
-def per_output_by_path(info: dict, k: int, tiles_per_run: int, outputs: int) -> list[float]:
-    """Dynamic instructions per output of the depthwise forward kernel, one figure per path
-    through a tile (interior: the smaller loop body first), from its nested loops: a loop over a
-    run's tiles holding one loop over the K rows of taps per path. A tile runs the tile loop's
-    own instructions (both paths' few outside their row loops: an upper bound) and its path's row
-    loop K times; the code outside the tile loop is shared by the run's tiles."""
-    loops = info["loops"]
-    outer = max(loops, key=lambda lp: lp[2])
-    rows = [lp for lp in loops if lp is not outer and outer[0] <= lp[0] and lp[1] <= outer[1]]
-    if rows:  # a tile loop around the row loops
-        per_tile, per_run = outer[2] - sum(lp[2] for lp in rows), info["instructions"] - outer[2]
-    else:  # one tile a program
-        rows, per_run = loops, 0
-        per_tile = info["instructions"] - sum(lp[2] for lp in rows)
-    return [(per_run / tiles_per_run + per_tile + lp[2] * k) / outputs for lp in sorted(rows, key=lambda lp: lp[2])]
+def per_output_by_path(info: dict, k: int, outputs: int) -> list[float]:
+    """Dynamic instructions per output of the depthwise forward kernel (one tile a program), one
+    figure per path through the tile, interior (the smaller loop body) first: a tile runs the code
+    outside the loops (both paths' few other instructions: an upper bound) and its path's loop
+    over the K rows of taps K times."""
+    outside = info["instructions"] - sum(info["loops"])
+    return [(outside + body * k) / outputs for body in sorted(info["loops"])]
 
 
 def _memory(opcodes: collections.Counter) -> str:
@@ -127,7 +119,7 @@ def depthwise_rows(channels: int, size: int) -> list[str]:
             )  # fmt: skip
             info = sass_summary(compiled)
             outputs = cfg.kwargs["BLOCK_P"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)  # per thread
-            per_output = ", ".join(f"{v:.0f}" for v in per_output_by_path(info, k, 1, outputs))
+            per_output = ", ".join(f"{v:.0f}" for v in per_output_by_path(info, k, outputs))
             tile = "x".join(str(v) for v in cfg.kwargs.values())
             rows.append(f"| dwconv inference k{k} s{s} | {tile} w{cfg.num_warps} | {info['registers']} | "
                         f"{info['stack']} | {per_output} | {_memory(info['opcodes'])} |")  # fmt: skip
