@@ -249,15 +249,20 @@ def test_reductions_split_into_chunks(monkeypatch, groups):
 @pytest.mark.parametrize(
     "c,width,expected",
     [
-        (240, 228, {(128, 32, 16), (64, 64, 8), (128, 64, 16), (64, 32, 8)}),
-        (24, 228, {(128, 32, 16), (64, 32, 8)}),  # no 64-channel blocks for 24 channels
+        # 240 channels: 16-, 32- and 64-channel blocks use 100%, 94% and 94% of their lanes
+        (240, 228, {(128, 32, 16), (64, 64, 8), (128, 64, 16), (64, 32, 8), (256, 16, 16)}),
+        (48, 228, {(256, 16, 16)}),  # 100% against 75% for 32 and 64
+        (144, 114, {(128, 32, 16), (64, 32, 8), (256, 16, 16)}),  # 100%, 90%; 64: 75%
+        (24, 228, {(128, 32, 16), (64, 32, 8), (256, 16, 16)}),  # 75%; 64: 38%
         (240, 7, {(64, 64, 8), (64, 32, 8)}),  # no 16-wide tiles on a 7-wide plane
-        (3, 1, {(64, 32, 8)}),  # nothing fits: the narrowest config is kept
+        (48, 7, {(64, 64, 8), (64, 32, 8)}),  # then the best of those left (75% both)
+        (3, 1, {(64, 32, 8)}),  # nothing fits: the narrowest tile, its fullest channel block
     ],
 )
 def test_depthwise_tile_configs_fit_the_shape(c, width, expected):
-    """The autotuner's candidates (GPU configs) for a plane: channel blocks and tile widths
-    beyond the next power of two of the channels / plane width only compute masked lanes."""
+    """The autotuner's candidates (GPU configs) for a plane: tiles wider than the next power of
+    two of the plane's width and channel blocks that leave more lanes masked than the best
+    (by over 10% of them) only compute masked lanes."""
     if "triton" not in IMPLS["backward"].backends():
         pytest.skip("no triton backend")
     from fused_mbconv.ops.dwconv_bn_silu import triton_impl

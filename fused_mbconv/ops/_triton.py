@@ -211,6 +211,15 @@ def below(idx, n, ALIGN: tl.constexpr):
     return idx < n
 
 
+@triton.jit
+def aligned(n, ALIGN: tl.constexpr):
+    """A count n that is a multiple of ALIGN (``vector_alignment``), written so that the compiler
+    knows it too (as ``below``): offsets of n * rows or n elements then stay whole vectors."""
+    if ALIGN > 1:
+        return (n // ALIGN) * ALIGN
+    return n
+
+
 # Partial statistics are merged _STATS_BLOCK_G rows at a time, _STATS_BLOCK_C channels per program.
 _STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
 

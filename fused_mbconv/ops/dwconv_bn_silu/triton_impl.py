@@ -40,6 +40,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops._triton import (
+    aligned,
     autotune,
     below,
     cast,
@@ -67,15 +68,26 @@ def _tile_configs(gpu_configs: Sequence[tuple[int, int, int, int]]) -> list[trit
     return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "TILE_W": tw}, num_warps=w) for p, c, w, tw in gpu_configs]
 
 
+def _lanes_used(c: int, block_c: int) -> float:
+    """The share of a launch's channel lanes that hold one of the c channels."""
+    return c / (triton.cdiv(c, block_c) * block_c)
+
+
 def _prune(width: str):
-    """Drop configs whose channel block is wider than the channels or whose tile is wider than
-    the plane (``width`` names the kernel's plane-width argument): masked lanes do no work."""
+    """Drop configs whose tile is wider than the plane (``width`` names the kernel's plane-width
+    argument) or whose channel block leaves over 10% more lanes masked than the best one left
+    (48 channels: 16-channel blocks use every lane, 32 or 64 a quarter idle): masked lanes do
+    no work but take their instructions and registers."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        widest_c, widest_w = triton.next_power_of_2(args["C"]), triton.next_power_of_2(args[width])
-        kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest_c and cfg.kwargs["TILE_W"] <= widest_w]
-        return kept or [min(configs, key=lambda cfg: (cfg.kwargs["BLOCK_C"], cfg.kwargs["TILE_W"]))]
+        widest_w = triton.next_power_of_2(args[width])
+        lanes = {id(cfg): _lanes_used(args["C"], cfg.kwargs["BLOCK_C"]) for cfg in configs}
+        fit = [cfg for cfg in configs if cfg.kwargs["TILE_W"] <= widest_w]
+        if not fit:
+            return [min(configs, key=lambda cfg: (cfg.kwargs["TILE_W"], -lanes[id(cfg)]))]
+        best = max(lanes[id(cfg)] for cfg in fit)
+        return [cfg for cfg in fit if lanes[id(cfg)] >= best - 0.1]
 
     return prune
 
@@ -88,10 +100,13 @@ STRIP: tl.constexpr = tl.constexpr(4)
 # registers: ptxas gives the backward kernels 170-240 registers a thread with 8, 100-130 with 4,
 # sm_90). Square-ish tiles (least halo): a tile along a row, 64 x 1 (the first design), took
 # 190-255 registers a thread and spilled in the backward (bench/results/triton_sm90_registers.md
-# at commit a25ef34). Few configs: each is compiled per kernel specialization.
+# at commit a25ef34). 16-channel blocks (16 x 16 tiles, the same 8 channels a thread) for the
+# widths that 32 or 64 leave partly idle: 16 (B1, B2), 48 (B4, B5), 144 (B0-B5). Few configs:
+# each is compiled per kernel specialization, and ``_prune`` keeps those that suit the shape.
 _TILE_CONFIGS = _tile_configs(
-    [(128, 32, 4, 16), (64, 64, 4, 8), (128, 64, 8, 16), (128, 32, 8, 16), (64, 32, 4, 8), (64, 32, 2, 8)]
-)
+    [(128, 32, 4, 16), (64, 64, 4, 8), (128, 64, 8, 16), (128, 32, 8, 16), (64, 32, 4, 8), (64, 32, 2, 8),
+     (256, 16, 4, 16)]
+)  # fmt: skip
 # The interpreter pays per operation, not per element, so fewer, bigger tiles run faster; 16 x 8
 # tiles have masked rows, columns and strip positions on the test shapes.
 _TILE_INTERPRETED = _tile_configs([(128, 32, 1, 8)])[0]
@@ -211,27 +226,25 @@ def _strip_fma(col, TAP0: tl.constexpr, TAP_STEP: tl.constexpr, w0, w1, w2, w3, 
 
 
 @triton.jit
-def _tap_weight(w_ptr, cs, mask_c, kh, kw: tl.constexpr, sw, ALIGN: tl.constexpr, MASKED: tl.constexpr):
+def _tap_weight(w_ptr, cs, mask_c, kh, kw: tl.constexpr, sw, MASKED: tl.constexpr):
     offs = cs * sw[0] + kh * sw[2] + kw * sw[3]
-    if ALIGN >= 4:  # the channel count is a multiple of 4: so is each tap's offset in the fp32 taps
-        offs = tl.multiple_of(offs, 4)
     if MASKED:
         return tl.load(w_ptr + offs, mask=mask_c, other=0.0)
     return tl.load(w_ptr + offs)
 
 
 @triton.jit
-def _tap_weights(w_ptr, cs, mask_c, kh, sw, K: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr = True):
-    """The weights of the K taps of row kh for the tile's channels, fp32 (K <= 5; unused ones 0);
-    not MASKED: every channel is < C."""
-    w0 = _tap_weight(w_ptr, cs, mask_c, kh, 0, sw, ALIGN, MASKED)
-    w1 = _tap_weight(w_ptr, cs, mask_c, kh, 1, sw, ALIGN, MASKED)
-    w2 = _tap_weight(w_ptr, cs, mask_c, kh, 2, sw, ALIGN, MASKED)
+def _tap_weights(w_ptr, cs, mask_c, kh, sw, K: tl.constexpr, MASKED: tl.constexpr = True):
+    """The weights of the K taps of row kh for the tile's channels, fp32 (K <= 5; unused ones 0),
+    from ``_taps_by_channel``'s layout; not MASKED: every channel is < C."""
+    w0 = _tap_weight(w_ptr, cs, mask_c, kh, 0, sw, MASKED)
+    w1 = _tap_weight(w_ptr, cs, mask_c, kh, 1, sw, MASKED)
+    w2 = _tap_weight(w_ptr, cs, mask_c, kh, 2, sw, MASKED)
     w3 = tl.zeros_like(w0)
     w4 = tl.zeros_like(w0)
     if K > 3:
-        w3 = _tap_weight(w_ptr, cs, mask_c, kh, 3, sw, ALIGN, MASKED)
-        w4 = _tap_weight(w_ptr, cs, mask_c, kh, 4, sw, ALIGN, MASKED)
+        w3 = _tap_weight(w_ptr, cs, mask_c, kh, 3, sw, MASKED)
+        w4 = _tap_weight(w_ptr, cs, mask_c, kh, 4, sw, MASKED)
     return w0, w1, w2, w3, w4
 
 
@@ -296,7 +309,7 @@ def _conv_window(
         rows = x_r + ih.to(tl.int64) * sx[2]
         if ALIGN > 1:  # also here: _column's claim on its offsets is lost when they are these rows (m = 0)
             rows = tl.multiple_of(rows, ALIGN)
-        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, ALIGN, MASKED)
+        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, MASKED)
         for m in tl.static_range((STRIP - 1) * STRIDE + K):
             xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN, MASKED)
             # output j reads this column through tap m - j * S
@@ -317,15 +330,22 @@ def _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
-def _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_p, cs, mask_c, C, inv_p_out, sdy, HAS_DSQ: tl.constexpr,
-             ALIGN: tl.constexpr):
-    """dL/dy at the positions (oh, ow) of sample n, 0 on masked positions."""
+def _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr):
+    """What sample n's squeeze gradient adds to dL/dy at each of its positions, per channel:
+    squeeze = mean over (Ho, Wo) of y, so each y element receives grad_squeeze / (Ho * Wo).
+    Loaded once per tile (a load per strip position is not merged: dc stores come between)."""
+    if HAS_DSQ:
+        return tl.load(dsq_ptr + n * aligned(C, ALIGN) + cs, mask=mask_c, other=0.0).to(tl.float32) * inv_p_out
+    return tl.zeros_like(cs).to(tl.float32)
+
+
+@triton.jit
+def _load_dy(dy_ptr, dsq, n, oh, ow, ok_p, cs, mask_c, sdy, HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr):
+    """dL/dy at the positions (oh, ow) of sample n, 0 on masked positions (dsq: ``_squeeze_grad``)."""
     mask = ok_p[:, None] & mask_c[None, :]
     dy = widen(tl.load(dy_ptr + _tile_offsets(n, oh, ow, cs, sdy, ALIGN), mask=mask, other=0.0))
     if HAS_DSQ:
-        # squeeze = mean over (Ho, Wo) of y, so each y element receives grad_squeeze / (Ho * Wo)
-        dsq = tl.load(dsq_ptr + n * C + cs, mask=mask_c, other=0.0).to(tl.float32)
-        dy = tl.where(mask, dy + dsq[None, :] * inv_p_out, 0.0)
+        dy = tl.where(mask, dy + dsq[None, :], 0.0)
     return dy
 
 
@@ -440,11 +460,11 @@ def _conv_stats_kernel(
 
 
 @triton.jit
-def _dz_at(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-           mean, invstd, gamma, beta, HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+def _dz_at(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd, gamma, beta,
+           HAS_DSQ: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
     """(xhat, dz) at strip position j (dz = dL/d(BN output before SiLU), 0 where masked)."""
     ow = ow0 + j
-    dy = _load_dy(dy_ptr, dsq_ptr, n, oh, ow, ok_h & (ow < W_OUT), cs, mask_c, C, inv_p_out, sdy, HAS_DSQ, ALIGN)
+    dy = _load_dy(dy_ptr, dsq, n, oh, ow, ok_h & (ow < W_OUT), cs, mask_c, sdy, HAS_DSQ, ALIGN)
     return _bn_silu_backward(c, dy, mean, invstd, gamma, beta)
 
 
@@ -472,14 +492,15 @@ def _dz_sums_kernel(
         interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
-        xhat0, dz0 = _dz_at(c0, 0, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
-        xhat1, dz1 = _dz_at(c1, 1, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
-        xhat2, dz2 = _dz_at(c2, 2, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
-        xhat3, dz3 = _dz_at(c3, 3, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                            mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
+        dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
+        xhat0, dz0 = _dz_at(c0, 0, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd,
+                            gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
+        xhat1, dz1 = _dz_at(c1, 1, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd,
+                            gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
+        xhat2, dz2 = _dz_at(c2, 2, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd,
+                            gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
+        xhat3, dz3 = _dz_at(c3, 3, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd,
+                            gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         sum_dz += tl.sum(dz0 + dz1 + dz2 + dz3, axis=0)
         sum_dz_xhat += tl.sum(dz0 * xhat0 + dz1 * xhat1 + dz2 * xhat2 + dz3 * xhat3, axis=0)
     row = part_ptr + tl.program_id(0) * 2 * C + cs
@@ -488,13 +509,13 @@ def _dz_sums_kernel(
 
 
 @triton.jit
-def _dc_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-              mean, invstd, gamma, beta, HAS_DSQ: tl.constexpr, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
-              TRAINING: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+def _dc_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd, gamma, beta,
+              HAS_DSQ: tl.constexpr, a, mean_dz, mean_dz_xhat, dc_ptr, sdc, TRAINING: tl.constexpr,
+              ALIGN: tl.constexpr):  # fmt: skip
     """dc at strip position j, stored (in dc's dtype); returns the fp32 dc, dz and dz * xhat
     (0 where masked)."""
-    xhat, dz = _dz_at(c, j, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr, sdy,
-                      mean, invstd, gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
+    xhat, dz = _dz_at(c, j, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean, invstd, gamma, beta,
+                      HAS_DSQ, ALIGN)  # fmt: skip
     ow = ow0 + j
     mask = (ok_h & (ow < W_OUT))[:, None] & mask_c[None, :]
     if TRAINING:
@@ -594,7 +615,7 @@ def _dconv_kernel(
     mean_dz_xhat = tl.zeros_like(a)
     if TRAINING:
         mean_dz = _load_channels(sums_ptr, cs, mask_c) * inv_count
-        mean_dz_xhat = _load_channels(sums_ptr + C, cs, mask_c) * inv_count
+        mean_dz_xhat = _load_channels(sums_ptr + aligned(C, ALIGN), cs, mask_c) * inv_count
     sum_dz = tl.zeros((BLOCK_C,), tl.float32)
     sum_dz_xhat = tl.zeros((BLOCK_C,), tl.float32)
     x_c = x_ptr + (cs.to(tl.int64) * sx[1])[None, :]
@@ -608,17 +629,18 @@ def _dconv_kernel(
         interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
-        dc0, dz0, dzx0 = _dc_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
-                                      sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
+        dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
+        dc0, dz0, dzx0 = _dc_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean,
+                                      invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
                                       TRAINING, ALIGN)  # fmt: skip
-        dc1, dz1, dzx1 = _dc_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
-                                      sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
+        dc1, dz1, dzx1 = _dc_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean,
+                                      invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
                                       TRAINING, ALIGN)  # fmt: skip
-        dc2, dz2, dzx2 = _dc_store(c2, 2, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
-                                      sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
+        dc2, dz2, dzx2 = _dc_store(c2, 2, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean,
+                                      invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
                                       TRAINING, ALIGN)  # fmt: skip
-        dc3, dz3, dzx3 = _dc_store(c3, 3, n, oh, ow0, ok_h, cs, mask_c, C, W_OUT, inv_p_out, dy_ptr, dsq_ptr,
-                                      sdy, mean, invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
+        dc3, dz3, dzx3 = _dc_store(c3, 3, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq, sdy, mean,
+                                      invstd, gamma, beta, HAS_DSQ, a, mean_dz, mean_dz_xhat, dc_ptr, sdc,
                                       TRAINING, ALIGN)  # fmt: skip
         if not TRAINING:
             sum_dz += tl.sum(dz0 + dz1 + dz2 + dz3, axis=0)
@@ -698,7 +720,7 @@ def _dx_kernel(
         oh = num_h // STRIDE
         ok_row = ok_h & (num_h >= 0) & (num_h % STRIDE == 0) & (oh < H_OUT)
         rows = n.to(tl.int64) * sdc[0] + oh.to(tl.int64) * sdc[2]
-        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, ALIGN)
+        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K)
         for dd in tl.static_range(STRIP + K - 1):
             d = dd - (K - 1)  # j - kw, from -(K - 1) to STRIP - 1
             if (PAD_ODD + dd + K - 1) % STRIDE == 0:  # (pad_l + d) % S == 0, dd + K - 1 keeps it >= 0
@@ -783,12 +805,18 @@ _triton_entry = triton_entry(reference)
 
 
 def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
-    """The (C, 1, k, k) weight as fp32 with the channels contiguous (strides (1, ., k C, C)): a
-    tap's weights for a tile's channels are then one vector load with nothing to convert, where
-    the (C, 1, k, k) layout (channel stride k * k) took one 16-bit load and conversion per channel
-    and tap (sm_90 SASS of the k5 kernel: 40 of the 423 instructions per row of taps were such
-    loads). C k k values: a negligible copy."""
-    return weight.detach().float().permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    """The (C, 1, k, k) weight as fp32 with the channels contiguous and each tap's row of channels
+    padded to a multiple of 16 (strides (1, ., k Cp, Cp)): a tap's weights for a tile's channels
+    are then one vector load with nothing to convert. The (C, 1, k, k) layout (channel stride
+    k * k) took one 16-bit load and conversion per channel and tap (sm_90 SASS of the k5 kernel:
+    40 of the 423 instructions per row of taps); unpadded, a launch specializes the tap strides
+    as divisible by 16 only when C is, and at C = 40 the loads of tap 0 were per channel (a
+    tl.multiple_of claim on an offset with nothing added to it is folded away). C k k values:
+    a negligible copy."""
+    c, _, k, _ = weight.shape
+    padded = torch.empty((k, k, triton.cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
+    taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1)
+    return taps.copy_(weight.detach())
 
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
