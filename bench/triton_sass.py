@@ -102,6 +102,11 @@ def _channels_last(*shape, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
+def _tile_label(cfg) -> str:
+    sizes = "x".join(str(cfg.kwargs[key]) for key in ("BLOCK_P", "BLOCK_C", "TILE_W"))
+    return f"{sizes} w{cfg.num_warps}" + (" taps per strip" if cfg.kwargs.get("TAPS_PER_STRIP") else "")
+
+
 def depthwise_rows(channels: int, size: int) -> list[str]:
     """The depthwise inference kernel, each kernel size and stride, the first two tile configs."""
     rows = []
@@ -120,17 +125,16 @@ def depthwise_rows(channels: int, size: int) -> list[str]:
             info = sass_summary(compiled)
             outputs = cfg.kwargs["BLOCK_P"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)  # per thread
             per_output = ", ".join(f"{v:.0f}" for v in per_output_by_path(info, k, outputs))
-            tile = "x".join(str(v) for v in cfg.kwargs.values())
-            rows.append(f"| dwconv inference k{k} s{s} | {tile} w{cfg.num_warps} | {info['registers']} | "
+            rows.append(f"| dwconv inference k{k} s{s} | {_tile_label(cfg)} | {info['registers']} | "
                         f"{info['stack']} | {per_output} | {_memory(info['opcodes'])} |")  # fmt: skip
     return rows
 
 
 def depthwise_training_rows(channels: int, size: int) -> list[str]:
     """The training kernels (statistics, BN-backward sums, dc + dweight, dx) at k3 and k5 stride
-    1, first tile config: registers, stack, static instruction count, memory instructions."""
+    1, first tile config (dc + dweight: the first its prune keeps, taps per strip at k5):
+    registers, stack, static instruction count, memory instructions."""
     rows = []
-    cfg = dw._TILE_CONFIGS[0]
     for k in (3, 5):
         pad = k // 2
         x, y = _channels_last(2, channels, size, size), _channels_last(2, channels, size, size)
@@ -138,7 +142,6 @@ def depthwise_training_rows(channels: int, size: int) -> list[str]:
         vec, part = torch.empty(channels), torch.empty(64, 2 * channels * k * k)
         geo = {"C": channels, "H": size, "W": size, "H_OUT": size, "W_OUT": size, "pad_t": pad, "pad_l": pad,
                "K": k, "STRIDE": 1, "ALIGN": vector_alignment(x, y)}  # fmt: skip
-        geo.update(num_warps=cfg.num_warps, **cfg.kwargs)
         chunked = {"N": 2, "groups": 64, "sx": x.stride(), "sw": taps.stride()}
         launches = {
             "statistics": (dw._conv_stats_kernel, (x, taps, vec, part, part), chunked),
@@ -151,10 +154,10 @@ def depthwise_training_rows(channels: int, size: int) -> list[str]:
                                                "PAD_ODD": 0}),
         }  # fmt: skip
         for name, (kernel, args, kwargs) in launches.items():
-            compiled = compile_as_launched(kernel, *args, **kwargs, **geo)
+            cfg = dw._prune_dconv(dw._DCONV_CONFIGS, geo)[0] if name == "dc + dweight" else dw._TILE_CONFIGS[0]
+            compiled = compile_as_launched(kernel, *args, **kwargs, **geo, num_warps=cfg.num_warps, **cfg.kwargs)
             info = sass_summary(compiled)
-            tile = "x".join(str(v) for v in cfg.kwargs.values())
-            rows.append(f"| dwconv {name} k{k} s1 | {tile} w{cfg.num_warps} | {info['registers']} | {info['stack']} | "
+            rows.append(f"| dwconv {name} k{k} s1 | {_tile_label(cfg)} | {info['registers']} | {info['stack']} | "
                         f"{info['instructions']} | {_memory(info['opcodes'])} |")  # fmt: skip
     return rows
 

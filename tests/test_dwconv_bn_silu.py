@@ -152,6 +152,27 @@ def test_channel_blocks_and_interior_tiles(backend, k, stride, tf, training):
     check_parity((1, c, h, w), k, stride, tf, torch.bfloat16, "channels_last", training, True, backend)
 
 
+@pytest.mark.parametrize("taps_per_strip", [False, True], ids=["taps-per-tile", "taps-per-strip"])
+def test_k5_dweight_per_tile_and_per_strip(backend, taps_per_strip, monkeypatch):
+    """The dc + dweight kernel at k5 sums each tap's products over a tile's strips once per tile,
+    or (TAPS_PER_STRIP) keeps them per strip across the chunk's tiles and sums them at the end:
+    either way the same gradients, over interior and border tiles (bf16 channels_last, C = 32)."""
+    if backend != "triton":
+        pytest.skip("a Triton kernel's configs")
+    if INTERPRETED and taps_per_strip:
+        pytest.skip("the interpreted config's path: test_channel_blocks_and_interior_tiles[triton-train-5-1-True]")
+    import triton
+
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    configs = [triton_impl._DCONV_INTERPRETED] if INTERPRETED else triton_impl._DCONV_CONFIGS
+    base = next(cfg for cfg in configs if cfg.kwargs["TAPS_PER_STRIP"] == taps_per_strip or INTERPRETED)
+    cfg = triton.Config({**base.kwargs, "TAPS_PER_STRIP": taps_per_strip}, num_warps=base.num_warps)
+    monkeypatch.setattr(triton_impl._dconv_kernel, "configs", [cfg])  # one config: no tuning, no prune
+    h, w = _interior_tile_plane(backend, (36, 20), 1)
+    check_parity((1, 32, h, w), 5, 1, True, torch.bfloat16, "channels_last", True, True, backend)
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_interior_tiles_at_stride_2(backend, training):
     """The unmasked path's bounds at stride 2 with TF padding (1 before, 2 after; 72 x 34 input,
@@ -269,3 +290,26 @@ def test_depthwise_tile_configs_fit_the_shape(c, width, expected):
 
     kept = triton_impl._prune("W_OUT")(triton_impl._TILE_CONFIGS, {"C": c}, W_OUT=width)
     assert {(cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.kwargs["TILE_W"]) for cfg in kept} == expected
+
+
+def test_dweight_configs_keep_taps_per_strip_at_k5_only(monkeypatch):
+    """The dc + dweight kernel's candidates: at k5 the TAPS_PER_STRIP configs first (the ones that
+    run with autotuning off) and no per-tile config of the same tile and warps; at k3 none of them
+    (every config keeps its 9 taps per strip); none with FUSED_MBCONV_TAPS_PER_STRIP=0."""
+    if "triton" not in IMPLS["backward"].backends():
+        pytest.skip("no triton backend")
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    def kept(k):
+        configs = triton_impl._prune_dconv(triton_impl._DCONV_CONFIGS, {"C": 240, "K": k}, W_OUT=57)
+        return [(cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.num_warps, cfg.kwargs["TAPS_PER_STRIP"])
+                for cfg in configs]  # fmt: skip
+
+    k5 = kept(5)
+    flags = [flag for *_, flag in k5]
+    assert flags[0] and flags == sorted(flags, reverse=True), k5
+    tiles = [tile for *tile, _ in k5]
+    assert len(set(map(tuple, tiles))) == len(tiles), k5
+    assert not any(flag for *_, flag in kept(3))
+    monkeypatch.setenv("FUSED_MBCONV_TAPS_PER_STRIP", "0")
+    assert not any(flag for *_, flag in kept(5))

@@ -16,7 +16,8 @@ and strides i32 without the ==1 / %16 specializations, scalars fp32):
 
 - sm_90, bf16: every kernel x every constexpr flag combination the host code launches it with
   (dwconv: also every kernel size 3/5 x stride 1/2), first autotune config;
-- sm_90, bf16: every other GPU autotune config once, on the kernel's first (richest) variant;
+- sm_90, bf16: every other GPU autotune config once, on the kernel's first (richest) variant
+  (or the one its plan row's ``config_variant`` names);
 - sm_90, fp32 and fp16: every kernel once (first config, first variant); in fp32 the GEMMs with
   both dot precisions the host picks from (tf32, ieee);
 - sm_80: every kernel once in bf16 (first config, first variant), and the GEMMs in fp32.
@@ -72,9 +73,10 @@ def _plan() -> list[dict]:
     """Kernel rows: ``module``, ``kernel``; ``ptrs`` pointer params that are fp32 buffers (the rest
     follow the op's dtype); ``tuples`` params passed as a 4-D tensor's strides; ``floats`` fp32
     scalars; ``variants`` the constexpr values (and per-variant pointer dtypes) the host code
-    launches with, the first being the richest; ``dot`` kernels that use tl.dot (also compiled
-    for sm_80); ``optional`` flags dropped from the variants while the kernel lacks them (a flag
-    being added). Autotuned tile sizes come from the kernel's own config list."""
+    launches with, the first being the richest; ``config_variant(cfg)`` the variant to compile an
+    autotune config other than the first with (None: the first); ``dot`` kernels that use tl.dot
+    (also compiled for sm_80); ``optional`` flags dropped from the variants while the kernel lacks
+    them (a flag being added). Autotuned tile sizes come from the kernel's own config list."""
     import triton
 
     from fused_mbconv.ops import _triton as common
@@ -118,7 +120,10 @@ def _plan() -> list[dict]:
              ptrs={**dw_per_channel, "sums_ptr": F32, "sums_part_ptr": F32, "dw_part_ptr": F32},
              tuples=("sx", "sw", "sdy", "sdc"), floats=("inv_count", "inv_p_out"),
              variants=[{**v, "KK_PAD": triton.next_power_of_2(v["K"] ** 2)}
-                       for v in dw_shapes(_grid(HAS_DSQ=(True, False), TRAINING=(True, False)))]),
+                       for v in dw_shapes(_grid(HAS_DSQ=(True, False), TRAINING=(True, False)))],
+             # the taps-per-strip configs only run at K = 5 (at K = 3 every config keeps them so)
+             config_variant=lambda cfg: {"HAS_DSQ": True, "TRAINING": True, "K": 5, "STRIDE": 1, "KK_PAD": 32}
+             if cfg.kwargs["TAPS_PER_STRIP"] else None),
         dict(module="dwconv", kernel="_dx_kernel", tuples=("sdc", "sw", "sdx"), ptrs={"w_ptr": F32},
              variants=dw_shapes([{"PAD_ODD": 0}, {"PAD_ODD": 1}])),
         # squeeze-excite: a reduction over H*W writes fp32 partials when it is split
@@ -263,7 +268,7 @@ def build_jobs() -> tuple[list[dict], list[str]]:
         for variant in variants:
             add(row, fn, "bf16", variant, configs[0], 90, "flags")
         for cfg in configs[1:]:
-            add(row, fn, "bf16", variants[0], cfg, 90, "configs")
+            add(row, fn, "bf16", row.get("config_variant", lambda cfg: None)(cfg) or variants[0], cfg, 90, "configs")
         for dtype in ("fp32", "fp16"):
             add(row, fn, dtype, variants[0], configs[0], 90, "dtypes")
         if row.get("dot"):  # sm_80 lowers tl.dot differently (mma, not wgmma)
@@ -489,10 +494,10 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     """Compiled as a channels_last bf16 launch specializes them (bench/triton_sass.py), with 40
     channels (no multiple of 16, so triton alone would not know the rows' alignment): the
     depthwise kernels and the GEMMs load and store 16 bytes at a time (LDG.E.128 / STG.E.128,
-    LDGSTS.128), never element by element, and the GEMMs run on Hopper's wgmma (HGMMA). No
-    depthwise kernel, inference or training, issues a global load narrower than 16 bytes (the
-    per-channel fp32 vectors, the taps and the squeeze gradient included); the training kernels'
-    few per-program partial stores may be."""
+    LDGSTS.128; 8 in configs of 4 channels a thread), never element by element, and the GEMMs run
+    on Hopper's wgmma (HGMMA). No depthwise kernel, inference or training, issues a global load
+    of 4 bytes or less (the per-channel fp32 vectors, the taps and the squeeze gradient included);
+    the training kernels' few per-program partial stores may."""
     triton = pytest.importorskip("triton")
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if _ptxas_path() is None or not all((tools / t).exists() for t in ("nvdisasm", "cuobjdump")):
@@ -507,10 +512,13 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| dwconv", "| projection", "| expansion"))]
     assert len(rows) == 19, proc.stdout  # 8 inference, 8 training, 3 GEMMs
     for row in rows:
-        assert "LDG.E.128" in row or "LDGSTS.E.BYPASS.128" in row, row
+        # a thread's vector: 8 channels, 16 bytes; 4 channels, 8 bytes, in the configs that keep the
+        # dweight taps per strip
+        vector = "64" if "taps per strip" in row else "128"
+        assert f"LDG.E.{vector}" in row or "LDGSTS.E.BYPASS.128" in row, row
         assert ".U16" not in row, row
         if not row.startswith(("| dwconv statistics", "| dwconv BN-backward sums")):  # these store partials only
-            assert "STG.E.128" in row, row
+            assert f"STG.E.{vector}" in row, row
     narrow_loads = re.compile(r"\d+ LDG\.E(\.[US](8|16))?(,| \|)")  # plain LDG.E: 32 bits
     assert not [row for row in rows if row.startswith("| dwconv") and narrow_loads.search(row)], proc.stdout
     assert all("HGMMA" in row for row in rows if not row.startswith("| dwconv")), proc.stdout

@@ -63,9 +63,11 @@ MIN_CHUNK = 256
 # configurations
 
 
-def _tile_configs(gpu_configs: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_P, BLOCK_C, num_warps, TILE_W) as autotune configs."""
-    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "TILE_W": tw}, num_warps=w) for p, c, w, tw in gpu_configs]
+def _tile_configs(gpu_configs: Sequence[tuple[int, int, int, int]], **flags) -> list[triton.Config]:
+    """(BLOCK_P, BLOCK_C, num_warps, TILE_W) as autotune configs, with these constexpr ``flags``."""
+    return [
+        triton.Config({"BLOCK_P": p, "BLOCK_C": c, "TILE_W": tw, **flags}, num_warps=w) for p, c, w, tw in gpu_configs
+    ]
 
 
 def _lanes_used(c: int, block_c: int) -> float:
@@ -119,6 +121,34 @@ _PLANE = ["H", "W", "H_OUT", "W_OUT", "pad_t", "pad_l"]
 
 def _autotune(key=_TILE_KEY, width="W_OUT", **kwargs):
     return autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED, prune=_prune(width), **kwargs)
+
+
+# The dc + dweight kernel: the tile configs, and for K = 5 configs of 4 channels a thread that keep
+# every tap's products per strip across tiles (TAPS_PER_STRIP; 8 channels a thread would need 200
+# registers for them). ``_prune_dconv`` puts those first at K = 5: with autotuning off they run.
+_DCONV_CONFIGS = [
+    *(triton.Config({**cfg.kwargs, "TAPS_PER_STRIP": False}, num_warps=cfg.num_warps) for cfg in _TILE_CONFIGS),
+    *_tile_configs([(128, 32, 8, 16), (64, 32, 4, 8), (128, 16, 4, 16)], TAPS_PER_STRIP=True),
+]
+_DCONV_INTERPRETED = triton.Config({**_TILE_INTERPRETED.kwargs, "TAPS_PER_STRIP": True}, num_warps=1)
+
+
+def _prune_dconv(configs, named_args, **kwargs):
+    """``_prune``, after dropping the TAPS_PER_STRIP configs at K = 3 (which keeps its taps per
+    strip in every config: they would be duplicates) and, at K = 5, the other configs of the same
+    tiles and warps (sm_90 SASS, k5 s1, interior tile: 223 instructions per output against 126).
+    FUSED_MBCONV_TAPS_PER_STRIP=0: no TAPS_PER_STRIP config (a switch for bisecting on a GPU)."""
+    def tile(cfg):
+        return cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"], cfg.kwargs["TILE_W"], cfg.num_warps
+
+    per_strip = [cfg for cfg in configs if cfg.kwargs["TAPS_PER_STRIP"]]
+    per_tile = [cfg for cfg in configs if not cfg.kwargs["TAPS_PER_STRIP"]]
+    if {**named_args, **kwargs}["K"] == 3 or os.environ.get("FUSED_MBCONV_TAPS_PER_STRIP", "1") == "0":
+        configs = per_tile
+    else:
+        taken = {tile(cfg) for cfg in per_strip}
+        configs = per_strip + [cfg for cfg in per_tile if tile(cfg) not in taken]
+    return _prune("W_OUT")(configs, named_args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,27 +558,26 @@ def _dc_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, d
 
 @triton.jit
 def _row_products(
-    x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3, interior,
-    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3, interior, q0, q1, q2, q3, q4,
+    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """For the K taps of row kh: the sum over the strip positions j of dc_j * x[tap of output j],
-    per (strip, channel), not yet summed over the strips (p3, p4: 0 for K = 3). x_r: the strips'
+    """q_kw + the sum over the strip positions j of dc_j * x[tap (kh, kw) of output j], per
+    (strip, channel), for the K taps kw of row kh (q3, q4 unchanged for K = 3). x_r: the strips'
     int64 offsets at sample n and input column iw (their window's first). An ``interior`` tile
     loads without masks, as in ``_conv``."""
     if interior:
-        p0, p1, p2, p3, p4 = _row_window(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
-                                         K, STRIDE, ALIGN, R, BLOCK_C, False)  # fmt: skip
+        q0, q1, q2, q3, q4 = _row_window(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
+                                         q0, q1, q2, q3, q4, K, STRIDE, ALIGN, False)  # fmt: skip
     else:
-        p0, p1, p2, p3, p4 = _row_window(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
-                                         K, STRIDE, ALIGN, R, BLOCK_C, True)  # fmt: skip
-    return p0, p1, p2, p3, p4
+        q0, q1, q2, q3, q4 = _row_window(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
+                                         q0, q1, q2, q3, q4, K, STRIDE, ALIGN, True)  # fmt: skip
+    return q0, q1, q2, q3, q4
 
 
 @triton.jit
 def _row_window(
-    x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3,
-    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr,
-    MASKED: tl.constexpr,
+    x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1, dc2, dc3, q0, q1, q2, q3, q4,
+    K: tl.constexpr, STRIDE: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """``_row_products``, with masks or (not MASKED) without."""
     ih = oh * STRIDE - pad_t + kh
@@ -556,11 +585,6 @@ def _row_window(
     rows = x_r + ih.to(tl.int64) * sx[2]
     if ALIGN > 1:
         rows = tl.multiple_of(rows, ALIGN)
-    p0 = tl.zeros((R, BLOCK_C), tl.float32)
-    p1 = tl.zeros((R, BLOCK_C), tl.float32)
-    p2 = tl.zeros((R, BLOCK_C), tl.float32)
-    p3 = tl.zeros((R, BLOCK_C), tl.float32)
-    p4 = tl.zeros((R, BLOCK_C), tl.float32)
     for m in tl.static_range((STRIP - 1) * STRIDE + K):
         xm = _column(x_c, rows, ok_row, iw, m, mask_c, W, sx, ALIGN, MASKED)
         for j in tl.static_range(STRIP):
@@ -568,16 +592,16 @@ def _row_window(
                 if m - j * STRIDE < K:
                     p = xm * _pick(j, dc0, dc1, dc2, dc3, dc3)
                     if m - j * STRIDE == 0:
-                        p0 += p
+                        q0 += p
                     if m - j * STRIDE == 1:
-                        p1 += p
+                        q1 += p
                     if m - j * STRIDE == 2:
-                        p2 += p
+                        q2 += p
                     if m - j * STRIDE == 3:
-                        p3 += p
+                        q3 += p
                     if m - j * STRIDE == 4:
-                        p4 += p
-    return p0, p1, p2, p3, p4
+                        q4 += p
+    return q0, q1, q2, q3, q4
 
 
 @triton.jit
@@ -588,7 +612,19 @@ def _add_tap(dw, p, kh, kw: tl.constexpr, taps, K: tl.constexpr):
     return dw
 
 
-@_autotune()
+@triton.jit
+def _add_row(dw, kh: tl.constexpr, q0, q1, q2, q3, q4, taps, K: tl.constexpr):
+    """``_add_tap`` for the taps (kh, 0..4) of row kh < K."""
+    if kh < K:
+        dw = _add_tap(dw, q0, kh, 0, taps, K)
+        dw = _add_tap(dw, q1, kh, 1, taps, K)
+        dw = _add_tap(dw, q2, kh, 2, taps, K)
+        dw = _add_tap(dw, q3, kh, 3, taps, K)
+        dw = _add_tap(dw, q4, kh, 4, taps, K)
+    return dw
+
+
+@autotune(_DCONV_CONFIGS, _TILE_KEY, interpreted=_DCONV_INTERPRETED, prune=_prune_dconv)
 @triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _dconv_kernel(
     dy_ptr, dsq_ptr, x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, sums_ptr,
@@ -596,9 +632,16 @@ def _dconv_kernel(
     N, C, H, W, H_OUT, W_OUT, groups, inv_count, inv_p_out, pad_t, pad_l, sx, sw, sdy, sdc,
     K: tl.constexpr, STRIDE: tl.constexpr, HAS_DSQ: tl.constexpr, TRAINING: tl.constexpr, ALIGN: tl.constexpr,
     KK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
+    TAPS_PER_STRIP: tl.constexpr,
 ):  # fmt: skip
     """dc = dL/dconv(x) at every output position of this chunk, stored for the dx pass, and
     this chunk's dweight partial sum_p dc[p] * x[tap(p)] for each of the K*K taps.
+
+    Each tap's products are summed over a tile's strips, a reduction across threads. At K = 3,
+    and at K = 5 with TAPS_PER_STRIP (configs of 4 channels a thread: the 25 accumulators take
+    100 registers), they stay per strip in registers across the chunk's tiles instead and are
+    reduced once, after the loop (sm_90 SASS, k5 s1, interior tile: 198 -> 132 instructions per
+    output); otherwise (K = 5, 8 channels a thread) once per tile.
 
     With batch statistics (TRAINING) mean and var depend on c, so with a = gamma * invstd:
         dc = a * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)    (sums from pass 1)
@@ -621,9 +664,13 @@ def _dconv_kernel(
     x_c = x_ptr + (cs.to(tl.int64) * sx[1])[None, :]
     taps = tl.arange(0, KK_PAD)
     dw = tl.zeros((KK_PAD, BLOCK_C), tl.float32)
-    if K == 3:
-        q0 = tl.zeros((R, BLOCK_C), tl.float32)
-        q1, q2, q3, q4, q5, q6, q7, q8 = q0, q0, q0, q0, q0, q0, q0, q0
+    zero = tl.zeros((R, BLOCK_C), tl.float32)
+    PER_STRIP: tl.constexpr = TAPS_PER_STRIP | (K == 3)
+    if PER_STRIP:  # q[kh * 5 + kw]: tap (kh, kw)
+        q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12 = zero, zero, zero, zero, zero, zero, zero, zero, \
+            zero, zero, zero, zero, zero
+        q13, q14, q15, q16, q17, q18, q19, q20, q21, q22, q23, q24 = zero, zero, zero, zero, zero, zero, zero, \
+            zero, zero, zero, zero, zero
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
@@ -649,37 +696,39 @@ def _dconv_kernel(
         # so each column is loaded once per row of taps (the conv just loaded it: cache hits)
         iw = ow0 * STRIDE - pad_l
         x_r = n.to(tl.int64) * sx[0] + iw.to(tl.int64) * sx[3]
-        if K == 3:
-            # the 9 taps' products stay per strip across the chunk's tiles (9 accumulators fit in
-            # registers): reduced over the strips once, after the loop, not 9 times per tile
-            for kh in tl.static_range(3):
-                p0, p1, p2, _, _ = _row_products(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0,
-                                                 dc1, dc2, dc3, interior, K, STRIDE, ALIGN, R, BLOCK_C)  # fmt: skip
-                if kh == 0:
-                    q0, q1, q2 = q0 + p0, q1 + p1, q2 + p2
-                if kh == 1:
-                    q3, q4, q5 = q3 + p0, q4 + p1, q5 + p2
-                if kh == 2:
-                    q6, q7, q8 = q6 + p0, q7 + p1, q8 + p2
+        if PER_STRIP:  # rows unrolled: each has its accumulators
+            q0, q1, q2, q3, q4 = _row_products(x_c, x_r, oh, ok_h, iw, 0, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                               dc2, dc3, interior, q0, q1, q2, q3, q4,
+                                               K, STRIDE, ALIGN)  # fmt: skip
+            q5, q6, q7, q8, q9 = _row_products(x_c, x_r, oh, ok_h, iw, 1, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                               dc2, dc3, interior, q5, q6, q7, q8, q9,
+                                               K, STRIDE, ALIGN)  # fmt: skip
+            q10, q11, q12, q13, q14 = _row_products(x_c, x_r, oh, ok_h, iw, 2, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                                    dc2, dc3, interior, q10, q11, q12, q13, q14,
+                                                    K, STRIDE, ALIGN)  # fmt: skip
+            if K > 3:
+                q15, q16, q17, q18, q19 = _row_products(x_c, x_r, oh, ok_h, iw, 3, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                                        dc2, dc3, interior, q15, q16, q17, q18, q19,
+                                                        K, STRIDE, ALIGN)  # fmt: skip
+                q20, q21, q22, q23, q24 = _row_products(x_c, x_r, oh, ok_h, iw, 4, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                                        dc2, dc3, interior, q20, q21, q22, q23, q24,
+                                                        K, STRIDE, ALIGN)  # fmt: skip
         else:
             for kh in range(K):  # a runtime loop, as in _conv
-                p0, p1, p2, p3, p4 = _row_products(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0,
-                                                   dc1, dc2, dc3, interior, K, STRIDE, ALIGN, R, BLOCK_C)  # fmt: skip
+                p0, p1, p2, p3, p4 = _row_products(x_c, x_r, oh, ok_h, iw, kh, mask_c, H, W, pad_t, sx, dc0, dc1,
+                                                   dc2, dc3, interior, zero, zero, zero, zero, zero,
+                                                   K, STRIDE, ALIGN)  # fmt: skip
                 dw = _add_tap(dw, p0, kh, 0, taps, K)
                 dw = _add_tap(dw, p1, kh, 1, taps, K)
                 dw = _add_tap(dw, p2, kh, 2, taps, K)
                 dw = _add_tap(dw, p3, kh, 3, taps, K)
                 dw = _add_tap(dw, p4, kh, 4, taps, K)
-    if K == 3:
-        dw = _add_tap(dw, q0, 0, 0, taps, K)
-        dw = _add_tap(dw, q1, 0, 1, taps, K)
-        dw = _add_tap(dw, q2, 0, 2, taps, K)
-        dw = _add_tap(dw, q3, 1, 0, taps, K)
-        dw = _add_tap(dw, q4, 1, 1, taps, K)
-        dw = _add_tap(dw, q5, 1, 2, taps, K)
-        dw = _add_tap(dw, q6, 2, 0, taps, K)
-        dw = _add_tap(dw, q7, 2, 1, taps, K)
-        dw = _add_tap(dw, q8, 2, 2, taps, K)
+    if PER_STRIP:
+        dw = _add_row(dw, 0, q0, q1, q2, q3, q4, taps, K)
+        dw = _add_row(dw, 1, q5, q6, q7, q8, q9, taps, K)
+        dw = _add_row(dw, 2, q10, q11, q12, q13, q14, taps, K)
+        dw = _add_row(dw, 3, q15, q16, q17, q18, q19, taps, K)
+        dw = _add_row(dw, 4, q20, q21, q22, q23, q24, taps, K)
     # dweight partials laid out like the contiguous (C, 1, K, K) weight: [chunk, ch * K * K + tap]
     dw_offs = tl.program_id(0) * C * K * K + cs[None, :] * (K * K) + taps[:, None]
     tl.store(dw_part_ptr + dw_offs, dw, mask=(taps[:, None] < K * K) & mask_c[None, :])
