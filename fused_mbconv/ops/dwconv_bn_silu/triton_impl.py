@@ -752,6 +752,60 @@ def _dconv_kernel(
         tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
 
+@triton.jit
+def _dx_interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):  # fmt: skip
+    """Whether input tile t of the dx pass and this program's channel block need no mask (stride
+    1 only; at stride 2 a row of taps reads every other output row): every input in the plane,
+    every output i + pad - k it reads in [0, Ho) x [0, Wo), every channel < C."""
+    if STRIDE != 1:
+        return False
+    TILE_H: tl.constexpr = BLOCK_P // TILE_W
+    _, th, tw = _tile_coords(t, H, W, BLOCK_P, TILE_W)
+    rows_in = ((th + 1) * TILE_H <= H) & (th * TILE_H + pad_t - (K - 1) >= 0) & ((th + 1) * TILE_H + pad_t <= H_OUT)
+    cols_in = ((tw + 1) * TILE_W <= W) & (tw * TILE_W + pad_l - (K - 1) >= 0) & ((tw + 1) * TILE_W + pad_l <= W_OUT)
+    return rows_in & cols_in & ((tl.program_id(1) + 1) * BLOCK_C <= C) & _INTERIOR_TILES
+
+
+@triton.jit
+def _dx_window(
+    dc_ptr, w_ptr, n, ih, iw0, ok_h, cs, mask_c, H_OUT, W_OUT, pad_t, pad_l, sdc, sw,
+    K: tl.constexpr, STRIDE: tl.constexpr, PAD_ODD: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The dx accumulators of the tile's STRIP positions (``_dx_kernel``), with masks or (not
+    MASKED: an interior tile, ``_dx_interior``) without."""
+    R: tl.constexpr = BLOCK_P // STRIP
+    dc_c = dc_ptr + (cs.to(tl.int64) * sdc[1])[None, :]
+    acc0 = tl.zeros((R, BLOCK_C), tl.float32)
+    acc1 = tl.zeros((R, BLOCK_C), tl.float32)
+    acc2 = tl.zeros((R, BLOCK_C), tl.float32)
+    acc3 = tl.zeros((R, BLOCK_C), tl.float32)
+    for kh in range(K):  # a runtime loop, as in _conv
+        # a negative numerator is masked before its quotient is used (// rounds toward zero)
+        num_h = ih + pad_t - kh
+        oh = num_h // STRIDE
+        ok_row = ok_h & (num_h >= 0) & (num_h % STRIDE == 0) & (oh < H_OUT)
+        rows = n.to(tl.int64) * sdc[0] + oh.to(tl.int64) * sdc[2]
+        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K, MASKED)
+        for dd in tl.static_range(STRIP + K - 1):
+            d = dd - (K - 1)  # j - kw, from -(K - 1) to STRIP - 1
+            if (PAD_ODD + dd + K - 1) % STRIDE == 0:  # (pad_l + d) % S == 0, dd + K - 1 keeps it >= 0
+                num_w = iw0 + pad_l + d
+                ow = num_w // STRIDE
+                offs = rows + ow.to(tl.int64) * sdc[3]
+                if ALIGN > 1:
+                    offs = tl.multiple_of(offs, ALIGN)
+                if MASKED:
+                    ok = ok_row & (num_w >= 0) & (ow < W_OUT)
+                    col = widen(tl.load(dc_c + offs[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0))
+                else:
+                    col = widen(tl.load(dc_c + offs[:, None]))
+                # input j takes this output column through tap j - d
+                acc0, acc1, acc2, acc3 = _strip_fma(col, -d, 1, w0, w1, w2, w3, w4, acc0, acc1, acc2, acc3, K)
+    return acc0, acc1, acc2, acc3
+
+
 @_autotune(["C", "H", "W", "K", "STRIDE"], width="W")
 @triton.jit(do_not_specialize=_PLANE)
 def _dx_kernel(
@@ -768,34 +822,16 @@ def _dx_kernel(
     d = j - kw: each such column is loaded once per row of taps for every (j, kw) with that d.
     With S = 2 only even iw0 + pad_l + d are outputs; strips start on even columns, so which d
     qualify depends on pad_l's parity alone (PAD_ODD)."""
-    R: tl.constexpr = BLOCK_P // STRIP
-    n, ih, iw0, ok_h = _tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
+    t = tl.program_id(0)
+    n, ih, iw0, ok_h = _tile(t, H, W, BLOCK_P, TILE_W)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = below(cs, C, ALIGN)
-    dc_c = dc_ptr + (cs.to(tl.int64) * sdc[1])[None, :]
-    acc0 = tl.zeros((R, BLOCK_C), tl.float32)
-    acc1 = tl.zeros((R, BLOCK_C), tl.float32)
-    acc2 = tl.zeros((R, BLOCK_C), tl.float32)
-    acc3 = tl.zeros((R, BLOCK_C), tl.float32)
-    for kh in range(K):  # a runtime loop, as in _conv
-        # a negative numerator is masked before its quotient is used (// rounds toward zero)
-        num_h = ih + pad_t - kh
-        oh = num_h // STRIDE
-        ok_row = ok_h & (num_h >= 0) & (num_h % STRIDE == 0) & (oh < H_OUT)
-        rows = n.to(tl.int64) * sdc[0] + oh.to(tl.int64) * sdc[2]
-        w0, w1, w2, w3, w4 = _tap_weights(w_ptr, cs, mask_c, kh, sw, K)
-        for dd in tl.static_range(STRIP + K - 1):
-            d = dd - (K - 1)  # j - kw, from -(K - 1) to STRIP - 1
-            if (PAD_ODD + dd + K - 1) % STRIDE == 0:  # (pad_l + d) % S == 0, dd + K - 1 keeps it >= 0
-                num_w = iw0 + pad_l + d
-                ow = num_w // STRIDE
-                ok = ok_row & (num_w >= 0) & (ow < W_OUT)
-                offs = rows + ow.to(tl.int64) * sdc[3]
-                if ALIGN > 1:
-                    offs = tl.multiple_of(offs, ALIGN)
-                col = widen(tl.load(dc_c + offs[:, None], mask=ok[:, None] & mask_c[None, :], other=0.0))
-                # input j takes this output column through tap j - d
-                acc0, acc1, acc2, acc3 = _strip_fma(col, -d, 1, w0, w1, w2, w3, w4, acc0, acc1, acc2, acc3, K)
+    if _dx_interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W):
+        acc0, acc1, acc2, acc3 = _dx_window(dc_ptr, w_ptr, n, ih, iw0, ok_h, cs, mask_c, H_OUT, W_OUT, pad_t, pad_l,
+                                            sdc, sw, K, STRIDE, PAD_ODD, ALIGN, BLOCK_P, BLOCK_C, False)  # fmt: skip
+    else:
+        acc0, acc1, acc2, acc3 = _dx_window(dc_ptr, w_ptr, n, ih, iw0, ok_h, cs, mask_c, H_OUT, W_OUT, pad_t, pad_l,
+                                            sdc, sw, K, STRIDE, PAD_ODD, ALIGN, BLOCK_P, BLOCK_C, True)  # fmt: skip
     dx_ty = dx_ptr.dtype.element_ty
     for j in tl.static_range(STRIP):
         mask = (ok_h & (iw0 + j < W))[:, None] & mask_c[None, :]
