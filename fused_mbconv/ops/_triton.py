@@ -145,11 +145,12 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
     Unlike E[c^2] - E[c]^2 it never subtracts two large numbers, so fp32 holds up when the
     mean is large against the spread. Counts are whole numbers; two empty sets merge to (0, 0, 0)
-    where the means are 0."""
+    where the means are 0. Counts may be a column (one per row of means): their products are
+    then taken once a row."""
     n = n_a + n_b
     delta = mean_b - mean_a
     frac_b = n_b / tl.maximum(n, 1.0)
-    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b
+    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * (n_a * frac_b)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from fused_mbconv.ops._triton import (
     autotune,
     below,
     cast,
+    chan_merge,
     combine_stats,
     merge_rows,
     multiprocessors,
@@ -105,13 +106,13 @@ STRIP: tl.constexpr = tl.constexpr(4)
 # at commit a25ef34). 16-channel blocks (16 x 16 tiles, the same 8 channels a thread) for the
 # widths that 32 or 64 leave partly idle: 16 (B1, B2), 48 (B4, B5), 144 (B0-B5). Few configs:
 # each is compiled per kernel specialization, and ``_prune`` keeps those that suit the shape.
-_TILE_CONFIGS = _tile_configs(
-    [(128, 32, 4, 16), (64, 64, 4, 8), (128, 64, 8, 16), (128, 32, 8, 16), (64, 32, 4, 8), (64, 32, 2, 8),
-     (256, 16, 4, 16)]
-)  # fmt: skip
+_TILES = [(128, 32, 4, 16), (64, 64, 4, 8), (128, 64, 8, 16), (128, 32, 8, 16), (64, 32, 4, 8), (64, 32, 2, 8),
+          (256, 16, 4, 16)]  # fmt: skip
+_TILE_CONFIGS = _tile_configs(_TILES)
 # The interpreter pays per operation, not per element, so fewer, bigger tiles run faster; 16 x 8
 # tiles have masked rows, columns and strip positions on the test shapes.
-_TILE_INTERPRETED = _tile_configs([(128, 32, 1, 8)])[0]
+_TILE_INTERPRETED_SHAPE = (128, 32, 1, 8)
+_TILE_INTERPRETED = _tile_configs([_TILE_INTERPRETED_SHAPE])[0]
 _TILE_KEY = ["C", "H_OUT", "W_OUT", "K", "STRIDE"]
 # Plane sizes, paddings and counts are not specialized on (value 1, divisibility by 16): each
 # distinct pattern would compile every config anew, and they guide no vectorization; the channel
@@ -127,10 +128,10 @@ def _autotune(key=_TILE_KEY, width="W_OUT", **kwargs):
 # every tap's products per strip across tiles (TAPS_PER_STRIP; 8 channels a thread would need 200
 # registers for them). ``_prune_dconv`` puts those first at K = 5: with autotuning off they run.
 _DCONV_CONFIGS = [
-    *(triton.Config({**cfg.kwargs, "TAPS_PER_STRIP": False}, num_warps=cfg.num_warps) for cfg in _TILE_CONFIGS),
+    *_tile_configs(_TILES, TAPS_PER_STRIP=False),
     *_tile_configs([(128, 32, 8, 16), (64, 32, 4, 8), (128, 16, 4, 16)], TAPS_PER_STRIP=True),
 ]
-_DCONV_INTERPRETED = triton.Config({**_TILE_INTERPRETED.kwargs, "TAPS_PER_STRIP": True}, num_warps=1)
+_DCONV_INTERPRETED = _tile_configs([_TILE_INTERPRETED_SHAPE], TAPS_PER_STRIP=True)[0]
 
 
 def _prune_dconv(configs, named_args, **kwargs):
@@ -481,13 +482,9 @@ def _conv_stats_kernel(
         strip_mean = in_sum * (1.0 / tl.maximum(in_plane, 1.0))[:, None]
         strip_m2 = _sq_dev(c0, ok0, strip_mean) + _sq_dev(c1, ok1, strip_mean)
         strip_m2 += _sq_dev(c2, ok2, strip_mean) + _sq_dev(c3, ok3, strip_mean)
-        # chan_merge with a count per strip (row): a strip outside the plane merges nothing in
-        total = count + in_plane
-        frac = in_plane / tl.maximum(total, 1.0)
-        delta = strip_mean - mean
-        mean += delta * frac[:, None]
-        m2 += strip_m2 + delta * delta * (count * frac)[:, None]
-        count = total
+        # a count per strip (row); a strip outside the plane merges nothing in
+        _, mean, m2 = chan_merge(count[:, None], mean, m2, in_plane[:, None], strip_mean, strip_m2)
+        count += in_plane
     count, mean, m2 = merge_rows(count, mean, m2)
     row = tl.program_id(0) * C + cs
     tl.store(mean_part_ptr + row, mean, mask=mask_c)
