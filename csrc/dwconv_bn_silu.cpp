@@ -83,9 +83,9 @@ void run_apply(const at::Tensor& x, const at::Tensor& weight, const float* mean,
                const std::optional<at::Tensor>& squeeze_sum, cudaStream_t stream) {
   DWConvFwdParams p{};
   p.shape = shape;
-  const int vec = vector_width({&x, &y});
-  p.tiling = make_tiling(shape.batch, shape.channels, shape.out_h * shape.out_w, vec, vec > 1 || channels_inner(x),
-                         kApplyMinPixelsPerLane);
+  p.vec = vector_width({&x, &y});
+  p.tiling = make_halo_tiling(shape.batch, shape.channels, shape.out_h, shape.out_w, static_cast<int>(k),
+                              static_cast<int>(stride), channels_inner(x));
   copy_strides(x, p.x_stride);
   copy_strides(y, p.y_stride);
   p.x = x.data_ptr();
@@ -134,8 +134,8 @@ void dwconv_bn_silu_train(const at::Tensor& x, const at::Tensor& weight, const a
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DWConvStatsParams p{};
   p.shape = shape;
-  p.tiling = make_tiling(shape.batch, shape.channels, shape.out_h * shape.out_w, 1, channels_inner(x),
-                         kReduceMinPixelsPerLane);
+  p.tiling = make_halo_tiling(shape.batch, shape.channels, shape.out_h, shape.out_w, static_cast<int>(k),
+                              static_cast<int>(stride), channels_inner(x));
   copy_strides(x, p.x_stride);
   const at::Tensor partial = float_workspace(x, {3, p.tiling.rows, shape.channels});
   const at::Tensor scale = float_workspace(x, {shape.channels});
@@ -205,29 +205,29 @@ void dwconv_bn_silu_backward(const at::Tensor& grad_y, const std::optional<at::T
   dispatch_dtype(x, "x", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     // pass 1, over output pixels: dbeta = sum dz, dgamma = sum dz * xhat
-    p.tiling = make_tiling(shape.batch, channels, shape.out_h * shape.out_w, 1, channels_inner(x),
-                           kReduceMinPixelsPerLane);
-    const at::Tensor sums = float_workspace(x, {2, p.tiling.rows, channels});
+    p.halo = make_halo_tiling(shape.batch, channels, shape.out_h, shape.out_w, static_cast<int>(k),
+                              static_cast<int>(stride), channels_inner(x));
+    const at::Tensor sums = float_workspace(x, {2, p.halo.rows, channels});
     p.partial = sums.data_ptr<float>();
     check_launch(launch_dwconv_bn_silu_bwd_reduce<scalar_t>(p, static_cast<int>(k), static_cast<int>(stride), stream),
                  "dwconv_bn_silu_bwd_reduce_kernel");
-    const int64_t plane = p.tiling.rows * channels;
-    check_launch(launch_sum_rows(p.partial, 1, p.tiling.rows, channels, grad_beta.data_ptr<float>(), 0, 1, stream),
+    const int64_t plane = p.halo.rows * channels;
+    check_launch(launch_sum_rows(p.partial, 1, p.halo.rows, channels, grad_beta.data_ptr<float>(), 0, 1, stream),
                  "sum_rows_kernel (grad_beta)");
     check_launch(
-        launch_sum_rows(p.partial + plane, 1, p.tiling.rows, channels, grad_gamma.data_ptr<float>(), 0, 1, stream),
+        launch_sum_rows(p.partial + plane, 1, p.halo.rows, channels, grad_gamma.data_ptr<float>(), 0, 1, stream),
         "sum_rows_kernel (grad_gamma)");
 
     // pass 2, over input pixels: dx, and dweight partial sums of the same (output, tap) pairs
-    p.tiling = make_tiling(shape.batch, channels, shape.in_h * shape.in_w, 1, channels_inner(x),
-                           kReduceMinPixelsPerLane);
-    const at::Tensor dweight = float_workspace(x, {taps, p.tiling.rows, channels});
+    p.gather = make_gather_tiling(shape.batch, channels, shape.in_h, shape.in_w, static_cast<int>(k),
+                                  static_cast<int>(stride), channels_inner(x));
+    const at::Tensor dweight = float_workspace(x, {taps, p.gather.rows, channels});
     p.partial = dweight.data_ptr<float>();
     check_launch(launch_dwconv_bn_silu_bwd_input<scalar_t>(p, static_cast<int>(k), static_cast<int>(stride), stream),
                  "dwconv_bn_silu_bwd_input_kernel");
     // grad_weight (C, 1, k, k): tap j of channel c at c * k*k + j
     check_launch(
-        launch_sum_rows(p.partial, taps, p.tiling.rows, channels, grad_weight.data_ptr<float>(), 1, taps, stream),
+        launch_sum_rows(p.partial, taps, p.gather.rows, channels, grad_weight.data_ptr<float>(), 1, taps, stream),
         "sum_rows_kernel (grad_weight)");
   });
 }

@@ -22,7 +22,8 @@ struct DWConvShape {
 // scale = gamma * invstd, shift = beta.
 struct DWConvFwdParams {
   DWConvShape shape;
-  Tiling tiling;  // over output pixels; vec > 1: 16-byte channel vectors (channel stride 1)
+  HaloTiling tiling;
+  int vec;  // > 1: x read in 16-byte channel vectors, y written 4 channels at once (channel stride 1)
   int64_t x_stride[4], y_stride[4];  // (N, C, H, W), any layout
   const void* __restrict__ x;
   const float* __restrict__ weight;  // (C, 1, k, k) contiguous
@@ -36,7 +37,7 @@ struct DWConvFwdParams {
 // Training pass 1: batch statistics of conv(x) per channel.
 struct DWConvStatsParams {
   DWConvShape shape;
-  Tiling tiling;  // over output pixels, vec = 1
+  HaloTiling tiling;
   int64_t x_stride[4];
   const void* __restrict__ x;
   const float* __restrict__ weight;  // (C, 1, k, k) contiguous
@@ -52,7 +53,8 @@ struct DWConvStatsParams {
 // mean = 0, invstd = 1, gamma = scale, beta = shift.
 struct DWConvBwdParams {
   DWConvShape shape;
-  Tiling tiling;  // pass 1: over output pixels; pass 2: over input pixels; vec = 1
+  HaloTiling halo;    // pass 1
+  HaloTiling gather;  // pass 2 (make_gather_tiling)
   int64_t x_stride[4], dy_stride[4], dx_stride[4];
   const void* __restrict__ x;
   const float* __restrict__ weight;     // (C, 1, k, k) contiguous

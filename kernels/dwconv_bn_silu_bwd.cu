@@ -12,9 +12,9 @@
 //   dx[ih, iw]      = sum over (kh, kw, oh, ow) with oh * stride + kh = ih + pad_top (same for w)
 //                     of dc[oh, ow] * weight[kh, kw]
 //   dweight[kh, kw] = sum over (n, oh, ow) of dc[oh, ow] * x[oh * stride + kh - pad_top, ...]
-// Pass 1 (over output pixels) sums S1, S2. Pass 2 (over input pixels) gathers dx and, from the
-// same (output, tap) pairs, the dweight sums; it recomputes dc at every output pixel that reads
-// the input pixel (k*k / stride^2 of them): compute, not memory traffic.
+// Pass 1 (over output pixels, on halo tiles) sums S1, S2. Pass 2 (over input pixels, on gather
+// tiles) computes dc once at each output that reads the tile's inputs, in shared memory, then
+// gathers dx and, from the same (output, tap) pairs, the dweight sums.
 #include "dwconv_bn_silu.cuh"
 #include "dwconv_device.cuh"
 #include "static_switch.cuh"
@@ -34,116 +34,202 @@ __device__ __forceinline__ ChannelGrad load_channel_grad(const DWConvBwdParams& 
           p.dsqueeze != nullptr ? p.dsqueeze[n * p.shape.channels + c] / hw : 0.f};
 }
 
+// load_channel_grad for each channel of a lane (zeros past the last channel).
+__device__ __forceinline__ void load_lane_grads(const DWConvBwdParams& p, int64_t n, int64_t c0,
+                                                ChannelGrad (&g)[kLaneChannels]) {
+#pragma unroll
+  for (int v = 0; v < kLaneChannels; ++v) {
+    g[v] = c0 + v < p.shape.channels ? load_channel_grad(p, n, c0 + v) : ChannelGrad{};
+  }
+}
+
 struct PointGrad {
   float dz, xhat;
 };
 
-// dz and xhat at output pixel (oh, ow), recomputing c = conv(x) there. xc and dyc point at (n, c).
-template <int K, int STRIDE, typename scalar_t>
-__device__ __forceinline__ PointGrad point_grad(const DWConvBwdParams& p, const scalar_t* __restrict__ xc,
-                                                const scalar_t* __restrict__ dyc, const float (&w)[K * K],
-                                                const ChannelGrad& g, int oh, int ow) {
-  float acc[1];
-  conv_point<K, STRIDE, 1>(xc, p.x_stride[2], p.x_stride[3], p.shape.in_h, p.shape.in_w, oh, ow, p.shape.pad_top,
-                           p.shape.pad_left, [&](int tap, int) { return w[tap]; }, acc);
-  const float xhat = (acc[0] - g.mean) * g.invstd;
+// dz and xhat at an output pixel from c = conv(x) and the upstream gradient dy there.
+__device__ __forceinline__ PointGrad grad_at(const ChannelGrad& g, float c, float dy) {
+  const float xhat = (c - g.mean) * g.invstd;
   const float z = xhat * g.gamma + g.beta;
-  const float dy = to_float(dyc[oh * p.dy_stride[2] + ow * p.dy_stride[3]]) + g.dsq;
-  return {dy * silu_grad(z), xhat};
+  return {(dy + g.dsq) * silu_grad(z), xhat};
 }
 
-template <int K>
-__device__ __forceinline__ void load_weights(const DWConvBwdParams& p, int64_t c, float (&w)[K * K]) {
-#pragma unroll
-  for (int i = 0; i < K * K; ++i) w[i] = p.weight[c * K * K + i];
-}
-
-// Pass 1. Block: cpb channel lanes x `lanes` pixel lanes over output pixels (see Tiling); one
-// channel per lane. Writes partial[j][row][c] for j = S1, S2.
+// Pass 1. Block: t.threads threads on one halo tile (see HaloTiling), a strip of kStrip outputs
+// and kLaneChannels channels a thread. Writes partial[j][row][c] for j = S1, S2.
 template <typename scalar_t, int K, int STRIDE>
 __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_reduce_kernel(const DWConvBwdParams p) {
-  __shared__ Sum<2> red[kThreads];
-  const Tiling& t = p.tiling;
+  extern __shared__ float4 smem_raw[];  // weights, patch; then the reduction's states
+  const HaloTiling& t = p.halo;
+  const DWConvShape& s = p.shape;
+  float* w_s = reinterpret_cast<float*>(smem_raw);
+  float* patch = w_s + K * K * t.group;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* dy = static_cast<const scalar_t*>(p.dy);
-  const LaneCoord lane = lane_of(t, threadIdx.x);
-  const int64_t plane = t.rows * p.shape.channels;
+  const HaloLane lane = halo_lane(t, threadIdx.x);
+  const int64_t plane = t.rows * s.channels;
 
+  int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
-    const TileCoord tc = decode_tile(t, tile);
-    const int64_t c = first_channel(t, tc, lane);
-    const bool active = c < p.shape.channels;
-    Sum<2> s = zero_sum<2>();
-    if (active) {
-      float w[K * K];
-      load_weights<K>(p, c, w);
-      const ChannelGrad g = load_channel_grad(p, tc.n, c);
-      const scalar_t* xc = x + tc.n * p.x_stride[0] + c * p.x_stride[1];
-      const scalar_t* dyc = dy + tc.n * p.dy_stride[0] + c * p.dy_stride[1];
-      for (int q = tc.begin + lane.pixel; q < tc.end; q += t.lanes) {
-        const int oh = q / p.shape.out_w, ow = q - oh * p.shape.out_w;
-        const PointGrad pg = point_grad<K, STRIDE>(p, xc, dyc, w, g, oh, ow);
-        s.v[0] += pg.dz;
-        s.v[1] += pg.dz * pg.xhat;
+    const HaloTile tc = decode_halo_tile(t, tile);
+    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
+                                  s.in_w, s.pad_top, s.pad_left);
+    const int64_t c0 = tc.group * t.group + lane.channel * kLaneChannels;
+    ChannelGrad g[kLaneChannels];
+    load_lane_grads(p, tc.n, c0, g);
+    float acc[kStrip][kLaneChannels];
+    conv_strip<K, STRIDE>(patch, w_s, t, lane, acc);
+
+    Sum<2 * kLaneChannels> sums = zero_sum<2 * kLaneChannels>();  // S1 of each channel, then S2
+    const int oh = tc.oh0 + lane.row;
+    if (oh < s.out_h) {
+      const scalar_t* dyr = dy + tc.n * p.dy_stride[0] + oh * p.dy_stride[2];
+#pragma unroll
+      for (int j = 0; j < kStrip; ++j) {
+        const int ow = tc.ow0 + lane.col0 + j;
+        if (ow >= s.out_w) break;
+#pragma unroll
+        for (int v = 0; v < kLaneChannels; ++v) {
+          if (c0 + v >= s.channels) break;
+          const PointGrad pg = grad_at(g[v], acc[j][v], to_float(dyr[(c0 + v) * p.dy_stride[1] + ow * p.dy_stride[3]]));
+          sums.v[v] += pg.dz;
+          sums.v[kLaneChannels + v] += pg.dz * pg.xhat;
+        }
       }
     }
-    s = reduce_lanes(s, red, t.cpb, t.lanes, lane);
-    if (active && lane.pixel == 0) {
-      float* out = p.partial + tc.row * p.shape.channels + c;
-      out[0] = s.v[0];
-      out[plane] = s.v[1];
+    sums = reduce_lanes(sums, reinterpret_cast<Sum<2 * kLaneChannels>*>(patch), t.lanes, t.strips,
+                        LaneCoord{lane.channel, lane.strip});
+    if (lane.strip == 0) {
+      float* out = p.partial + tc.row * s.channels;
+#pragma unroll
+      for (int v = 0; v < kLaneChannels; ++v) {
+        if (c0 + v < s.channels) {
+          out[c0 + v] = sums.v[v];
+          out[plane + c0 + v] = sums.v[kLaneChannels + v];
+        }
+      }
     }
   }
 }
 
-// Pass 2. Block: cpb channel lanes x `lanes` pixel lanes over input pixels; one channel per
-// lane. Writes dx at every input pixel (zero where no output reads it) and partial[tap][row][c].
+// Pass 2. Block: kThreads threads on one gather tile (see make_gather_tiling). Phase 1: dc at each
+// output of the halo tile (0 outside the output plane), a strip of kStrip outputs and kLaneChannels
+// channels a work item, into dc_s. Phase 2: dx at each input pixel of the tile, gathered from dc_s.
+// Phase 3: per (channel lane, tap), the dweight products of the tile's inputs. Writes dx and
+// partial[tap][row][c].
 template <typename scalar_t, int K, int STRIDE>
 __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_input_kernel(const DWConvBwdParams p) {
-  __shared__ Sum<K * K> red[kThreads];
-  const Tiling& t = p.tiling;
+  extern __shared__ float4 smem_raw[];  // weights, patch, dc tile
+  const HaloTiling& t = p.gather;
+  const DWConvShape& s = p.shape;
+  float* w_s = reinterpret_cast<float*>(smem_raw);
+  float* patch = w_s + K * K * t.group;
+  float* dc_s = patch + t.patch_h * t.patch_w * t.pixel_stride;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* dy = static_cast<const scalar_t*>(p.dy);
   auto* dx = static_cast<scalar_t*>(p.dx);
-  const LaneCoord lane = lane_of(t, threadIdx.x);
-  const int64_t plane = t.rows * p.shape.channels;
-  const float m = static_cast<float>(p.shape.batch * p.shape.out_h * static_cast<int64_t>(p.shape.out_w));
+  const int64_t plane = t.rows * s.channels;
+  const float m = static_cast<float>(s.batch * s.out_h * static_cast<int64_t>(s.out_w));
+  const auto at = [&](const float* base, int pixel, int lane) {
+    return *reinterpret_cast<const float4*>(base + pixel * t.pixel_stride + lane * kLaneChannels);
+  };
 
+  int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
-    const TileCoord tc = decode_tile(t, tile);
-    const int64_t c = first_channel(t, tc, lane);
-    const bool active = c < p.shape.channels;
-    Sum<K * K> dw = zero_sum<K * K>();
-    if (active) {
-      float w[K * K];
-      load_weights<K>(p, c, w);
-      const ChannelGrad g = load_channel_grad(p, tc.n, c);
-      // dc = a * (dz - k1 - xhat * k2)
-      const float a = g.gamma * g.invstd;
-      const float k1 = p.training ? p.sum_dz[c] / m : 0.f;
-      const float k2 = p.training ? p.sum_dz_xhat[c] / m : 0.f;
-      const scalar_t* xc = x + tc.n * p.x_stride[0] + c * p.x_stride[1];
-      const scalar_t* dyc = dy + tc.n * p.dy_stride[0] + c * p.dy_stride[1];
-      scalar_t* dxc = dx + tc.n * p.dx_stride[0] + c * p.dx_stride[1];
-      for (int q = tc.begin + lane.pixel; q < tc.end; q += t.lanes) {
-        const int ih = q / p.shape.in_w, iw = q - ih * p.shape.in_w;
-        const float xv = to_float(xc[ih * p.x_stride[2] + iw * p.x_stride[3]]);
-        float dxv = 0.f;
-        for_each_reader<K, STRIDE>(ih, iw, p.shape.pad_top, p.shape.pad_left, p.shape.out_h, p.shape.out_w,
-                                   [&](int tap, int oh, int ow) {
-                                     const PointGrad pg = point_grad<K, STRIDE>(p, xc, dyc, w, g, oh, ow);
-                                     const float dc = a * (pg.dz - k1 - pg.xhat * k2);
-                                     dxv = fmaf(dc, w[tap], dxv);
-                                     dw.v[tap] = fmaf(dc, xv, dw.v[tap]);
-                                   });
-        dxc[ih * p.dx_stride[2] + iw * p.dx_stride[3]] = from_float<scalar_t>(dxv);
+    const HaloTile tc = decode_gather_tile(t, tile, K, STRIDE, s.pad_top, s.pad_left);
+    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
+                                  s.in_w, s.pad_top, s.pad_left);
+    const int64_t group_first = tc.group * t.group;
+
+    for (int item = threadIdx.x; item < t.lanes * t.strips; item += kThreads) {  // phase 1: dc
+      const HaloLane lane = halo_lane(t, item);
+      const int64_t c0 = group_first + lane.channel * kLaneChannels;
+      ChannelGrad g[kLaneChannels];
+      load_lane_grads(p, tc.n, c0, g);
+      float a[kLaneChannels], k1[kLaneChannels], k2[kLaneChannels];  // dc = a * (dz - k1 - xhat * k2)
+#pragma unroll
+      for (int v = 0; v < kLaneChannels; ++v) {
+        const bool active = c0 + v < s.channels;
+        a[v] = g[v].gamma * g[v].invstd;
+        k1[v] = active && p.training ? p.sum_dz[c0 + v] / m : 0.f;
+        k2[v] = active && p.training ? p.sum_dz_xhat[c0 + v] / m : 0.f;
+      }
+      float acc[kStrip][kLaneChannels];
+      conv_strip<K, STRIDE>(patch, w_s, t, lane, acc);
+      const int oh = tc.oh0 + lane.row;
+#pragma unroll
+      for (int j = 0; j < kStrip; ++j) {
+        const int ow = tc.ow0 + lane.col0 + j;
+        float dc[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
+        if (oh >= 0 && oh < s.out_h && ow >= 0 && ow < s.out_w) {
+          const scalar_t* dyp = dy + tc.n * p.dy_stride[0] + oh * p.dy_stride[2] + ow * p.dy_stride[3];
+#pragma unroll
+          for (int v = 0; v < kLaneChannels; ++v) {
+            if (c0 + v >= s.channels) break;
+            const PointGrad pg = grad_at(g[v], acc[j][v], to_float(dyp[(c0 + v) * p.dy_stride[1]]));
+            dc[v] = a[v] * (pg.dz - k1[v] - pg.xhat * k2[v]);
+          }
+        }
+        *reinterpret_cast<float4*>(dc_s + (lane.row * t.tile_w + lane.col0 + j) * t.pixel_stride +
+                                   lane.channel * kLaneChannels) = make_float4(dc[0], dc[1], dc[2], dc[3]);
       }
     }
-    dw = reduce_lanes(dw, red, t.cpb, t.lanes, lane);
-    if (active && lane.pixel == 0) {
-      float* out = p.partial + tc.row * p.shape.channels + c;
+    __syncthreads();
+
+    for (int item = threadIdx.x; item < t.lanes * t.in_tile_h * t.in_tile_w; item += kThreads) {  // phase 2: dx
+      const int lane = item % t.lanes, pixel = item / t.lanes;
+      const int ih = tc.ih0 + pixel / t.in_tile_w, iw = tc.iw0 + pixel % t.in_tile_w;
+      const int64_t c0 = group_first + lane * kLaneChannels;
+      if (ih >= s.in_h || iw >= s.in_w || c0 >= s.channels) continue;
+      float sum[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int tap = 0; tap < K * K; ++tap) out[tap * plane] = dw.v[tap];
+      for (int kh = 0; kh < K; ++kh) {
+        const int r = gather_source<STRIDE>(ih, s.pad_top, kh, tc.oh0);
+        if (r < 0) continue;
+#pragma unroll
+        for (int kw = 0; kw < K; ++kw) {
+          const int q = gather_source<STRIDE>(iw, s.pad_left, kw, tc.ow0);
+          if (q < 0) continue;
+          const float4 d = at(dc_s, r * t.tile_w + q, lane);
+          const float4 w = *reinterpret_cast<const float4*>(w_s + (kh * K + kw) * t.group + lane * kLaneChannels);
+          sum[0] = fmaf(d.x, w.x, sum[0]);
+          sum[1] = fmaf(d.y, w.y, sum[1]);
+          sum[2] = fmaf(d.z, w.z, sum[2]);
+          sum[3] = fmaf(d.w, w.w, sum[3]);
+        }
+      }
+      scalar_t* dst = dx + tc.n * p.dx_stride[0] + ih * p.dx_stride[2] + iw * p.dx_stride[3];
+#pragma unroll
+      for (int v = 0; v < kLaneChannels; ++v) {
+        if (c0 + v < s.channels) dst[(c0 + v) * p.dx_stride[1]] = from_float<scalar_t>(sum[v]);
+      }
+    }
+
+    // phase 3: dweight[tap] = sum over the tile's inputs i (and the output o reading i through
+    // tap) of dc[o] * x[i]; inputs past the image are 0 in the patch
+    const int ih_patch = tc.oh0 * STRIDE - s.pad_top, iw_patch = tc.ow0 * STRIDE - s.pad_left;
+    for (int item = threadIdx.x; item < t.lanes * K * K; item += kThreads) {
+      const int lane = item % t.lanes, tap = item / t.lanes, kh = tap / K, kw = tap - kh * K;
+      float sum[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
+      for (int ih = tc.ih0; ih < tc.ih0 + t.in_tile_h; ++ih) {
+        const int r = gather_source<STRIDE>(ih, s.pad_top, kh, tc.oh0);
+        if (r < 0) continue;
+        for (int iw = tc.iw0; iw < tc.iw0 + t.in_tile_w; ++iw) {
+          const int q = gather_source<STRIDE>(iw, s.pad_left, kw, tc.ow0);
+          if (q < 0) continue;
+          const float4 d = at(dc_s, r * t.tile_w + q, lane);
+          const float4 xv = at(patch, (ih - ih_patch) * t.patch_w + iw - iw_patch, lane);
+          sum[0] = fmaf(d.x, xv.x, sum[0]);
+          sum[1] = fmaf(d.y, xv.y, sum[1]);
+          sum[2] = fmaf(d.z, xv.z, sum[2]);
+          sum[3] = fmaf(d.w, xv.w, sum[3]);
+        }
+      }
+      const int64_t c0 = group_first + lane * kLaneChannels;
+      float* out = p.partial + tap * plane + tc.row * s.channels;
+#pragma unroll
+      for (int v = 0; v < kLaneChannels; ++v) {
+        if (c0 + v < s.channels) out[c0 + v] = sum[v];
+      }
     }
   }
 }
@@ -177,8 +263,8 @@ cudaError_t launch_dwconv_bn_silu_bwd_reduce(const DWConvBwdParams& p, int kerne
                                              cudaStream_t stream) {
   return KERNEL_SIZE_SWITCH(kernel_size, K, [&] {
     return STRIDE_SWITCH(stride, S, [&] {
-      dwconv_bn_silu_bwd_reduce_kernel<scalar_t, K, S><<<grid_size(p.tiling.tiles), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
+      return launch_halo_kernel(dwconv_bn_silu_bwd_reduce_kernel<scalar_t, K, S>, p, p.halo,
+                                halo_smem_bytes(p.halo, K, sizeof(Sum<2 * kLaneChannels>)), stream);
     });
   });
 }
@@ -188,8 +274,8 @@ cudaError_t launch_dwconv_bn_silu_bwd_input(const DWConvBwdParams& p, int kernel
                                             cudaStream_t stream) {
   return KERNEL_SIZE_SWITCH(kernel_size, K, [&] {
     return STRIDE_SWITCH(stride, S, [&] {
-      dwconv_bn_silu_bwd_input_kernel<scalar_t, K, S><<<grid_size(p.tiling.tiles), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
+      return launch_halo_kernel(dwconv_bn_silu_bwd_input_kernel<scalar_t, K, S>, p, p.gather,
+                                gather_smem_bytes(p.gather, K), stream);
     });
   });
 }

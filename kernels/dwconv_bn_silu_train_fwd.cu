@@ -1,6 +1,7 @@
 // Training forward, pass 1: batch statistics of conv(x) per channel. The stats kernel computes
-// conv(x) and a Welford (count, mean, M2) per tile row and channel; the combine kernel merges the
-// rows with Chan's formula in a fixed order into mean, biased var and the apply kernel's scale.
+// conv(x) on halo tiles and a Welford (count, mean, M2) per tile and channel; the combine kernel
+// merges the tiles' rows with Chan's formula in a fixed order into mean, biased var and the apply
+// kernel's scale.
 // Pass 2 is the apply kernel (dwconv_bn_silu_infer.cu), which recomputes conv(x).
 #include "dwconv_bn_silu.cuh"
 #include "dwconv_device.cuh"
@@ -9,40 +10,44 @@
 namespace fused_mbconv {
 namespace {
 
-// Block: cpb channel lanes x `lanes` pixel lanes (see Tiling); one channel per lane, its k*k
-// weights in registers. Writes partial[j][row][c] for j = count, mean, M2.
+// Block: t.threads threads on one halo tile (see HaloTiling), a strip of kStrip outputs and
+// kLaneChannels channels a thread. Writes partial[j][row][c] for j = count, mean, M2.
 template <typename scalar_t, int K, int STRIDE>
 __global__ void __launch_bounds__(kThreads) dwconv_stats_kernel(const DWConvStatsParams p) {
-  __shared__ Welford red[kThreads];
-  const Tiling& t = p.tiling;
+  extern __shared__ float4 smem_raw[];  // weights, patch; then the reduction's states
+  const HaloTiling& t = p.tiling;
+  const DWConvShape& s = p.shape;
+  float* w_s = reinterpret_cast<float*>(smem_raw);
+  float* patch = w_s + K * K * t.group;
   const auto* x = static_cast<const scalar_t*>(p.x);
-  const LaneCoord lane = lane_of(t, threadIdx.x);
-  const int64_t plane = t.rows * p.shape.channels;
+  const HaloLane lane = halo_lane(t, threadIdx.x);
+  const int64_t plane = t.rows * s.channels;
 
+  int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
-    const TileCoord tc = decode_tile(t, tile);
-    const int64_t c = first_channel(t, tc, lane);
-    const bool active = c < p.shape.channels;
-    Welford w = {0.f, 0.f, 0.f};
-    if (active) {
-      float wr[K * K];
+    const HaloTile tc = decode_halo_tile(t, tile);
+    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
+                                  s.in_w, s.pad_top, s.pad_left);
+    float acc[kStrip][kLaneChannels];
+    conv_strip<K, STRIDE>(patch, w_s, t, lane, acc);
+    LaneWelford w{};
+    const int oh = tc.oh0 + lane.row;
 #pragma unroll
-      for (int i = 0; i < K * K; ++i) wr[i] = p.weight[c * K * K + i];
-      const scalar_t* xc = x + tc.n * p.x_stride[0] + c * p.x_stride[1];
-      for (int q = tc.begin + lane.pixel; q < tc.end; q += t.lanes) {
-        const int oh = q / p.shape.out_w, ow = q - oh * p.shape.out_w;
-        float acc[1];
-        conv_point<K, STRIDE, 1>(xc, p.x_stride[2], p.x_stride[3], p.shape.in_h, p.shape.in_w, oh, ow,
-                                 p.shape.pad_top, p.shape.pad_left, [&](int tap, int) { return wr[tap]; }, acc);
-        w.add(acc[0]);
-      }
+    for (int j = 0; j < kStrip; ++j) {
+      if (oh < s.out_h && tc.ow0 + lane.col0 + j < s.out_w) w.add(acc[j]);
     }
-    const Welford s = reduce_lanes(w, red, t.cpb, t.lanes, lane);
-    if (active && lane.pixel == 0) {
-      float* out = p.partial + tc.row * p.shape.channels + c;
-      out[0] = s.count;
-      out[plane] = s.mean;
-      out[2 * plane] = s.m2;
+    w = reduce_lanes(w, reinterpret_cast<LaneWelford*>(patch), t.lanes, t.strips, LaneCoord{lane.channel, lane.strip});
+    const int64_t c0 = tc.group * t.group + lane.channel * kLaneChannels;
+    if (lane.strip == 0) {
+      float* out = p.partial + tc.row * s.channels;
+#pragma unroll
+      for (int v = 0; v < kLaneChannels; ++v) {
+        if (c0 + v < s.channels) {
+          out[c0 + v] = w.count;
+          out[plane + c0 + v] = w.mean[v];
+          out[2 * plane + c0 + v] = w.m2[v];
+        }
+      }
     }
   }
 }
@@ -80,8 +85,8 @@ template <typename scalar_t>
 cudaError_t launch_dwconv_stats(const DWConvStatsParams& p, int kernel_size, int stride, cudaStream_t stream) {
   return KERNEL_SIZE_SWITCH(kernel_size, K, [&] {
     return STRIDE_SWITCH(stride, S, [&] {
-      dwconv_stats_kernel<scalar_t, K, S><<<grid_size(p.tiling.tiles), kThreads, 0, stream>>>(p);
-      return cudaGetLastError();
+      return launch_halo_kernel(dwconv_stats_kernel<scalar_t, K, S>, p, p.tiling,
+                                halo_smem_bytes(p.tiling, K, sizeof(LaneWelford)), stream);
     });
   });
 }

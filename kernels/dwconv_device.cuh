@@ -1,6 +1,7 @@
 // Device helpers shared by the depthwise conv + BN + SiLU kernels: dtype conversion, 16-byte
-// vector access, SiLU and its derivative, the convolution at one output pixel, and the
-// deterministic block reduction over pixel lanes (and the lane layout of the combine kernels).
+// vector access, SiLU and its derivative, the halo tiles (staging a tile's input patch in shared
+// memory, the convolution of a strip of outputs from it, the launch), and the deterministic block
+// reduction over pixel lanes (and the lane layout of the combine kernels).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -56,32 +57,151 @@ __device__ __forceinline__ float silu_grad(float z) {
   return s * (1.f + z * (1.f - s));
 }
 
-// acc[v] = sum over taps of x[ih, iw, channel v] * weight(tap, v) for output pixel (oh, ow), zero
-// padding outside the image. xc points at (n, first channel, 0, 0); for VEC > 1 the channels are
-// contiguous (channel stride 1). weight(tap, v) returns the fp32 weight of tap kh * K + kw.
-template <int K, int STRIDE, int VEC, typename scalar_t, typename WeightAt>
-__device__ __forceinline__ void conv_point(const scalar_t* __restrict__ xc, int64_t stride_h, int64_t stride_w,
-                                           int in_h, int in_w, int oh, int ow, int pad_top, int pad_left,
-                                           WeightAt&& weight, float (&acc)[VEC]) {
+// Starts a halo tile (see HaloTiling): waits until every thread is done with the previous tile's
+// shared memory, stages the group's weights in w_s as [tap][channel] when the group changed and the
+// tile's input patch in `patch` (fp32, pixel (r, c) at (r * patch_w + c) * pixel_stride, zero
+// outside the image and past the last channel), and waits until both are in place. VEC: elements
+// of x per global load, 16-byte channel vectors (the host checked channel stride 1, C % VEC == 0
+// and alignment) or 1 (any strides). An item is max(VEC, kLaneChannels) channels of one pixel.
+template <int K, int STRIDE, int VEC, typename scalar_t>
+__device__ __forceinline__ void stage_halo_tile(float* __restrict__ w_s, float* __restrict__ patch,
+                                                int64_t& staged_group, const HaloTiling& t, const HaloTile& tc,
+                                                const float* __restrict__ weight, const scalar_t* __restrict__ x,
+                                                const int64_t (&xs)[4], int64_t channels, int in_h, int in_w,
+                                                int pad_top, int pad_left) {
+  constexpr int CHUNK = VEC > kLaneChannels ? VEC : kLaneChannels;
+  const int64_t c_first = tc.group * t.group;
+  __syncthreads();
+  if (tc.group != staged_group) {
+    for (int i = threadIdx.x; i < K * K * t.group; i += t.threads) {
+      const int tap = i / t.group;
+      const int64_t c = c_first + (i - tap * t.group);
+      w_s[i] = c < channels ? weight[c * K * K + tap] : 0.f;
+    }
+    staged_group = tc.group;
+  }
+  const int chunks = t.group / CHUNK, pixels = t.patch_h * t.patch_w;
+  const int ih0 = tc.oh0 * STRIDE - pad_top, iw0 = tc.ow0 * STRIDE - pad_left;
+  const scalar_t* xn = x + tc.n * xs[0];
+  for (int i = threadIdx.x; i < pixels * chunks; i += t.threads) {
+    int pix, chunk;
+    if (t.channels_inner) {  // neighbouring threads read neighbouring channels
+      pix = i / chunks;
+      chunk = i - pix * chunks;
+    } else {  // neighbouring threads read neighbouring pixels of a channel
+      chunk = i / pixels;
+      pix = i - chunk * pixels;
+    }
+    const int pr = pix / t.patch_w, pc = pix - pr * t.patch_w;
+    const int ih = ih0 + pr, iw = iw0 + pc;
+    const int64_t c = c_first + chunk * CHUNK;
+    float v[CHUNK];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
-  const int ih0 = oh * STRIDE - pad_top, iw0 = ow * STRIDE - pad_left;
+    for (int j = 0; j < CHUNK; ++j) v[j] = 0.f;
+    if (ih >= 0 && ih < in_h && iw >= 0 && iw < in_w && c < channels) {
+      const scalar_t* src = xn + c * xs[1] + ih * xs[2] + iw * xs[3];
+      if constexpr (VEC > 1) {
+        load_pack<VEC>(src, v);  // C % VEC == 0: the whole vector is in range
+      } else {
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) {
+          if (c + j < channels) v[j] = to_float(src[j * xs[1]]);
+        }
+      }
+    }
+    float4* dst = reinterpret_cast<float4*>(patch + pix * t.pixel_stride + chunk * CHUNK);
+#pragma unroll
+    for (int j = 0; j < CHUNK / 4; ++j) dst[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+  }
+  __syncthreads();
+}
+
+// Launches a halo kernel, one block of t.threads per tile (looping when there are more tiles than
+// kMaxGrid). Past the default 48 KB of dynamic shared memory a kernel must opt in first.
+template <typename Params>
+cudaError_t launch_halo_kernel(void (*kernel)(Params), const Params& p, const HaloTiling& t, size_t smem,
+                               cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid_size(t.tiles), t.threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// acc[j][v] = conv(x) at the lane's strip output j (tile row lane.row, column lane.col0 + j) for
+// its channel v, from the staged patch and weights. A patch row's SPAN pixels are loaded once into
+// registers and feed every output of the strip.
+template <int K, int STRIDE>
+__device__ __forceinline__ void conv_strip(const float* __restrict__ patch, const float* __restrict__ w_s,
+                                           const HaloTiling& t, const HaloLane& lane,
+                                           float (&acc)[kStrip][kLaneChannels]) {
+  constexpr int SPAN = (kStrip - 1) * STRIDE + K;
+  const int ch = lane.channel * kLaneChannels;
+  const float* first = patch + (lane.row * STRIDE * t.patch_w + lane.col0 * STRIDE) * t.pixel_stride + ch;
+#pragma unroll
+  for (int j = 0; j < kStrip; ++j) {
+#pragma unroll
+    for (int v = 0; v < kLaneChannels; ++v) acc[j][v] = 0.f;
+  }
 #pragma unroll
   for (int kh = 0; kh < K; ++kh) {
-    const int ih = ih0 + kh;
-    if (ih < 0 || ih >= in_h) continue;
-    const scalar_t* row = xc + ih * stride_h;
+    const float* row = first + kh * t.patch_w * t.pixel_stride;
+    float4 xr[SPAN];
+#pragma unroll
+    for (int i = 0; i < SPAN; ++i) xr[i] = *reinterpret_cast<const float4*>(row + i * t.pixel_stride);
 #pragma unroll
     for (int kw = 0; kw < K; ++kw) {
-      const int iw = iw0 + kw;
-      if (iw < 0 || iw >= in_w) continue;
-      float xv[VEC];
-      load_pack<VEC>(row + iw * stride_w, xv);
+      const float4 w = *reinterpret_cast<const float4*>(w_s + (kh * K + kw) * t.group + ch);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] = fmaf(xv[v], weight(kh * K + kw, v), acc[v]);
+      for (int j = 0; j < kStrip; ++j) {
+        const float4 xv = xr[j * STRIDE + kw];
+        acc[j][0] = fmaf(xv.x, w.x, acc[j][0]);
+        acc[j][1] = fmaf(xv.y, w.y, acc[j][1]);
+        acc[j][2] = fmaf(xv.z, w.z, acc[j][2]);
+        acc[j][3] = fmaf(xv.w, w.w, acc[j][3]);
+      }
     }
   }
 }
+
+// A lane's kLaneChannels fp32 per-channel constants, 0 past the last channel.
+__device__ __forceinline__ void load_lane_channels(const float* __restrict__ src, int64_t c0, int64_t channels,
+                                                   float (&out)[kLaneChannels]) {
+#pragma unroll
+  for (int v = 0; v < kLaneChannels; ++v) out[v] = src != nullptr && c0 + v < channels ? src[c0 + v] : 0.f;
+}
+
+// Running (count, mean, M2) of kLaneChannels channels that see the same number of values, as a
+// State for reduce_lanes: one reciprocal per output pixel, not per value.
+struct LaneWelford {
+  float count, mean[kLaneChannels], m2[kLaneChannels];
+
+  __device__ void add(const float (&v)[kLaneChannels]) {
+    count += 1.f;
+    const float inv = 1.f / count;
+#pragma unroll
+    for (int i = 0; i < kLaneChannels; ++i) {
+      const float d = v[i] - mean[i];
+      mean[i] += d * inv;
+      m2[i] += d * (v[i] - mean[i]);
+    }
+  }
+
+  __device__ static LaneWelford merge(const LaneWelford& a, const LaneWelford& b) {
+    LaneWelford s;
+#pragma unroll
+    for (int i = 0; i < kLaneChannels; ++i) {
+      const Welford m = Welford::merge({a.count, a.mean[i], a.m2[i]}, {b.count, b.mean[i], b.m2[i]});
+      s.count = m.count;
+      s.mean[i] = m.mean;
+      s.m2[i] = m.m2;
+    }
+    return s;
+  }
+};
 
 // The combine kernels fold the partial rows of 32 columns per block (a warp reads 32 consecutive
 // floats of a row), with 8 row lanes per column merged by reduce_lanes.

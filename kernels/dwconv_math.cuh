@@ -1,6 +1,7 @@
 // Index arithmetic and statistics shared by the host, the kernels and the CPU tests: how the
-// work of a depthwise-conv kernel is cut into tiles and threads, which output a transposed-conv
-// gather reads, and the Welford/Chan merge of (count, mean, M2). Plain C++ (no CUDA headers) so
+// work of a kernel is cut into tiles and threads (pixel chunks for the squeeze-excite kernels,
+// halo and gather tiles for the depthwise ones), which output a transposed-conv gather reads, and
+// the Welford/Chan merge of (count, mean, M2). Plain C++ (no CUDA headers) so
 // tests/test_cuda_index_math.py compiles this very file with a host compiler and checks it.
 #pragma once
 
@@ -116,32 +117,167 @@ DWCONV_HD int64_t first_channel(const Tiling& t, const TileCoord& tc, const Lane
   return (tc.group * t.cpb + lane.channel) * t.vec;
 }
 
-// Transposed convolution as a gather: output row o reads input row i through kernel row k when
-// o * STRIDE + k = i + pad. Returns that o, or -1 when there is none (i + pad - k negative, not a
-// multiple of the stride, or past the last output row).
-template <int STRIDE>
-DWCONV_HD int source_output(int i, int pad, int k, int out_size) {
-  const int t = i + pad - k;
-  if (t < 0 || t % STRIDE != 0) return -1;
-  const int o = t / STRIDE;
-  return o < out_size ? o : -1;
+// Halo tiles: how the kernels that compute conv(x) at output pixels (apply, statistics, backward
+// sums) cut their work. A tile is (channel group, image, tile_h x tile_w outputs); its block stages
+// the inputs those outputs read, a patch of ((tile_h - 1) * stride + k) x ((tile_w - 1) * stride + k)
+// pixels with its halo, once in shared memory as fp32, and each thread then computes a strip of
+// kStrip outputs along a row for kLaneChannels channels from there. So x is read from global memory
+// about once (1 + halo) instead of k*k times per output, and a patch row loaded into registers
+// feeds kStrip outputs.
+constexpr int kStrip = 4;
+constexpr int kLaneChannels = 4;  // fp32 channels of a compute lane: one 16-byte shared load
+constexpr int kHaloTileH = 8, kHaloTileW = 16;  // outputs per tile
+
+struct HaloTiling {
+  int group;            // channels per tile (a power of two, 4 to 32)
+  int lanes;            // channel lanes: group / kLaneChannels
+  int strips;           // strips per tile: tile_h * tile_w / kStrip (strip s: row s % tile_h)
+  int threads;          // lanes * strips, at most kThreads
+  int tile_h, tile_w;   // outputs per tile
+  int patch_h, patch_w;  // staged input pixels
+  int pixel_stride;     // floats between neighbouring staged pixels: group + 4 (see make_halo_tiling)
+  int tiles_h, tiles_w;  // tiles per image
+  int in_tile_h, in_tile_w;  // gather tilings only: input pixels per tile (what tiles_h, tiles_w count)
+  bool channels_inner;  // staging order: channels fastest (channels_last) or pixels fastest
+  int64_t channel_groups, rows, tiles;  // rows = batch * tiles_h * tiles_w; tiles = channel_groups * rows
+};
+
+// Stride 2 reads four times the inputs per output: its tiles take 16 channels, not 32, so that the
+// patch stays within ~55 KB of shared memory. The pixel stride group + 4 keeps each staged pixel
+// 16-byte aligned and spreads a warp's stores of neighbouring pixels over all banks.
+inline HaloTiling make_halo_tiling(int64_t batch, int64_t channels, int out_h, int out_w, int k, int stride,
+                                   bool channels_inner) {
+  HaloTiling t{};
+  const int max_group = stride == 1 ? 32 : 16;
+  t.group = channels < max_group ? pow2_ceil(channels) : max_group;
+  if (t.group < kLaneChannels) t.group = kLaneChannels;
+  t.lanes = t.group / kLaneChannels;
+  t.tile_h = kHaloTileH;
+  t.tile_w = kHaloTileW;
+  t.strips = t.tile_h * t.tile_w / kStrip;
+  t.threads = t.lanes * t.strips;
+  t.patch_h = (t.tile_h - 1) * stride + k;
+  t.patch_w = (t.tile_w - 1) * stride + k;
+  t.pixel_stride = t.group + 4;
+  t.tiles_h = static_cast<int>(ceil_div(out_h, t.tile_h));
+  t.tiles_w = static_cast<int>(ceil_div(out_w, t.tile_w));
+  t.channels_inner = channels_inner;
+  t.channel_groups = ceil_div(channels, t.group);
+  t.rows = batch * t.tiles_h * t.tiles_w;
+  t.tiles = t.channel_groups * t.rows;
+  return t;
 }
 
-// Calls f(tap, oh, ow) for each kernel tap (kh * K + kw) through which an output reads input
-// pixel (ih, iw): the (output, tap) pairs of dx[ih, iw] and of x[ih, iw]'s part of dweight.
-template <int K, int STRIDE, typename F>
-DWCONV_HD void for_each_reader(int ih, int iw, int pad_top, int pad_left, int out_h, int out_w, F&& f) {
-  DWCONV_UNROLL
-  for (int kh = 0; kh < K; ++kh) {
-    const int oh = source_output<STRIDE>(ih, pad_top, kh, out_h);
-    if (oh < 0) continue;
-    DWCONV_UNROLL
-    for (int kw = 0; kw < K; ++kw) {
-      const int ow = source_output<STRIDE>(iw, pad_left, kw, out_w);
-      if (ow < 0) continue;
-      f(kh * K + kw, oh, ow);
-    }
-  }
+// Shared memory of a halo kernel: the group's weights ([tap][channel]), then the patch, whose
+// space the block reduction's kThreads states of state_bytes reuse once the patch is consumed.
+inline size_t halo_smem_bytes(const HaloTiling& t, int k, size_t state_bytes) {
+  const size_t patch = sizeof(float) * t.patch_h * t.patch_w * t.pixel_stride;
+  const size_t reduction = state_bytes * t.threads;
+  return sizeof(float) * k * k * t.group + (patch > reduction ? patch : reduction);
+}
+
+struct HaloTile {
+  int64_t group, row, n;  // channel group, partial-result row, image
+  int oh0, ow0;           // first output pixel (negative in gather tiles at the top and left)
+  int ih0, iw0;           // gather tiles: first input pixel
+};
+
+// Tiles are numbered group-major (the weights are restaged rarely), then row-major in the image.
+DWCONV_HD HaloTile decode_halo_tile(const HaloTiling& t, int64_t tile) {
+  HaloTile c{};
+  c.group = tile / t.rows;
+  c.row = tile - c.group * t.rows;
+  const int64_t per_image = static_cast<int64_t>(t.tiles_h) * t.tiles_w;
+  c.n = c.row / per_image;
+  const int in_image = static_cast<int>(c.row - c.n * per_image);
+  const int th = in_image / t.tiles_w;
+  c.oh0 = th * t.tile_h;
+  c.ow0 = (in_image - th * t.tiles_w) * t.tile_w;
+  return c;
+}
+
+// Gather tiles: the work of the backward's pass 2 (dx, dweight), over input pixels. A tile is
+// in_tile_h x in_tile_w input pixels of a channel group; its halo tile (tile_h x tile_w, the fields
+// the halo kernels use) is every output that reads one of them through some tap, and its patch the
+// inputs those outputs read. The block computes dc once at each of those outputs, into shared
+// memory, and gathers dx and the dweight sums from there: a tile's outputs overlap its neighbours'
+// by the halo, (tile_h * tile_w) / (in_tile_h * in_tile_w) ~ 1.9 computations of dc per output at
+// k5 s1, not the k*k / stride^2 = 25 of gathering from global memory. 16 channels a group: the
+// patch and the dc tile share ~52 KB of shared memory at k5 s1.
+DWCONV_HD int ceil_div_signed(int a, int b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+inline HaloTiling make_gather_tiling(int64_t batch, int64_t channels, int in_h, int in_w, int k, int stride,
+                                     bool channels_inner) {
+  HaloTiling t{};
+  t.group = channels < 16 ? pow2_ceil(channels) : 16;
+  if (t.group < kLaneChannels) t.group = kLaneChannels;
+  t.lanes = t.group / kLaneChannels;
+  t.in_tile_h = kHaloTileH;
+  t.in_tile_w = kHaloTileW;
+  // in_tile inputs are read by at most (in_tile + k - 2) / stride + 1 outputs along each axis
+  t.tile_h = (t.in_tile_h + k - 2) / stride + 1;
+  t.tile_w = static_cast<int>(ceil_div((t.in_tile_w + k - 2) / stride + 1, kStrip)) * kStrip;
+  t.strips = t.tile_h * t.tile_w / kStrip;
+  t.threads = kThreads;
+  t.patch_h = (t.tile_h - 1) * stride + k;
+  t.patch_w = (t.tile_w - 1) * stride + k;
+  t.pixel_stride = t.group + 4;
+  t.tiles_h = static_cast<int>(ceil_div(in_h, t.in_tile_h));
+  t.tiles_w = static_cast<int>(ceil_div(in_w, t.in_tile_w));
+  t.channels_inner = channels_inner;
+  t.channel_groups = ceil_div(channels, t.group);
+  t.rows = batch * t.tiles_h * t.tiles_w;
+  t.tiles = t.channel_groups * t.rows;
+  return t;
+}
+
+// weights, patch, then the dc tile
+inline size_t gather_smem_bytes(const HaloTiling& t, int k) {
+  return sizeof(float) * (k * k * t.group + (t.patch_h * t.patch_w + t.tile_h * t.tile_w) * t.pixel_stride);
+}
+
+// The gather tile's inputs, and its first output: the first that reads input row ih0 (column iw0),
+// through the last tap: ceil((ih0 + pad - (k - 1)) / stride).
+DWCONV_HD HaloTile decode_gather_tile(const HaloTiling& t, int64_t tile, int k, int stride, int pad_top, int pad_left) {
+  HaloTile c{};
+  c.group = tile / t.rows;
+  c.row = tile - c.group * t.rows;
+  const int64_t per_image = static_cast<int64_t>(t.tiles_h) * t.tiles_w;
+  c.n = c.row / per_image;
+  const int in_image = static_cast<int>(c.row - c.n * per_image);
+  const int th = in_image / t.tiles_w;
+  c.ih0 = th * t.in_tile_h;
+  c.iw0 = (in_image - th * t.tiles_w) * t.in_tile_w;
+  c.oh0 = ceil_div_signed(c.ih0 + pad_top - (k - 1), stride);
+  c.ow0 = ceil_div_signed(c.iw0 + pad_left - (k - 1), stride);
+  return c;
+}
+
+// The output that reads input i (a row or a column) through tap k, relative to the gather tile's
+// first output o0, or -1 when stride does not divide (i + pad - k).
+template <int STRIDE>
+DWCONV_HD int gather_source(int i, int pad, int k, int o0) {
+  const int t = i + pad - k;  // may be negative: then t & 1 is still its parity
+  if (STRIDE == 2 && (t & 1)) return -1;
+  return t / STRIDE - o0;
+}
+
+struct HaloLane {
+  int channel;     // channel lane: channels channel * kLaneChannels + [0, kLaneChannels) of the group
+  int strip;       // in [0, strips): the reductions' pixel lane
+  int row, col0;   // the strip's first output in the tile: row, column
+};
+
+// Channel lanes fastest: a quarter warp's 16-byte shared loads cover one pixel's 128 contiguous
+// bytes (32 channels) or two pixels a patch row apart (16 channels: the row stride, 20 floats
+// times an odd patch width, puts them on the other half of the banks).
+DWCONV_HD HaloLane halo_lane(const HaloTiling& t, int thread) {
+  HaloLane l;
+  l.channel = thread % t.lanes;
+  l.strip = thread / t.lanes;
+  l.row = l.strip % t.tile_h;
+  l.col0 = (l.strip / t.tile_h) * kStrip;
+  return l;
 }
 
 // Running (count, mean, M2) of a set of values, M2 = sum of squared deviations from the mean.

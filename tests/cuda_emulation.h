@@ -1,9 +1,11 @@
-// Runs CUDA kernels on the CPU for tests/test_cuda_kernels_on_cpu.py: each block is kThreads OS
-// threads with __syncthreads() as a barrier and __shared__ variables as statics (blocks run one at
-// a time), so the kernels' own indexing, reductions and atomics execute without a GPU. Included
-// first by the test's copies of kernels/*.cu, in which the test rewrote
+// Runs CUDA kernels on the CPU for tests/test_cuda_kernels_on_cpu.py: each block is one OS thread
+// per CUDA thread with __syncthreads() as a barrier and __shared__ variables as statics (blocks run
+// one at a time), so the kernels' own indexing, reductions and atomics execute without a GPU; a
+// launch past the dynamic shared memory the kernel may use (48 KB, or what it opted in to through
+// cudaFuncSetAttribute) fails. Included first by the test's copies of kernels/*.cu and *.cuh, in
+// which the test rewrote
 //   kernel<<<grid, block, smem, stream>>>(args)  into  ::emu::launch(kernel, grid, block, smem, stream)(args)
-//   extern __shared__ T name[];                   into  static T name[kEmulatedSharedFloats / ...];
+//   extern __shared__ T name[];                   into  static T name[kSharedBytes / sizeof(T)];
 // What it cannot show: timing, memory-model races between blocks, warp-level behaviour.
 #pragma once
 
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -29,12 +32,25 @@ inline thread_local uint3 thread_idx, block_idx;
 inline thread_local dim3 block_dim, grid_dim;
 inline thread_local std::barrier<>* block_barrier = nullptr;
 
-constexpr size_t kSharedBytes = 48 * 1024;  // the default dynamic shared memory limit
+constexpr size_t kDefaultSharedBytes = 48 * 1024;  // dynamic shared memory without opting in
+constexpr size_t kSharedBytes = 227 * 1024;        // the most a kernel may opt in to (sm_90)
+// per kernel, the dynamic shared memory it opted in to (cudaFuncSetAttribute)
+inline std::map<const void*, size_t> opted_in_shared;
+
+inline cudaError_t set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || static_cast<size_t>(value) > kSharedBytes) {
+    return cudaErrorInvalidValue;
+  }
+  opted_in_shared[kernel] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
 
 template <typename Kernel>
 auto launch(Kernel kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t) {
+  const auto opted = opted_in_shared.find(reinterpret_cast<const void*>(kernel));
+  const size_t smem_limit = opted == opted_in_shared.end() ? kDefaultSharedBytes : opted->second;
   return [=](auto... args) {
-    if (grid == 0 || block == 0 || block > 1024 || smem > kSharedBytes) {
+    if (grid == 0 || block == 0 || block > 1024 || smem > smem_limit) {
       std::fprintf(stderr, "emu: invalid launch grid=%u block=%u smem=%zu\n", grid, block, smem);
       std::exit(3);
     }

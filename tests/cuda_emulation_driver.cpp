@@ -35,6 +35,9 @@
 #include "squeeze_excite.cuh"
 
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }  // the emulated launches fail loudly
+extern "C" cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  return ::emu::set_attribute(kernel, attr, value);
+}
 
 namespace {
 
@@ -237,8 +240,8 @@ int run() {
     Buffer shift = load(op == "infer" ? "shift" : "beta");
     DWConvFwdParams p{};
     p.shape = shape;
-    p.tiling = make_tiling(shape.batch, channels, shape.out_h * shape.out_w, vec, vec > 1 || inner,
-                           kApplyMinPixelsPerLane);
+    p.vec = vec;
+    p.tiling = make_halo_tiling(shape.batch, channels, shape.out_h, shape.out_w, k, stride, inner);
     strides_arg("x_strides", p.x_stride);
     strides_arg("y_strides", p.y_stride);
     p.x = x.as<scalar_t>();
@@ -252,7 +255,7 @@ int run() {
       Buffer gamma = load("gamma");
       DWConvStatsParams s{};
       s.shape = shape;
-      s.tiling = make_tiling(shape.batch, channels, shape.out_h * shape.out_w, 1, inner, kReduceMinPixelsPerLane);
+      s.tiling = p.tiling;
       std::copy(p.x_stride, p.x_stride + 4, s.x_stride);
       Buffer partial(sizeof(float) * 3 * s.tiling.rows * channels);
       s.x = p.x;
@@ -301,19 +304,19 @@ int run() {
   p.training = int_arg("training") != 0;
   p.dx = dx.as<scalar_t>();
 
-  p.tiling = make_tiling(shape.batch, channels, shape.out_h * shape.out_w, 1, inner, kReduceMinPixelsPerLane);
-  Buffer sums(sizeof(float) * 2 * p.tiling.rows * channels);
+  p.halo = make_halo_tiling(shape.batch, channels, shape.out_h, shape.out_w, k, stride, inner);
+  Buffer sums(sizeof(float) * 2 * p.halo.rows * channels);
   p.partial = sums.as<float>();
   check(launch_dwconv_bn_silu_bwd_reduce<scalar_t>(p, k, stride, stream), "bwd_reduce");
-  const int64_t plane = p.tiling.rows * channels;
-  check(launch_sum_rows(p.partial, 1, p.tiling.rows, channels, dbeta.as<float>(), 0, 1, stream), "sum_rows");
-  check(launch_sum_rows(p.partial + plane, 1, p.tiling.rows, channels, dgamma.as<float>(), 0, 1, stream), "sum_rows");
+  const int64_t plane = p.halo.rows * channels;
+  check(launch_sum_rows(p.partial, 1, p.halo.rows, channels, dbeta.as<float>(), 0, 1, stream), "sum_rows");
+  check(launch_sum_rows(p.partial + plane, 1, p.halo.rows, channels, dgamma.as<float>(), 0, 1, stream), "sum_rows");
 
-  p.tiling = make_tiling(shape.batch, channels, shape.in_h * shape.in_w, 1, inner, kReduceMinPixelsPerLane);
-  Buffer partial(sizeof(float) * taps * p.tiling.rows * channels);
+  p.gather = make_gather_tiling(shape.batch, channels, shape.in_h, shape.in_w, k, stride, inner);
+  Buffer partial(sizeof(float) * taps * p.gather.rows * channels);
   p.partial = partial.as<float>();
   check(launch_dwconv_bn_silu_bwd_input<scalar_t>(p, k, stride, stream), "bwd_input");
-  check(launch_sum_rows(p.partial, taps, p.tiling.rows, channels, dweight.as<float>(), 1, taps, stream), "sum_rows");
+  check(launch_sum_rows(p.partial, taps, p.gather.rows, channels, dweight.as<float>(), 1, taps, stream), "sum_rows");
   save("dx", dx, dx_bytes);
   save("dweight", dweight, sizeof(float) * taps * channels);
   save("dgamma", dgamma, sizeof(float) * channels);

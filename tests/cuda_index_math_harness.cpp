@@ -5,8 +5,14 @@
 //   harness tiling N C PIXELS VEC CHANNELS_INNER MIN_PIXELS_PER_LANE
 //       enumerates every (block, tile, thread) as the tiled kernels do; prints "ok ..." when each
 //       (image, channel, pixel) is visited once and each (row, channel) partial is written once.
+//   harness halo N C OUT_H OUT_W K STRIDE
+//       enumerates every (block, halo tile, thread, strip output) as the halo kernels do; prints
+//       "ok ..." when each (image, channel, output pixel) is computed once, each strip reads inside
+//       the staged patch, and each (row, channel) partial is written once.
 //   harness gather K STRIDE H W PAD_TOP PAD_LEFT OUT_H OUT_W  < weight(K*K) dc(OUT_H*OUT_W) x(H*W)
-//       prints dx (H*W) then dweight (K*K) of one channel, gathered through for_each_reader.
+//       prints dx (H*W) then dweight (K*K) of one channel, gathered tile by tile as the backward's
+//       pass 2 does: dc copied into each gather tile's halo tile (0 outside the output plane), x
+//       into its patch, every index checked to fall inside them.
 //   harness welford LANES ROWS < values
 //       splits the values into ROWS contiguous rows, each reduced by LANES strided Welford lanes
 //       merged by reduce_lanes' tree, then merges the rows as the combine kernel does; prints
@@ -80,20 +86,88 @@ std::vector<double> read_values(size_t count) {
   return v;
 }
 
+int run_halo(int64_t batch, int64_t channels, int out_h, int out_w, int k, int stride) {
+  const HaloTiling t = make_halo_tiling(batch, channels, out_h, out_w, k, stride, true);
+  if (t.lanes * t.strips != t.threads || t.threads > kThreads || !is_pow2(t.strips) || !is_pow2(t.lanes))
+    return fail("threads", t.lanes, t.strips);
+  if (halo_smem_bytes(t, k, 64) > 227 * 1024) return fail("shared memory", halo_smem_bytes(t, k, 64), k);
+  const int span = (kStrip - 1) * stride + k;
+  std::vector<unsigned char> visits(static_cast<size_t>(batch * channels * out_h * out_w), 0);
+  std::vector<unsigned char> writes(static_cast<size_t>(t.rows * channels), 0);
+  const unsigned grid = grid_size(t.tiles);
+  for (unsigned block = 0; block < grid; ++block) {
+    for (int64_t tile = block; tile < t.tiles; tile += grid) {
+      const HaloTile tc = decode_halo_tile(t, tile);
+      if (tc.n < 0 || tc.n >= batch || tc.oh0 >= out_h || tc.ow0 >= out_w) return fail("tile", tc.oh0, tc.ow0);
+      for (int thread = 0; thread < t.threads; ++thread) {
+        const HaloLane lane = halo_lane(t, thread);
+        if ((lane.row * stride + k - 1) >= t.patch_h || (lane.col0 * stride + span - 1) >= t.patch_w)
+          return fail("strip reads past the patch", lane.row, lane.col0);
+        for (int v = 0; v < kLaneChannels; ++v) {
+          const int64_t c = tc.group * t.group + lane.channel * kLaneChannels + v;
+          if (c >= channels) continue;
+          for (int j = 0; j < kStrip; ++j) {
+            const int oh = tc.oh0 + lane.row, ow = tc.ow0 + lane.col0 + j;
+            if (oh >= out_h || ow >= out_w) continue;
+            if (visits[((tc.n * channels + c) * out_h + oh) * out_w + ow]++) return fail("output twice", oh, ow);
+          }
+          if (lane.strip == 0 && writes[tc.row * channels + c]++) return fail("partial twice", tc.row, c);
+        }
+      }
+    }
+  }
+  for (size_t i = 0; i < visits.size(); ++i)
+    if (visits[i] != 1) return fail("output not computed", static_cast<long long>(i), visits[i]);
+  for (size_t i = 0; i < writes.size(); ++i)
+    if (writes[i] != 1) return fail("partial not written", static_cast<long long>(i), writes[i]);
+  std::printf("ok tiles=%lld group=%d threads=%d smem=%zu\n", static_cast<long long>(t.tiles), t.group, t.threads,
+              halo_smem_bytes(t, k, 64));
+  return 0;
+}
+
 template <int K, int STRIDE>
 int run_gather(int h, int w, int pad_top, int pad_left, int out_h, int out_w) {
   const std::vector<double> weight = read_values(K * K), dc = read_values(static_cast<size_t>(out_h) * out_w),
                             x = read_values(static_cast<size_t>(h) * w);
   std::vector<double> dx(static_cast<size_t>(h) * w, 0.0), dweight(K * K, 0.0);
-  for (int ih = 0; ih < h; ++ih) {
-    for (int iw = 0; iw < w; ++iw) {
-      double acc = 0.0;
-      for_each_reader<K, STRIDE>(ih, iw, pad_top, pad_left, out_h, out_w, [&](int tap, int oh, int ow) {
-        const double g = dc[static_cast<size_t>(oh) * out_w + ow];
-        acc += g * weight[tap];
-        dweight[tap] += g * x[static_cast<size_t>(ih) * w + iw];
-      });
-      dx[static_cast<size_t>(ih) * w + iw] = acc;
+  const HaloTiling t = make_gather_tiling(1, 1, h, w, K, STRIDE, true);
+  if (gather_smem_bytes(t, K) > 227 * 1024) return fail("shared memory", gather_smem_bytes(t, K), K);
+  for (int64_t tile = 0; tile < t.tiles; ++tile) {
+    const HaloTile tc = decode_gather_tile(t, tile, K, STRIDE, pad_top, pad_left);
+    // phase 1's dc tile (0 outside the output plane) and the staged patch (0 outside the image)
+    std::vector<double> dc_tile(static_cast<size_t>(t.tile_h) * t.tile_w, 0.0);
+    std::vector<double> patch(static_cast<size_t>(t.patch_h) * t.patch_w, 0.0);
+    for (int r = 0; r < t.tile_h; ++r)
+      for (int q = 0; q < t.tile_w; ++q) {
+        const int oh = tc.oh0 + r, ow = tc.ow0 + q;
+        if (oh >= 0 && oh < out_h && ow >= 0 && ow < out_w) dc_tile[r * t.tile_w + q] = dc[oh * out_w + ow];
+      }
+    const int ih_patch = tc.oh0 * STRIDE - pad_top, iw_patch = tc.ow0 * STRIDE - pad_left;
+    for (int pr = 0; pr < t.patch_h; ++pr)
+      for (int pc = 0; pc < t.patch_w; ++pc) {
+        const int ih = ih_patch + pr, iw = iw_patch + pc;
+        if (ih >= 0 && ih < h && iw >= 0 && iw < w) patch[pr * t.patch_w + pc] = x[ih * w + iw];
+      }
+    for (int ih = tc.ih0; ih < tc.ih0 + t.in_tile_h; ++ih) {
+      for (int iw = tc.iw0; iw < tc.iw0 + t.in_tile_w; ++iw) {
+        const int pr = ih - ih_patch, pc = iw - iw_patch;
+        if (pr < 0 || pr >= t.patch_h || pc < 0 || pc >= t.patch_w) return fail("input outside the patch", ih, iw);
+        double acc = 0.0;
+        for (int kh = 0; kh < K; ++kh) {
+          const int r = gather_source<STRIDE>(ih, pad_top, kh, tc.oh0);
+          if (r < 0) continue;
+          if (r >= t.tile_h) return fail("output row outside the halo tile", ih, kh);
+          for (int kw = 0; kw < K; ++kw) {
+            const int q = gather_source<STRIDE>(iw, pad_left, kw, tc.ow0);
+            if (q < 0) continue;
+            if (q >= t.tile_w) return fail("output column outside the halo tile", iw, kw);
+            const double g = dc_tile[r * t.tile_w + q];
+            acc += g * weight[kh * K + kw];  // phase 2
+            dweight[kh * K + kw] += g * patch[pr * t.patch_w + pc];  // phase 3
+          }
+        }
+        if (ih < h && iw < w) dx[static_cast<size_t>(ih) * w + iw] = acc;
+      }
     }
   }
   for (double v : dx) std::printf("%.17g\n", v);
@@ -134,6 +208,10 @@ int main(int argc, char** argv) {
   if (argc >= 8 && std::strcmp(argv[1], "tiling") == 0) {
     return run_tiling(std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
                       std::atoi(argv[6]) != 0, std::atoi(argv[7]));
+  }
+  if (argc >= 8 && std::strcmp(argv[1], "halo") == 0) {
+    return run_halo(std::atoll(argv[2]), std::atoll(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
+                    std::atoi(argv[6]), std::atoi(argv[7]));
   }
   if (argc >= 10 && std::strcmp(argv[1], "gather") == 0) {
     const int k = std::atoi(argv[2]), stride = std::atoi(argv[3]);

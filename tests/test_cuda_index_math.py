@@ -63,6 +63,24 @@ def test_tiling_covers_each_pixel_and_partial_once(harness, n, c, pixels, vec, i
     assert out.startswith("ok"), out
 
 
+HALO_TILINGS = [  # (N, C, Ho, Wo, k, stride)
+    (1, 1, 1, 1, 3, 1),
+    (2, 17, 13, 11, 3, 1),  # the parity suite's shape: an idle part of the channel group
+    (2, 17, 7, 6, 5, 2),
+    (2, 240, 57, 57, 5, 1),  # B5 stage 3: tiles neither divide the plane nor the channels' 32s
+    (1, 144, 114, 114, 3, 2),
+    (1, 48, 228, 228, 3, 1),
+    (2, 1, 200, 300, 3, 1),  # more tiles than the grid: the grid-stride loop covers the rest
+]
+
+
+@pytest.mark.parametrize("n,c,out_h,out_w,k,stride", HALO_TILINGS, ids=str)
+def test_halo_tiling_computes_each_output_once(harness, n, c, out_h, out_w, k, stride):
+    out = harness("halo", n, c, out_h, out_w, k, stride)
+    print(out)
+    assert out.startswith("ok"), out
+
+
 GATHERS = [  # (k, stride, H, W, top, bottom, left, right)
     (3, 1, 7, 6, 1, 1, 1, 1),
     (3, 2, 7, 8, 0, 1, 0, 1),  # TF "SAME": the odd pixel of padding after
@@ -72,13 +90,16 @@ GATHERS = [  # (k, stride, H, W, top, bottom, left, right)
     (5, 2, 5, 5, 0, 0, 0, 0),
     (3, 1, 1, 5, 1, 1, 0, 2),
     (5, 2, 13, 11, 4, 4, 4, 4),  # padding up to k - 1
+    (3, 1, 19, 37, 1, 1, 1, 1),  # several gather tiles down and across
+    (5, 2, 20, 35, 1, 2, 2, 1),
+    (5, 1, 9, 17, 0, 4, 4, 0),
 ]
 
 
 @pytest.mark.parametrize("k,stride,h,w,top,bottom,left,right", GATHERS, ids=str)
 def test_gather_gives_the_convolution_gradients(harness, k, stride, h, w, top, bottom, left, right):
-    """dx and dweight of one channel, as the backward kernel gathers them per input pixel, equal
-    autograd's gradients of the padded strided convolution."""
+    """dx and dweight of one channel, as the backward's pass 2 gathers them tile by tile from each
+    tile's dc tile and patch, equal autograd's gradients of the padded strided convolution."""
     g = torch.Generator().manual_seed(k * 100 + stride * 10 + h)
     out_h = (h + top + bottom - k) // stride + 1
     out_w = (w + left + right - k) // stride + 1

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,59 @@ def test_every_public_op_has_one_implementation_for_all_devices():
     assert len(names) >= 8
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), name
+
+
+# ---------------------------------------------------------------------------------------------
+# the depthwise kernels as compiled for sm_90 (static: what the SASS holds, not how fast it runs)
+
+_HALO_KERNEL = re.compile(
+    r"(dwconv_bn_silu_apply_kernel|dwconv_stats_kernel|dwconv_bn_silu_bwd_reduce_kernel|dwconv_bn_silu_bwd_input_kernel)"
+    r"I(f|6__half|13__nv_bfloat16)Li(\d)ELi(\d)E(?:Li(\d+)E)?E"
+)
+_SASS_OP = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def _sm90_sass(library: Path, tool: Path) -> tuple[dict[str, Counter], dict[str, int]]:
+    """Per halo kernel (mangled name): its SASS opcodes, and its local memory (spills) in bytes."""
+    sass = subprocess.run([str(tool), "-sass", "-arch", "sm_90", str(library)], capture_output=True, text=True)
+    usage = subprocess.run([str(tool), "-res-usage", "-arch", "sm_90", str(library)], capture_output=True, text=True)
+    assert sass.returncode == 0 and usage.returncode == 0, sass.stderr + usage.stderr
+    ops: dict[str, Counter] = {}
+    current = None
+    for line in sass.stdout.splitlines():
+        if "Function : " in line:
+            name = line.split("Function : ")[1].strip()
+            current = ops.setdefault(name, Counter()) if _HALO_KERNEL.search(name) else None
+        elif current is not None and (m := _SASS_OP.match(line)):
+            current[m.group(1)] += 1
+    local = {}
+    for m in re.finditer(r"Function (\S+):\s*\n\s*REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage.stdout):
+        if _HALO_KERNEL.search(m.group(1)):
+            local[m.group(1)] = int(m.group(2))
+    return ops, local
+
+
+@pytest.mark.skipif(not TOOLKIT, reason="built only where a CUDA toolkit is found")
+def test_depthwise_kernels_convolve_from_shared_halo_tiles():
+    """Every CUDA kernel that computes conv(x) (apply: inference and training pass 2; batch
+    statistics; the backward's sums and its dx + dweight pass) reads each tap from the
+    shared-memory patch in 16-byte loads, a patch row once per strip of 4 outputs
+    (k * ((4 - 1) * stride + k) LDS.128, plus the k * k weights), never spills, and, on 16-byte
+    channel vectors, stages x with LDG.E.128 and stores 4 channels of y at once."""
+    assert _extension.loaded(), _extension.load_error()
+    spec = importlib.util.find_spec("fused_mbconv._C")
+    triton_tools = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
+    tool = next((p for p in [triton_tools / "cuobjdump", _setup_module().find_cuda_home() / "bin" / "cuobjdump"]
+                 if p.is_file()), None)  # fmt: skip
+    if tool is None:
+        pytest.skip("no cuobjdump (triton's NVIDIA backend or the toolkit's)")
+    ops, local = _sm90_sass(Path(spec.origin), tool)
+    assert len(ops) == 3 * 4 * (2 + 1 + 1 + 1), sorted(ops)  # dtypes x (k, stride) x (apply: 2 vector widths)
+    assert local and not any(local.values()), local
+    for name, counts in ops.items():
+        kernel, dtype, k, stride, vec = _HALO_KERNEL.search(name).groups()
+        k, stride = int(k), int(stride)
+        assert counts["LDS.128"] >= k * ((4 - 1) * stride + k) + k * k, (name, counts["LDS.128"])
+        if vec is not None and int(vec) > 1:
+            assert counts["LDG.E.128"] >= 1 and counts["LDG.E.U16"] == 0, (name, counts)
+            assert counts["STG.E.128" if dtype == "f" else "STG.E.64"] == 4, (name, counts)

@@ -6,7 +6,9 @@ parameter gradients, cast here to the parameters' dtypes.
 
 Implemented: inference forward (one pass), training forward (batch statistics pass, then the
 inference kernel with the batch mean and gamma * invstd) and backward (two passes recomputing the
-convolution). Calls with fp64 tensors take the reference path: the kernels compute in fp32.
+convolution). Every kernel stages its tile's inputs with their halo in shared memory once and
+convolves strips of 4 outputs from there (kernels/dwconv_math.cuh: halo and gather tiles). Calls
+with fp64 tensors take the reference path: the kernels compute in fp32.
 """
 
 from __future__ import annotations
