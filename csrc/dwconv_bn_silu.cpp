@@ -136,6 +136,7 @@ void dwconv_bn_silu_train(const at::Tensor& x, const at::Tensor& weight, const a
   p.shape = shape;
   p.tiling = make_halo_tiling(shape.batch, shape.channels, shape.out_h, shape.out_w, static_cast<int>(k),
                               static_cast<int>(stride), channels_inner(x));
+  p.vec = vector_width({&x});
   copy_strides(x, p.x_stride);
   const at::Tensor partial = float_workspace(x, {3, p.tiling.rows, shape.channels});
   const at::Tensor scale = float_workspace(x, {shape.channels});
@@ -185,6 +186,7 @@ void dwconv_bn_silu_backward(const at::Tensor& grad_y, const std::optional<at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DWConvBwdParams p{};
   p.shape = shape;
+  p.vec = vector_width({&x});
   copy_strides(x, p.x_stride);
   copy_strides(grad_y, p.dy_stride);
   copy_strides(grad_x, p.dx_stride);

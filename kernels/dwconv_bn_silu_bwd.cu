@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_reduce_kernel(con
   int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
     const HaloTile tc = decode_halo_tile(t, tile);
-    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
-                                  s.in_w, s.pad_top, s.pad_left);
+    stage_halo_tile<K, STRIDE>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, p.vec > 1, s.channels,
+                               s.in_h, s.in_w, s.pad_top, s.pad_left);
     const int64_t c0 = tc.group * t.group + lane.channel * kLaneChannels;
     ChannelGrad g[kLaneChannels];
     load_lane_grads(p, tc.n, c0, g);
@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_input_kernel(cons
   int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
     const HaloTile tc = decode_gather_tile(t, tile, K, STRIDE, s.pad_top, s.pad_left);
-    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
-                                  s.in_w, s.pad_top, s.pad_left);
+    stage_halo_tile<K, STRIDE>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, p.vec > 1, s.channels,
+                               s.in_h, s.in_w, s.pad_top, s.pad_left);
     const int64_t group_first = tc.group * t.group;
 
     for (int item = threadIdx.x; item < t.lanes * t.strips; item += kThreads) {  // phase 1: dc

@@ -9,10 +9,10 @@ namespace fused_mbconv {
 namespace {
 
 // Block: t.threads threads on one halo tile (see HaloTiling); a thread computes its strip of
-// kStrip outputs for kLaneChannels channels. VEC > 1: x staged through 16-byte channel vectors and
-// y stored kLaneChannels channels at once (channels_last memory). Dynamic shared memory: weights,
-// patch (see halo_smem_bytes), the patch's space reused by the squeeze reduction.
-template <typename scalar_t, int K, int STRIDE, int VEC>
+// kStrip outputs for kLaneChannels channels. p.vec > 1: x staged through 16-byte channel vectors
+// and y stored kLaneChannels channels at once (channels_last memory). Dynamic shared memory:
+// weights, patch (see halo_smem_bytes), the patch's space reused by the squeeze reduction.
+template <typename scalar_t, int K, int STRIDE>
 __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_apply_kernel(const DWConvFwdParams p) {
   extern __shared__ float4 smem_raw[];  // float4: 16-byte aligned
   const HaloTiling& t = p.tiling;
@@ -26,8 +26,8 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_apply_kernel(const
   int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
     const HaloTile tc = decode_halo_tile(t, tile);
-    stage_halo_tile<K, STRIDE, VEC>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
-                                    s.in_w, s.pad_top, s.pad_left);
+    stage_halo_tile<K, STRIDE>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, p.vec > 1, s.channels,
+                               s.in_h, s.in_w, s.pad_top, s.pad_left);
     const int64_t c0 = tc.group * t.group + lane.channel * kLaneChannels;
     float mean[kLaneChannels], scale[kLaneChannels], shift[kLaneChannels];
     load_lane_channels(p.mean, c0, s.channels, mean);  // inference: no mean, 0
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_apply_kernel(const
           sq.v[v] += out[v];  // the squeeze is the mean of the fp32 y, as in the reference
         }
         scalar_t* dst = yc + ow * p.y_stride[3];
-        if constexpr (VEC > 1) {  // C % VEC == 0: a lane is wholly in range or wholly idle
+        if (p.vec > 1) {  // C % vec == 0: a lane is wholly in range or wholly idle (block-uniform)
           if (c0 < s.channels) store_pack<kLaneChannels>(dst + c0, out);
         } else {
 #pragma unroll
@@ -83,11 +83,8 @@ template <typename scalar_t>
 cudaError_t launch_dwconv_bn_silu_apply(const DWConvFwdParams& p, int kernel_size, int stride, cudaStream_t stream) {
   return KERNEL_SIZE_SWITCH(kernel_size, K, [&] {
     return STRIDE_SWITCH(stride, S, [&] {
-      return BOOL_SWITCH(p.vec > 1, kVectorized, [&] {
-        constexpr int VEC = kVectorized ? 16 / static_cast<int>(sizeof(scalar_t)) : 1;
-        return launch_halo_kernel(dwconv_bn_silu_apply_kernel<scalar_t, K, S, VEC>, p, p.tiling,
-                                  halo_smem_bytes(p.tiling, K, sizeof(Sum<kLaneChannels>)), stream);
-      });
+      return launch_halo_kernel(dwconv_bn_silu_apply_kernel<scalar_t, K, S>, p, p.tiling,
+                                halo_smem_bytes(p.tiling, K, sizeof(Sum<kLaneChannels>)), stream);
     });
   });
 }

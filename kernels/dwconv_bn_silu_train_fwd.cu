@@ -26,8 +26,8 @@ __global__ void __launch_bounds__(kThreads) dwconv_stats_kernel(const DWConvStat
   int64_t staged_group = -1;
   for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {  // block-uniform loop
     const HaloTile tc = decode_halo_tile(t, tile);
-    stage_halo_tile<K, STRIDE, 1>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, s.channels, s.in_h,
-                                  s.in_w, s.pad_top, s.pad_left);
+    stage_halo_tile<K, STRIDE>(w_s, patch, staged_group, t, tc, p.weight, x, p.x_stride, p.vec > 1, s.channels,
+                               s.in_h, s.in_w, s.pad_top, s.pad_left);
     float acc[kStrip][kLaneChannels];
     conv_strip<K, STRIDE>(patch, w_s, t, lane, acc);
     LaneWelford w{};

@@ -57,32 +57,17 @@ __device__ __forceinline__ float silu_grad(float z) {
   return s * (1.f + z * (1.f - s));
 }
 
-// Starts a halo tile (see HaloTiling): waits until every thread is done with the previous tile's
-// shared memory, stages the group's weights in w_s as [tap][channel] when the group changed and the
-// tile's input patch in `patch` (fp32, pixel (r, c) at (r * patch_w + c) * pixel_stride, zero
-// outside the image and past the last channel), and waits until both are in place. VEC: elements
-// of x per global load, 16-byte channel vectors (the host checked channel stride 1, C % VEC == 0
-// and alignment) or 1 (any strides). An item is max(VEC, kLaneChannels) channels of one pixel.
-template <int K, int STRIDE, int VEC, typename scalar_t>
-__device__ __forceinline__ void stage_halo_tile(float* __restrict__ w_s, float* __restrict__ patch,
-                                                int64_t& staged_group, const HaloTiling& t, const HaloTile& tc,
-                                                const float* __restrict__ weight, const scalar_t* __restrict__ x,
-                                                const int64_t (&xs)[4], int64_t channels, int in_h, int in_w,
-                                                int pad_top, int pad_left) {
+// Stages a halo tile's input patch in `patch`: fp32, pixel (r, c) at (r * patch_w + c) *
+// pixel_stride, zero outside the image and past the last channel. VEC: elements of x per global
+// load, 16-byte channel vectors (the host checked channel stride 1, C % VEC == 0 and alignment) or
+// 1 (any strides). An item is max(VEC, kLaneChannels) channels of one pixel.
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void stage_patch(float* __restrict__ patch, const HaloTiling& t, const HaloTile& tc,
+                                            const scalar_t* __restrict__ xn, const int64_t (&xs)[4],
+                                            int64_t channels, int in_h, int in_w, int ih0, int iw0) {
   constexpr int CHUNK = VEC > kLaneChannels ? VEC : kLaneChannels;
   const int64_t c_first = tc.group * t.group;
-  __syncthreads();
-  if (tc.group != staged_group) {
-    for (int i = threadIdx.x; i < K * K * t.group; i += t.threads) {
-      const int tap = i / t.group;
-      const int64_t c = c_first + (i - tap * t.group);
-      w_s[i] = c < channels ? weight[c * K * K + tap] : 0.f;
-    }
-    staged_group = tc.group;
-  }
   const int chunks = t.group / CHUNK, pixels = t.patch_h * t.patch_w;
-  const int ih0 = tc.oh0 * STRIDE - pad_top, iw0 = tc.ow0 * STRIDE - pad_left;
-  const scalar_t* xn = x + tc.n * xs[0];
   for (int i = threadIdx.x; i < pixels * chunks; i += t.threads) {
     int pix, chunk;
     if (t.channels_inner) {  // neighbouring threads read neighbouring channels
@@ -112,6 +97,36 @@ __device__ __forceinline__ void stage_halo_tile(float* __restrict__ w_s, float* 
     float4* dst = reinterpret_cast<float4*>(patch + pix * t.pixel_stride + chunk * CHUNK);
 #pragma unroll
     for (int j = 0; j < CHUNK / 4; ++j) dst[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+  }
+}
+
+// Starts a halo tile (see HaloTiling): waits until every thread is done with the previous tile's
+// shared memory, stages the group's weights in w_s as [tap][channel] when the group changed and the
+// tile's input patch (stage_patch, through 16-byte vectors when `vectorized`: a block-uniform
+// branch, not a template parameter, so no kernel is compiled twice), and waits until both are in
+// place.
+template <int K, int STRIDE, typename scalar_t>
+__device__ __forceinline__ void stage_halo_tile(float* __restrict__ w_s, float* __restrict__ patch,
+                                                int64_t& staged_group, const HaloTiling& t, const HaloTile& tc,
+                                                const float* __restrict__ weight, const scalar_t* __restrict__ x,
+                                                const int64_t (&xs)[4], bool vectorized, int64_t channels, int in_h,
+                                                int in_w, int pad_top, int pad_left) {
+  __syncthreads();
+  if (tc.group != staged_group) {
+    const int64_t c_first = tc.group * t.group;
+    for (int i = threadIdx.x; i < K * K * t.group; i += t.threads) {
+      const int tap = i / t.group;
+      const int64_t c = c_first + (i - tap * t.group);
+      w_s[i] = c < channels ? weight[c * K * K + tap] : 0.f;
+    }
+    staged_group = tc.group;
+  }
+  const int ih0 = tc.oh0 * STRIDE - pad_top, iw0 = tc.ow0 * STRIDE - pad_left;
+  const scalar_t* xn = x + tc.n * xs[0];
+  if (vectorized) {
+    stage_patch<16 / static_cast<int>(sizeof(scalar_t))>(patch, t, tc, xn, xs, channels, in_h, in_w, ih0, iw0);
+  } else {
+    stage_patch<1>(patch, t, tc, xn, xs, channels, in_h, in_w, ih0, iw0);
   }
   __syncthreads();
 }

@@ -256,6 +256,7 @@ int run() {
       DWConvStatsParams s{};
       s.shape = shape;
       s.tiling = p.tiling;
+      s.vec = vec;
       std::copy(p.x_stride, p.x_stride + 4, s.x_stride);
       Buffer partial(sizeof(float) * 3 * s.tiling.rows * channels);
       s.x = p.x;
@@ -288,6 +289,7 @@ int run() {
       dbeta(sizeof(float) * channels);
   DWConvBwdParams p{};
   p.shape = shape;
+  p.vec = static_cast<int>(int_arg("vec"));
   strides_arg("x_strides", p.x_stride);
   strides_arg("dy_strides", p.dy_stride);
   strides_arg("dx_strides", p.dx_stride);

@@ -194,8 +194,10 @@ def check_backward(driver, tmp: Path, shape, dtype, layout, k, stride, padding, 
     dx_like = torch.empty_like(x, memory_format=dx_format)
     for name, t in dict(weight=weight, gamma=gamma, beta=beta, mean=mean, invstd=invstd, dy=dy, dsq=dsq).items():
         _write(tmp / name, t)
-    run_emulated(driver, tmp, "bwd", x, k, stride, padding, dy_strides=_strides(dy), dx_strides=_strides(dx_like),
-                 dx_numel=dx_like.numel(), squeeze=1, training=int(training))  # fmt: skip
+    vec = 16 // x.element_size()  # x staged in 16-byte vectors where the host would: channels_last, C % vec == 0
+    vec = vec if layout == "channels_last" and c % vec == 0 else 1
+    run_emulated(driver, tmp, "bwd", x, k, stride, padding, vec=vec, dy_strides=_strides(dy),
+                 dx_strides=_strides(dx_like), dx_numel=dx_like.numel(), squeeze=1, training=int(training))  # fmt: skip
 
     refs = reference.backward(dy.double(), dsq.double(), x.double(), weight.double(), gamma.double(), beta.double(),
                               mean.double(), invstd.double(), stride, padding, training)  # fmt: skip

@@ -94,7 +94,7 @@ def test_every_public_op_has_one_implementation_for_all_devices():
 
 _HALO_KERNEL = re.compile(
     r"(dwconv_bn_silu_apply_kernel|dwconv_stats_kernel|dwconv_bn_silu_bwd_reduce_kernel|dwconv_bn_silu_bwd_input_kernel)"
-    r"I(f|6__half|13__nv_bfloat16)Li(\d)ELi(\d)E(?:Li(\d+)E)?E"
+    r"I(f|6__half|13__nv_bfloat16)Li(\d)ELi(\d)EE"
 )
 _SASS_OP = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
@@ -124,8 +124,9 @@ def test_depthwise_kernels_convolve_from_shared_halo_tiles():
     """Every CUDA kernel that computes conv(x) (apply: inference and training pass 2; batch
     statistics; the backward's sums and its dx + dweight pass) reads each tap from the
     shared-memory patch in 16-byte loads, a patch row once per strip of 4 outputs
-    (k * ((4 - 1) * stride + k) LDS.128, plus the k * k weights), never spills, and, on 16-byte
-    channel vectors, stages x with LDG.E.128 and stores 4 channels of y at once."""
+    (k * ((4 - 1) * stride + k) LDS.128, plus the k * k weights), never spills, and stages x
+    through 16-byte channel vectors (LDG.E.128) where the layout allows; the apply kernel then
+    stores 4 channels of y at once."""
     assert _extension.loaded(), _extension.load_error()
     spec = importlib.util.find_spec("fused_mbconv._C")
     triton_tools = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
@@ -134,12 +135,12 @@ def test_depthwise_kernels_convolve_from_shared_halo_tiles():
     if tool is None:
         pytest.skip("no cuobjdump (triton's NVIDIA backend or the toolkit's)")
     ops, local = _sm90_sass(Path(spec.origin), tool)
-    assert len(ops) == 3 * 4 * (2 + 1 + 1 + 1), sorted(ops)  # dtypes x (k, stride) x (apply: 2 vector widths)
+    assert len(ops) == 3 * 4 * 4, sorted(ops)  # dtypes x (k, stride) x kernels
     assert local and not any(local.values()), local
     for name, counts in ops.items():
-        kernel, dtype, k, stride, vec = _HALO_KERNEL.search(name).groups()
+        kernel, dtype, k, stride = _HALO_KERNEL.search(name).groups()
         k, stride = int(k), int(stride)
         assert counts["LDS.128"] >= k * ((4 - 1) * stride + k) + k * k, (name, counts["LDS.128"])
-        if vec is not None and int(vec) > 1:
-            assert counts["LDG.E.128"] >= 1 and counts["LDG.E.U16"] == 0, (name, counts)
+        assert any(op.startswith("LDG.E.128") for op in counts), (name, counts)  # .CONSTANT: read-only path
+        if kernel == "dwconv_bn_silu_apply_kernel":
             assert counts["STG.E.128" if dtype == "f" else "STG.E.64"] == 4, (name, counts)
