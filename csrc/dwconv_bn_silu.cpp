@@ -186,7 +186,7 @@ void dwconv_bn_silu_backward(const at::Tensor& grad_y, const std::optional<at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   DWConvBwdParams p{};
   p.shape = shape;
-  p.vec = vector_width({&x});
+  p.vec = vector_width({&x, &grad_y, &grad_x});
   copy_strides(x, p.x_stride);
   copy_strides(grad_y, p.dy_stride);
   copy_strides(grad_x, p.dx_stride);

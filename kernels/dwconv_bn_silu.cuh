@@ -56,7 +56,7 @@ struct DWConvBwdParams {
   DWConvShape shape;
   HaloTiling halo;    // pass 1
   HaloTiling gather;  // pass 2 (make_gather_tiling)
-  int vec;            // > 1: x read in 16-byte channel vectors (channel stride 1)
+  int vec;  // > 1: x staged in 16-byte channel vectors, dy read and dx written 4 channels at once
   int64_t x_stride[4], dy_stride[4], dx_stride[4];
   const void* __restrict__ x;
   const float* __restrict__ weight;     // (C, 1, k, k) contiguous

@@ -57,7 +57,7 @@ __device__ __forceinline__ PointGrad grad_at(const ChannelGrad& g, float c, floa
 // Pass 1. Block: t.threads threads on one halo tile (see HaloTiling), a strip of kStrip outputs
 // and kLaneChannels channels a thread. Writes partial[j][row][c] for j = S1, S2.
 template <typename scalar_t, int K, int STRIDE>
-__global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_reduce_kernel(const DWConvBwdParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_bwd_reduce_kernel(const DWConvBwdParams p) {
   extern __shared__ float4 smem_raw[];  // weights, patch; then the reduction's states
   const HaloTiling& t = p.halo;
   const DWConvShape& s = p.shape;
@@ -87,10 +87,12 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_reduce_kernel(con
       for (int j = 0; j < kStrip; ++j) {
         const int ow = tc.ow0 + lane.col0 + j;
         if (ow >= s.out_w) break;
+        float dyv[kLaneChannels];
+        load_lane(dyr + ow * p.dy_stride[3], c0, p.dy_stride[1], s.channels, p.vec > 1, dyv);
 #pragma unroll
         for (int v = 0; v < kLaneChannels; ++v) {
           if (c0 + v >= s.channels) break;
-          const PointGrad pg = grad_at(g[v], acc[j][v], to_float(dyr[(c0 + v) * p.dy_stride[1] + ow * p.dy_stride[3]]));
+          const PointGrad pg = grad_at(g[v], acc[j][v], dyv[v]);
           sums.v[v] += pg.dz;
           sums.v[kLaneChannels + v] += pg.dz * pg.xhat;
         }
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_reduce_kernel(con
 // Phase 3: per (channel lane, tap), the dweight products of the tile's inputs. Writes dx and
 // partial[tap][row][c].
 template <typename scalar_t, int K, int STRIDE>
-__global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_input_kernel(const DWConvBwdParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_bwd_input_kernel(const DWConvBwdParams p) {
   extern __shared__ float4 smem_raw[];  // weights, patch, dc tile
   const HaloTiling& t = p.gather;
   const DWConvShape& s = p.shape;
@@ -161,11 +163,13 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_input_kernel(cons
         const int ow = tc.ow0 + lane.col0 + j;
         float dc[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
         if (oh >= 0 && oh < s.out_h && ow >= 0 && ow < s.out_w) {
-          const scalar_t* dyp = dy + tc.n * p.dy_stride[0] + oh * p.dy_stride[2] + ow * p.dy_stride[3];
+          float dyv[kLaneChannels];
+          load_lane(dy + tc.n * p.dy_stride[0] + oh * p.dy_stride[2] + ow * p.dy_stride[3], c0, p.dy_stride[1],
+                    s.channels, p.vec > 1, dyv);
 #pragma unroll
           for (int v = 0; v < kLaneChannels; ++v) {
             if (c0 + v >= s.channels) break;
-            const PointGrad pg = grad_at(g[v], acc[j][v], to_float(dyp[(c0 + v) * p.dy_stride[1]]));
+            const PointGrad pg = grad_at(g[v], acc[j][v], dyv[v]);
             dc[v] = a[v] * (pg.dz - k1[v] - pg.xhat * k2[v]);
           }
         }
@@ -197,11 +201,8 @@ __global__ void __launch_bounds__(kThreads) dwconv_bn_silu_bwd_input_kernel(cons
           sum[3] = fmaf(d.w, w.w, sum[3]);
         }
       }
-      scalar_t* dst = dx + tc.n * p.dx_stride[0] + ih * p.dx_stride[2] + iw * p.dx_stride[3];
-#pragma unroll
-      for (int v = 0; v < kLaneChannels; ++v) {
-        if (c0 + v < s.channels) dst[(c0 + v) * p.dx_stride[1]] = from_float<scalar_t>(sum[v]);
-      }
+      store_lane(dx + tc.n * p.dx_stride[0] + ih * p.dx_stride[2] + iw * p.dx_stride[3], c0, p.dx_stride[1],
+                 s.channels, p.vec > 1, sum);
     }
 
     // phase 3: dweight[tap] = sum over the tile's inputs i (and the output o reading i through

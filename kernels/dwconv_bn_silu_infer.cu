@@ -52,15 +52,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_apply_kernel(const
           out[v] = silu((acc[j][v] - mean[v]) * scale[v] + shift[v]);
           sq.v[v] += out[v];  // the squeeze is the mean of the fp32 y, as in the reference
         }
-        scalar_t* dst = yc + ow * p.y_stride[3];
-        if (p.vec > 1) {  // C % vec == 0: a lane is wholly in range or wholly idle (block-uniform)
-          if (c0 < s.channels) store_pack<kLaneChannels>(dst + c0, out);
-        } else {
-#pragma unroll
-          for (int v = 0; v < kLaneChannels; ++v) {
-            if (c0 + v < s.channels) dst[(c0 + v) * p.y_stride[1]] = from_float<scalar_t>(out[v]);
-          }
-        }
+        store_lane(yc + ow * p.y_stride[3], c0, p.y_stride[1], s.channels, p.vec > 1, out);
       }
     }
     if (p.squeeze_sum != nullptr) {  // block-uniform

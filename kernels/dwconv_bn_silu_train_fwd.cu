@@ -13,7 +13,7 @@ namespace {
 // Block: t.threads threads on one halo tile (see HaloTiling), a strip of kStrip outputs and
 // kLaneChannels channels a thread. Writes partial[j][row][c] for j = count, mean, M2.
 template <typename scalar_t, int K, int STRIDE>
-__global__ void __launch_bounds__(kThreads) dwconv_stats_kernel(const DWConvStatsParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dwconv_stats_kernel(const DWConvStatsParams p) {
   extern __shared__ float4 smem_raw[];  // weights, patch; then the reduction's states
   const HaloTiling& t = p.tiling;
   const DWConvShape& s = p.shape;

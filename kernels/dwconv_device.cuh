@@ -189,6 +189,33 @@ __device__ __forceinline__ void load_lane_channels(const float* __restrict__ src
   for (int v = 0; v < kLaneChannels; ++v) out[v] = src != nullptr && c0 + v < channels ? src[c0 + v] : 0.f;
 }
 
+// A lane's kLaneChannels channels c0.. at one pixel (`pixel` points at its channel 0): one vector
+// access when `vectorized` (channel stride 1, C % 4 == 0 and 4-channel alignment: the host's
+// 16-byte test is stricter), else one access per channel below `channels`. Loads give 0 past them.
+template <typename scalar_t>
+__device__ __forceinline__ void load_lane(const scalar_t* __restrict__ pixel, int64_t c0, int64_t channel_stride,
+                                          int64_t channels, bool vectorized, float (&out)[kLaneChannels]) {
+  if (vectorized && c0 < channels) {
+    load_pack<kLaneChannels>(pixel + c0, out);
+    return;
+  }
+#pragma unroll
+  for (int v = 0; v < kLaneChannels; ++v) out[v] = c0 + v < channels ? to_float(pixel[(c0 + v) * channel_stride]) : 0.f;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_lane(scalar_t* __restrict__ pixel, int64_t c0, int64_t channel_stride,
+                                           int64_t channels, bool vectorized, const float (&in)[kLaneChannels]) {
+  if (vectorized) {
+    if (c0 < channels) store_pack<kLaneChannels>(pixel + c0, in);
+    return;
+  }
+#pragma unroll
+  for (int v = 0; v < kLaneChannels; ++v) {
+    if (c0 + v < channels) pixel[(c0 + v) * channel_stride] = from_float<scalar_t>(in[v]);
+  }
+}
+
 // Running (count, mean, M2) of kLaneChannels channels that see the same number of values, as a
 // State for reduce_lanes: one reciprocal per output pixel, not per value.
 struct LaneWelford {

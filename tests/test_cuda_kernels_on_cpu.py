@@ -175,7 +175,19 @@ def check_forward(driver, tmp: Path, shape, dtype, layout, vectorised, k, stride
     _assert_close(_read(tmp / "squeeze_sum", torch.empty(n, c)) / (out_h * out_w), s_ref, "squeeze")
 
 
-def check_backward(driver, tmp: Path, shape, dtype, layout, k, stride, padding, training) -> None:
+def _vector_width(*tensors: torch.Tensor) -> int:
+    """csrc/host_utils.h's vector_width: 16-byte channel vectors when every tensor has channel
+    stride 1 and C and its other strides are multiples of the vector (buffers here are aligned)."""
+    vec = 16 // tensors[0].element_size()
+    ok = tensors[0].shape[1] % vec == 0 and all(
+        t.stride(1) == 1 and all(t.stride(d) % vec == 0 for d in (0, 2, 3)) for t in tensors
+    )
+    return vec if ok else 1
+
+
+def check_backward(driver, tmp: Path, shape, dtype, layout, k, stride, padding, training, dy_layout=None) -> None:
+    """grad_y in ``dy_layout``; by default channels_last for a strided x (yet another layout), else
+    contiguous (NCHW)."""
     x = make_x(shape, dtype, layout)
     n, c = shape[:2]
     g = torch.Generator().manual_seed(2)
@@ -187,15 +199,14 @@ def check_backward(driver, tmp: Path, shape, dtype, layout, k, stride, padding, 
         mean, invstd = torch.zeros(c), torch.ones(c)
     out_h, out_w = _output_hw(shape, k, stride, padding)
     dy = torch.randn(n, c, out_h, out_w, generator=g).to(dtype)
-    if layout == "strided":  # grad_y in yet another layout than x
+    if (dy_layout or ("channels_last" if layout == "strided" else "nchw")) == "channels_last":
         dy = dy.contiguous(memory_format=torch.channels_last)
     dsq = torch.randn(n, c, generator=g)
     dx_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dx_like = torch.empty_like(x, memory_format=dx_format)
     for name, t in dict(weight=weight, gamma=gamma, beta=beta, mean=mean, invstd=invstd, dy=dy, dsq=dsq).items():
         _write(tmp / name, t)
-    vec = 16 // x.element_size()  # x staged in 16-byte vectors where the host would: channels_last, C % vec == 0
-    vec = vec if layout == "channels_last" and c % vec == 0 else 1
+    vec = _vector_width(x, dy, dx_like)  # as the host decides
     run_emulated(driver, tmp, "bwd", x, k, stride, padding, vec=vec, dy_strides=_strides(dy),
                  dx_strides=_strides(dx_like), dx_numel=dx_like.numel(), squeeze=1, training=int(training))  # fmt: skip
 
@@ -232,6 +243,15 @@ def test_forward(driver, tmp_path, dtype, layout, vectorised, k, stride, padding
 def test_backward(driver, tmp_path, dtype, k, stride, padding, layout, training):
     # 17 channels: a partly idle channel group in channels_last
     check_backward(driver, tmp_path, (2, 17, 13, 11), dtype, layout, k, stride, padding, training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k,stride,padding", CONFIGS, ids=str)
+def test_backward_channel_vectors(driver, tmp_path, dtype, k, stride, padding):
+    """x, grad_y and grad_x channels_last with C a multiple of 8: x staged in 16-byte vectors, grad_y
+    read and grad_x written 4 channels at once."""
+    check_backward(driver, tmp_path, (2, 24, 13, 19), dtype, "channels_last", k, stride, padding, True,
+                   dy_layout="channels_last")  # fmt: skip
 
 
 ODD_CASES = [  # (shape, layout, vectorised)
