@@ -145,27 +145,35 @@ struct HaloTiling {
 // Stride 2 reads four times the inputs per output: its tiles take 16 channels, not 32, so that the
 // patch stays within ~55 KB of shared memory. The pixel stride group + 4 keeps each staged pixel
 // 16-byte aligned and spreads a warp's stores of neighbouring pixels over all banks.
-inline HaloTiling make_halo_tiling(int64_t batch, int64_t channels, int out_h, int out_w, int k, int stride,
-                                   bool channels_inner) {
+// The fields both tilings share: channel groups of up to max_group channels, halo tiles of
+// tile_h x tile_w outputs (strips of kStrip along a row) and their patches, and a grid of tiles
+// stepping step_h x step_w pixels over a plane_h x plane_w plane (outputs, or inputs for gathers).
+inline HaloTiling tile_grid(int64_t batch, int64_t channels, int max_group, int tile_h, int tile_w, int k, int stride,
+                            int plane_h, int plane_w, int step_h, int step_w, bool channels_inner) {
   HaloTiling t{};
-  const int max_group = stride == 1 ? 32 : 16;
   t.group = channels < max_group ? pow2_ceil(channels) : max_group;
   if (t.group < kLaneChannels) t.group = kLaneChannels;
   t.lanes = t.group / kLaneChannels;
-  t.tile_h = kHaloTileH;
-  t.tile_w = kHaloTileW;
+  t.tile_h = tile_h;
+  t.tile_w = tile_w;
   t.strips = t.tile_h * t.tile_w / kStrip;
   t.threads = t.lanes * t.strips;
   t.patch_h = (t.tile_h - 1) * stride + k;
   t.patch_w = (t.tile_w - 1) * stride + k;
   t.pixel_stride = t.group + 4;
-  t.tiles_h = static_cast<int>(ceil_div(out_h, t.tile_h));
-  t.tiles_w = static_cast<int>(ceil_div(out_w, t.tile_w));
+  t.tiles_h = static_cast<int>(ceil_div(plane_h, step_h));
+  t.tiles_w = static_cast<int>(ceil_div(plane_w, step_w));
   t.channels_inner = channels_inner;
   t.channel_groups = ceil_div(channels, t.group);
   t.rows = batch * t.tiles_h * t.tiles_w;
   t.tiles = t.channel_groups * t.rows;
   return t;
+}
+
+inline HaloTiling make_halo_tiling(int64_t batch, int64_t channels, int out_h, int out_w, int k, int stride,
+                                   bool channels_inner) {
+  return tile_grid(batch, channels, stride == 1 ? 32 : 16, kHaloTileH, kHaloTileW, k, stride, out_h, out_w,
+                   kHaloTileH, kHaloTileW, channels_inner);
 }
 
 // Shared memory of a halo kernel: the group's weights ([tap][channel]), then the patch, whose
@@ -182,17 +190,25 @@ struct HaloTile {
   int ih0, iw0;           // gather tiles: first input pixel
 };
 
-// Tiles are numbered group-major (the weights are restaged rarely), then row-major in the image.
-DWCONV_HD HaloTile decode_halo_tile(const HaloTiling& t, int64_t tile) {
+// Tiles are numbered group-major (the weights are restaged rarely), then row-major in the image:
+// a tile's group, row and image, and its (row, column) in the image's grid of tiles.
+DWCONV_HD HaloTile locate_tile(const HaloTiling& t, int64_t tile, int& grid_row, int& grid_col) {
   HaloTile c{};
   c.group = tile / t.rows;
   c.row = tile - c.group * t.rows;
   const int64_t per_image = static_cast<int64_t>(t.tiles_h) * t.tiles_w;
   c.n = c.row / per_image;
   const int in_image = static_cast<int>(c.row - c.n * per_image);
-  const int th = in_image / t.tiles_w;
-  c.oh0 = th * t.tile_h;
-  c.ow0 = (in_image - th * t.tiles_w) * t.tile_w;
+  grid_row = in_image / t.tiles_w;
+  grid_col = in_image - grid_row * t.tiles_w;
+  return c;
+}
+
+DWCONV_HD HaloTile decode_halo_tile(const HaloTiling& t, int64_t tile) {
+  int grid_row, grid_col;
+  HaloTile c = locate_tile(t, tile, grid_row, grid_col);
+  c.oh0 = grid_row * t.tile_h;
+  c.ow0 = grid_col * t.tile_w;
   return c;
 }
 
@@ -208,26 +224,14 @@ DWCONV_HD int ceil_div_signed(int a, int b) { return a >= 0 ? (a + b - 1) / b : 
 
 inline HaloTiling make_gather_tiling(int64_t batch, int64_t channels, int in_h, int in_w, int k, int stride,
                                      bool channels_inner) {
-  HaloTiling t{};
-  t.group = channels < 16 ? pow2_ceil(channels) : 16;
-  if (t.group < kLaneChannels) t.group = kLaneChannels;
-  t.lanes = t.group / kLaneChannels;
+  // kHaloTileH x kHaloTileW inputs are read by at most (that + k - 2) / stride + 1 outputs an axis
+  const int tile_h = (kHaloTileH + k - 2) / stride + 1;
+  const int tile_w = static_cast<int>(ceil_div((kHaloTileW + k - 2) / stride + 1, kStrip)) * kStrip;
+  HaloTiling t = tile_grid(batch, channels, 16, tile_h, tile_w, k, stride, in_h, in_w, kHaloTileH, kHaloTileW,
+                           channels_inner);
   t.in_tile_h = kHaloTileH;
   t.in_tile_w = kHaloTileW;
-  // in_tile inputs are read by at most (in_tile + k - 2) / stride + 1 outputs along each axis
-  t.tile_h = (t.in_tile_h + k - 2) / stride + 1;
-  t.tile_w = static_cast<int>(ceil_div((t.in_tile_w + k - 2) / stride + 1, kStrip)) * kStrip;
-  t.strips = t.tile_h * t.tile_w / kStrip;
-  t.threads = kThreads;
-  t.patch_h = (t.tile_h - 1) * stride + k;
-  t.patch_w = (t.tile_w - 1) * stride + k;
-  t.pixel_stride = t.group + 4;
-  t.tiles_h = static_cast<int>(ceil_div(in_h, t.in_tile_h));
-  t.tiles_w = static_cast<int>(ceil_div(in_w, t.in_tile_w));
-  t.channels_inner = channels_inner;
-  t.channel_groups = ceil_div(channels, t.group);
-  t.rows = batch * t.tiles_h * t.tiles_w;
-  t.tiles = t.channel_groups * t.rows;
+  t.threads = kThreads;  // the three phases loop over their own work items
   return t;
 }
 
@@ -239,15 +243,10 @@ inline size_t gather_smem_bytes(const HaloTiling& t, int k) {
 // The gather tile's inputs, and its first output: the first that reads input row ih0 (column iw0),
 // through the last tap: ceil((ih0 + pad - (k - 1)) / stride).
 DWCONV_HD HaloTile decode_gather_tile(const HaloTiling& t, int64_t tile, int k, int stride, int pad_top, int pad_left) {
-  HaloTile c{};
-  c.group = tile / t.rows;
-  c.row = tile - c.group * t.rows;
-  const int64_t per_image = static_cast<int64_t>(t.tiles_h) * t.tiles_w;
-  c.n = c.row / per_image;
-  const int in_image = static_cast<int>(c.row - c.n * per_image);
-  const int th = in_image / t.tiles_w;
-  c.ih0 = th * t.in_tile_h;
-  c.iw0 = (in_image - th * t.tiles_w) * t.in_tile_w;
+  int grid_row, grid_col;
+  HaloTile c = locate_tile(t, tile, grid_row, grid_col);
+  c.ih0 = grid_row * t.in_tile_h;
+  c.iw0 = grid_col * t.in_tile_w;
   c.oh0 = ceil_div_signed(c.ih0 + pad_top - (k - 1), stride);
   c.ow0 = ceil_div_signed(c.iw0 + pad_left - (k - 1), stride);
   return c;
