@@ -1,8 +1,9 @@
 """The CUDA kernels themselves (depthwise conv + BN + SiLU, squeeze-excite), run on the CPU
 against the reference.
 
-The test copies kernels/*.cu, rewrites each ``kernel<<<...>>>(args)`` into a call of
-tests/cuda_emulation.h (a block = 256 OS threads, __syncthreads a barrier, __shared__ a static),
+The test copies kernels/*.cu and *.cuh, rewrites each ``kernel<<<...>>>(args)`` into a call of
+tests/cuda_emulation.h (a block = an OS thread per thread, __syncthreads a barrier, __shared__ a
+static, dynamic shared memory limited to 48 KB or what the kernel opted in to),
 compiles them with the host compiler and drives them through tests/cuda_emulation_driver.cpp the
 way csrc/dwconv_bn_silu.cpp and csrc/squeeze_excite.cpp do. So the kernels' indexing, tiling,
 vector paths, block reductions, combines and atomics execute here; the GPU runs of
