@@ -170,10 +170,13 @@ inline HaloTiling tile_grid(int64_t batch, int64_t channels, int max_group, int 
   return t;
 }
 
+// Planes at most half a tile wide (the last stages of B0 and B1: 7 and 8 pixels) take tiles half
+// as wide: 7 x 7 outputs fill 49 of 64 lanes' outputs, not of 128.
 inline HaloTiling make_halo_tiling(int64_t batch, int64_t channels, int out_h, int out_w, int k, int stride,
                                    bool channels_inner) {
-  return tile_grid(batch, channels, stride == 1 ? 32 : 16, kHaloTileH, kHaloTileW, k, stride, out_h, out_w,
-                   kHaloTileH, kHaloTileW, channels_inner);
+  const int tile_w = out_w <= kHaloTileW / 2 ? kHaloTileW / 2 : kHaloTileW;
+  return tile_grid(batch, channels, stride == 1 ? 32 : 16, kHaloTileH, tile_w, k, stride, out_h, out_w, kHaloTileH,
+                   tile_w, channels_inner);
 }
 
 // Shared memory of a halo kernel: the group's weights ([tap][channel]), then the patch, whose

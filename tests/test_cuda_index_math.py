@@ -70,6 +70,7 @@ HALO_TILINGS = [  # (N, C, Ho, Wo, k, stride)
     (2, 240, 57, 57, 5, 1),  # B5 stage 3: tiles neither divide the plane nor the channels' 32s
     (1, 144, 114, 114, 3, 2),
     (1, 48, 228, 228, 3, 1),
+    (4, 1152, 7, 7, 5, 1),  # a plane narrower than half a tile: tiles 8 wide
     (2, 1, 200, 300, 3, 1),  # more tiles than the grid: the grid-stride loop covers the rest
 ]
 
