@@ -126,6 +126,7 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_bwd_input_kernel(c
   float* w_s = reinterpret_cast<float*>(smem_raw);
   float* patch = w_s + K * K * t.group;
   float* dc_s = patch + t.patch_h * t.patch_w * t.pixel_stride;
+  float* part_s = dc_s + t.tile_h * t.tile_w * t.pixel_stride;  // [part][tap][channel]
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* dy = static_cast<const scalar_t*>(p.dy);
   auto* dx = static_cast<scalar_t*>(p.dx);
@@ -206,12 +207,16 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_bwd_input_kernel(c
     }
 
     // phase 3: dweight[tap] = sum over the tile's inputs i (and the output o reading i through
-    // tap) of dc[o] * x[i]; inputs past the image are 0 in the patch
+    // tap) of dc[o] * x[i]; inputs past the image are 0 in the patch. Each row part of the tile
+    // sums into part_s, then the parts are added in a fixed order.
     const int ih_patch = tc.oh0 * STRIDE - s.pad_top, iw_patch = tc.ow0 * STRIDE - s.pad_left;
-    for (int item = threadIdx.x; item < t.lanes * K * K; item += kThreads) {
-      const int lane = item % t.lanes, tap = item / t.lanes, kh = tap / K, kw = tap - kh * K;
+    const int part_rows = t.in_tile_h / t.dweight_parts;
+    for (int item = threadIdx.x; item < t.lanes * K * K * t.dweight_parts; item += kThreads) {
+      const int lane = item % t.lanes, pair = item / t.lanes;  // pair = part * K * K + tap
+      const int tap = pair % (K * K), kh = tap / K, kw = tap - kh * K;
+      const int first_row = tc.ih0 + pair / (K * K) * part_rows;
       float sum[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
-      for (int ih = tc.ih0; ih < tc.ih0 + t.in_tile_h; ++ih) {
+      for (int ih = first_row; ih < first_row + part_rows; ++ih) {
         const int r = gather_source<STRIDE>(ih, s.pad_top, kh, tc.oh0);
         if (r < 0) continue;
         for (int iw = tc.iw0; iw < tc.iw0 + t.in_tile_w; ++iw) {
@@ -224,6 +229,21 @@ __global__ void __launch_bounds__(kThreads, 2) dwconv_bn_silu_bwd_input_kernel(c
           sum[2] = fmaf(d.z, xv.z, sum[2]);
           sum[3] = fmaf(d.w, xv.w, sum[3]);
         }
+      }
+      *reinterpret_cast<float4*>(part_s + pair * t.group + lane * kLaneChannels) =
+          make_float4(sum[0], sum[1], sum[2], sum[3]);
+    }
+    __syncthreads();
+    for (int item = threadIdx.x; item < t.lanes * K * K; item += kThreads) {
+      const int lane = item % t.lanes, tap = item / t.lanes;
+      float sum[kLaneChannels] = {0.f, 0.f, 0.f, 0.f};
+      for (int part = 0; part < t.dweight_parts; ++part) {
+        const float4 d =
+            *reinterpret_cast<const float4*>(part_s + (part * K * K + tap) * t.group + lane * kLaneChannels);
+        sum[0] += d.x;
+        sum[1] += d.y;
+        sum[2] += d.z;
+        sum[3] += d.w;
       }
       const int64_t c0 = group_first + lane * kLaneChannels;
       float* out = p.partial + tap * plane + tc.row * s.channels;

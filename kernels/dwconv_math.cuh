@@ -138,6 +138,7 @@ struct HaloTiling {
   int pixel_stride;     // floats between neighbouring staged pixels: group + 4 (see make_halo_tiling)
   int tiles_h, tiles_w;  // tiles per image
   int in_tile_h, in_tile_w;  // gather tilings only: input pixels per tile (what tiles_h, tiles_w count)
+  int dweight_parts;         // gather tilings only: row parts of the tile that sum dweight side by side
   bool channels_inner;  // staging order: channels fastest (channels_last) or pixels fastest
   int64_t channel_groups, rows, tiles;  // rows = batch * tiles_h * tiles_w; tiles = channel_groups * rows
 };
@@ -235,12 +236,17 @@ inline HaloTiling make_gather_tiling(int64_t batch, int64_t channels, int in_h, 
   t.in_tile_h = kHaloTileH;
   t.in_tile_w = kHaloTileW;
   t.threads = kThreads;  // the three phases loop over their own work items
+  // (channel lane, tap) pairs alone would leave most threads idle in the dweight phase (36 of 256
+  // at k3): split the tile's rows into parts, each summed by its own thread, up to kThreads items
+  t.dweight_parts = 1;
+  while (t.dweight_parts * 2 <= t.in_tile_h && t.lanes * k * k * t.dweight_parts * 2 <= kThreads) t.dweight_parts *= 2;
   return t;
 }
 
-// weights, patch, then the dc tile
+// weights, patch, the dc tile, then the dweight parts ([part][tap][channel])
 inline size_t gather_smem_bytes(const HaloTiling& t, int k) {
-  return sizeof(float) * (k * k * t.group + (t.patch_h * t.patch_w + t.tile_h * t.tile_w) * t.pixel_stride);
+  return sizeof(float) * (k * k * t.group * (1 + t.dweight_parts) +
+                          (t.patch_h * t.patch_w + t.tile_h * t.tile_w) * t.pixel_stride);
 }
 
 // The gather tile's inputs, and its first output: the first that reads input row ih0 (column iw0),
