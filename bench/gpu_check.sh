@@ -6,10 +6,10 @@
 #   bash bench/gpu_check.sh tests bench_dw   those steps only (build always runs first)
 # Steps: smoke (one training step of one block per backend, first-call times), tests (the suite on
 # CUDA, in parallel workers), sweeps (every layer shape of B0-B7 through each fused op), sanitizer
-# (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the CUDA
-# depthwise kernels' halo tiles), bench_dw, bench_se (kernel benchmarks on the B5
+# (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
 # shapes), bench_model (B5 end to end), profile (B5's training step kernel by kernel), auto_table
-# (the measured "auto" choice), main (python -m fused_mbconv). Only when named: models (python -m
+# (the measured "auto" choice), racecheck (shared-memory hazards of the CUDA depthwise kernels'
+# halo tiles), main (python -m fused_mbconv). Only when named: models (python -m
 # fused_mbconv for every variant at its native resolution, fp32 and bf16: parity with torchvision
 # in eval and one training step, and timings). A step is skipped when its time limit would pass
 # the budget; a failing step does not stop the later ones.
@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests sweeps sanitizer racecheck bench_dw bench_se bench_model profile auto_table main"
+ALL_STEPS="smoke tests sweeps sanitizer bench_dw bench_se bench_model profile auto_table racecheck main"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless not selected or over budget
@@ -78,10 +78,6 @@ step sweeps 120 "$OUT/tests.log" "${PYTEST[@]}" -v tests/test_gpu_dwconv_shapes.
 step sanitizer 60 "$LOG" compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
   "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
-# the CUDA depthwise kernels stage halo tiles in shared memory: no read of a slot before its
-# write, no write over one still read (bf16, channels_last with 16-byte vectors, k3 s1 and k5 s2)
-step racecheck 45 "$LOG" compute-sanitizer --tool racecheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "cuda and test_channels_last_vector_width and bfloat16"
 step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
 step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
 # fused-triton: "auto" keeps training on the reference ops until the Triton ones pass on the GPU
@@ -92,6 +88,10 @@ step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused-tr
 # per-kernel time of one B5 training step, eager vs fused: where the time goes
 step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2
 step auto_table 70 "$LOG" $PY bench/bench_auto_table.py --time-budget 55 --out "$OUT/auto_table.json"
+# the CUDA depthwise kernels stage halo tiles in shared memory: no read of a slot before its
+# write, no write over one still read (bf16, channels_last with 16-byte vectors, k3 s1 and k5 s2)
+step racecheck 45 "$LOG" compute-sanitizer --tool racecheck --error-exitcode 1 \
+  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "cuda and test_channels_last_vector_width and bfloat16"
 step main 45 "$LOG" $PY -m fused_mbconv --device cuda
 # the variants most important first (the smallest, the largest, then the rest), batch sized to
 # the resolution
