@@ -17,12 +17,12 @@
 
 namespace fused_mbconv {
 
-constexpr int kThreads = 256;  // threads per block of every tiled kernel
+constexpr int kThreads = 256;  // threads per block of the tiled kernels (at most, for halo tiles)
 // Tiles to aim for: one wave of 256-thread blocks at full occupancy on up to ~256 SMs.
 constexpr int64_t kTargetTiles = 2048;
 constexpr int kMaxGrid = 65535;  // the kernels loop over tiles, so any grid size is correct
-// Minimum pixels per lane and tile (see make_tiling): the reducing kernels write one partial
-// result (3, 2 or k*k floats) per tile and channel, so their tiles are longer.
+// Minimum pixels per lane and tile (see make_tiling): the reducing squeeze-excite kernels write
+// one partial result per tile and channel, so their tiles are longer.
 constexpr int kApplyMinPixelsPerLane = 4;
 constexpr int kReduceMinPixelsPerLane = 8;
 
