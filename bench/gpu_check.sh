@@ -3,7 +3,7 @@
 # starts included, and a command 10: so one run does everything in order of importance within a
 # time budget, and a rerun after a fix names only the steps it needs.
 #   bash bench/gpu_check.sh                  every step, until BUDGET_S (default 450 s) is spent
-#   bash bench/gpu_check.sh tests bench_dw   those steps only (build always runs first)
+#   bash bench/gpu_check.sh tests bench_dw   those steps only, in that order (build always runs first)
 # Steps: smoke (one training step of one block per backend, first-call times), tests (the suite on
 # CUDA, in parallel workers), sweeps (every layer shape of B0-B7 through each fused op), sanitizer
 # (compute-sanitizer memcheck over a subset), bench_dw, bench_se (kernel benchmarks on the B5
@@ -30,12 +30,9 @@ SUMMARY="$OUT/summary.txt"
 ALL_STEPS="smoke tests sweeps sanitizer bench_dw bench_se bench_model profile auto_table racecheck main"
 STEPS=${*:-$ALL_STEPS}
 
-step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless not selected or over budget
-  local label=$1 name=${1%%:*} limit=$2 log=$3
+step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
+  local label=$1 limit=$2 log=$3
   shift 3
-  if [[ $name != build && " $STEPS " != *" $name "* ]]; then
-    return
-  fi
   if ((SECONDS + limit > BUDGET_S)); then
     echo "$label: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
     return
@@ -58,47 +55,78 @@ LOG="$OUT/steps.log"
 step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
 # first: does one training step of one block's layers finish, per backend, and how long does the
 # first call (compile + autotune) take
-step smoke 45 "$LOG" $PY bench/gpu_smoke.py
+# Each step is a function; they run in the order named on the command line (default ALL_STEPS).
+smoke() {  # does one training step of one block's layers finish, per backend; first-call times
+  step smoke 45 "$LOG" $PY bench/gpu_smoke.py
+}
 # parallel workers compile Triton kernels side by side (compilation, not the GPU, bounds a sweep
 # over ~1000 shapes); no tuning: the first config of each kernel. CI's CPU-only checks (the
 # ahead-of-time compile, the C++ emulation of the CUDA kernels) are left out here. The shape sweeps
 # of B0-B7 are their own step, so that a slow sweep leaves the suite's report whole; -v names each
 # test as it ends, so a step cut short by its limit still says how far it got.
-PYTEST=(env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rfE --maxfail=30)
+PYTEST=(env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rfE --maxfail=30 --durations=15)
 $PY -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
-step tests 150 "$OUT/tests.log" "${PYTEST[@]}" -q --ignore tests/test_triton_compile.py \
-  --ignore tests/test_cuda_kernels_on_cpu.py --ignore tests/test_cuda_index_math.py \
-  --ignore tests/test_gpu_dwconv_shapes.py --ignore tests/test_gpu_se_shapes.py --ignore tests/test_gpu_pointwise_shapes.py tests
-step sweeps 120 "$OUT/tests.log" "${PYTEST[@]}" -v tests/test_gpu_dwconv_shapes.py tests/test_gpu_se_shapes.py \
-  tests/test_gpu_pointwise_shapes.py
+tests() {
+  step tests 150 "$OUT/tests.log" "${PYTEST[@]}" -v --ignore tests/test_triton_compile.py \
+    --ignore tests/test_cuda_kernels_on_cpu.py --ignore tests/test_cuda_index_math.py \
+    --ignore tests/test_gpu_dwconv_shapes.py --ignore tests/test_gpu_se_shapes.py --ignore tests/test_gpu_pointwise_shapes.py tests
+}
+sweeps() {
+  step sweeps 120 "$OUT/tests.log" "${PYTEST[@]}" -v tests/test_gpu_dwconv_shapes.py tests/test_gpu_se_shapes.py \
+    tests/test_gpu_pointwise_shapes.py
+}
 # depthwise: channels_last vector paths, strided layouts, the unmasked interior-tile path (bf16);
 # squeeze-excite (CUDA backend): every weight form and layout, a broadcast upstream gradient,
 # C = 72 (16-byte vectors)
-step sanitizer 60 "$LOG" compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
-  "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
-step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
-step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
+sanitizer() {
+  step sanitizer 60 "$LOG" compute-sanitizer --tool memcheck --error-exitcode 1 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
+    "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
+}
+bench_dw() {
+  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --out "$OUT/dwconv.csv"
+}
+bench_se() {
+  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --out "$OUT/se_project.csv"
+}
 # fused-triton: "auto" keeps training on the reference ops until the Triton ones pass on the GPU
 # (ops/_registry.py). The report and its plots stay behind (8 files come back): `python -m bench
 # --report-only model.csv`
-step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused-triton --time-budget 60 \
-  --out "$OUT/model.csv" --report /tmp/model.md
-# per-kernel time of one B5 training step, eager vs fused: where the time goes
-step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2
-step auto_table 70 "$LOG" $PY bench/bench_auto_table.py --time-budget 55 --out "$OUT/auto_table.json"
+bench_model() {
+  step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused-triton --time-budget 60 \
+    --out "$OUT/model.csv" --report /tmp/model.md
+}
+profile() {  # per-kernel time of one B5 training step, eager vs fused: where the time goes
+  step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2
+}
+auto_table() {
+  step auto_table 70 "$LOG" $PY bench/bench_auto_table.py --time-budget 55 --out "$OUT/auto_table.json"
+}
 # the CUDA depthwise kernels stage halo tiles in shared memory: no read of a slot before its
 # write, no write over one still read (bf16, channels_last with 16-byte vectors, k3 s1 and k5 s2)
-step racecheck 45 "$LOG" compute-sanitizer --tool racecheck --error-exitcode 1 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "cuda and test_channels_last_vector_width and bfloat16"
-step main 45 "$LOG" $PY -m fused_mbconv --device cuda
+racecheck() {
+  step racecheck 45 "$LOG" compute-sanitizer --tool racecheck --error-exitcode 1 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py -k "cuda and test_channels_last_vector_width and bfloat16"
+}
+main() {
+  step main 45 "$LOG" $PY -m fused_mbconv --device cuda
+}
 # the variants most important first (the smallest, the largest, then the rest), batch sized to
 # the resolution
-for run in "b0 8" "b7 2" "b4 4" "b1 8" "b2 8" "b3 8" "b5 4" "b6 2"; do
-  set -- $run
-  for dtype in float32 bfloat16; do
-    step "models:$1-$dtype" 60 "$OUT/models.log" $PY -m fused_mbconv --variant "$1" --batch "$2" --dtype "$dtype" --steps 5
+models() {
+  for run in "b0 8" "b7 2" "b4 4" "b1 8" "b2 8" "b3 8" "b5 4" "b6 2"; do
+    set -- $run
+    for dtype in float32 bfloat16; do
+      step "models:$1-$dtype" 60 "$OUT/models.log" $PY -m fused_mbconv --variant "$1" --batch "$2" --dtype "$dtype" --steps 5
+    done
   done
+}
+for name in $STEPS; do
+  if [[ " $ALL_STEPS models " != *" $name "* ]]; then
+    echo "$name: unknown step (steps: $ALL_STEPS models)" | tee -a "$SUMMARY"
+    continue
+  fi
+  "$name"
 done
 cat "$SUMMARY"
