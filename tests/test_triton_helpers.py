@@ -118,7 +118,9 @@ def test_autotune_prunes_then_keeps_the_first_when_disabled(monkeypatch, enabled
 def test_precompile_compiles_the_configs_side_by_side(monkeypatch):
     """precompile hands each config's compilation to triton's asynchronous compile mode with a
     thread pool: the compilations overlap, each finished kernel is kept (finalized), and a config
-    whose compilation fails is skipped here (its launch will raise as usual)."""
+    whose compilation fails is skipped here (its launch will raise as usual). The launch's own
+    grid and warmup flags, which triton 3.6's autotuner passes to the prune hook, stay out of
+    the warmup call (it takes its own grid: a second one raised TypeError on the GPU)."""
     import threading
     import time
 
@@ -127,7 +129,8 @@ def test_precompile_compiles_the_configs_side_by_side(monkeypatch):
     finalized, started, lock = {}, [], threading.Lock()
 
     class FakeJit:
-        def warmup(self, grid, **kwargs):
+        def warmup(self, *args, grid, **kwargs):  # triton's KernelInterface.warmup signature
+            assert "warmup" not in kwargs and kwargs["n"] == 3
             block = kwargs["BLOCK"]
 
             def compile_one():
@@ -142,7 +145,7 @@ def test_precompile_compiles_the_configs_side_by_side(monkeypatch):
 
     monkeypatch.setenv("FUSED_MBCONV_COMPILE_THREADS", "3")
     configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
-    _triton.precompile(FakeJit(), configs, {"x_ptr": None}, {"n": 3})
+    _triton.precompile(FakeJit(), configs, {"x_ptr": None}, {"n": 3, "grid": (7,), "warmup": False})
     assert finalized == {16: "kernel16", 32: "kernel32"}
     assert len(started) == 3 and max(started) - min(started) < 0.4  # all began before any could end
     assert active_mode.get() is None

@@ -60,10 +60,12 @@ def precompile(jit_fn, configs: list[triton.Config], named_args: dict, call_kwar
         return
     if active_mode.get() is not None:
         return
+    # triton 3.6's autotuner hands the prune hook the launch's own grid and warmup flags too
+    launch_kwargs = {k: v for k, v in call_kwargs.items() if k not in ("grid", "warmup")}
     with ThreadPoolExecutor(min(len(configs), compile_threads())) as pool:
         with AsyncCompileMode(pool, ignore_errors=True):
             for cfg in configs:
-                jit_fn.warmup(grid=(1,), **named_args, **call_kwargs, **cfg.all_kwargs())
+                jit_fn.warmup(grid=(1,), **named_args, **launch_kwargs, **cfg.all_kwargs())
 
 
 def autotune(

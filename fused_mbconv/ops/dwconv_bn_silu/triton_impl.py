@@ -283,7 +283,7 @@ def _tap_weights(w_ptr, cs, mask_c, kh, sw, K: tl.constexpr, MASKED: tl.constexp
 def _column(x_c, rows, ok_row, iw, m: tl.constexpr, mask_c, W, sx, ALIGN: tl.constexpr, MASKED: tl.constexpr = True):
     """Input column iw + m of the strips' rows (int64 offsets ``rows`` at column iw), fp32,
     zero outside the plane (the padding); not MASKED: every element is in the plane."""
-    offs = rows + m * sx[3].to(tl.int64)
+    offs = rows + m * tl.cast(sx[3], tl.int64)  # tl.cast: a unit stride arrives as a constexpr int
     if ALIGN > 1:
         offs = tl.multiple_of(offs, ALIGN)
     if MASKED:
