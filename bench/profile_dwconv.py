@@ -18,7 +18,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
 import fused_mbconv  # noqa: E402
-from bench.bench_dwconv import BATCH, DTYPE, FUSED, MODES, PROVIDERS, make_modules, output_size, selected_shapes, step_fn  # noqa: E402
+from bench.bench_dwconv import (  # noqa: E402
+    BATCH,
+    DTYPE,
+    FUSED,
+    MODES,
+    PROVIDERS,
+    make_modules,
+    output_size,
+    selected_shapes,
+    step_fn,
+)
 from bench.common import KernelSetting, select_providers  # noqa: E402
 from bench.profile_model import kernel_times, table  # noqa: E402
 
@@ -31,10 +41,13 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     p.add_argument("--smoke", action="store_true", help="CPU, one small shape")
     args = p.parse_args(argv)
-    setting = KernelSetting.from_args(argparse.Namespace(smoke=args.smoke, quick=True, compile_mode="default"), BATCH, DTYPE)
+    timing = argparse.Namespace(smoke=args.smoke, quick=True, compile_mode="default")
+    setting = KernelSetting.from_args(timing, BATCH, DTYPE)
     shapes = selected_shapes(quick=False, smoke=args.smoke)
-    shape = max(shapes, key=lambda s: s.channels * s.size**2) if args.shape is None else next(
-        (s for s in shapes if s.name == args.shape), None)  # fmt: skip
+    if args.shape is None:
+        shape = max(shapes, key=lambda s: s.channels * s.size**2)
+    else:
+        shape = next((s for s in shapes if s.name == args.shape), None)
     if shape is None:
         raise SystemExit(f"--shape: no {args.shape!r}; choose from {[s.name for s in shapes]}")
     providers = [name for name in select_providers(args.providers, PROVIDERS, FUSED, args.smoke) if name != "compile"]

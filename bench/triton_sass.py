@@ -98,8 +98,11 @@ def _memory(opcodes: collections.Counter) -> str:
     return ", ".join(f"{n} {op}" for op, n in sorted(kinds.items()))
 
 
-def _channels_last(*shape, dtype=torch.bfloat16) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+LAYOUT = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def _activation(*shape, layout: str = "channels_last", dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype).contiguous(memory_format=LAYOUT[layout])
 
 
 def _tile_label(cfg) -> str:
@@ -107,16 +110,17 @@ def _tile_label(cfg) -> str:
     return f"{sizes} w{cfg.num_warps}" + (" taps per strip" if cfg.kwargs.get("TAPS_PER_STRIP") else "")
 
 
-def depthwise_rows(channels: int, size: int) -> list[str]:
-    """The depthwise inference kernel, each kernel size and stride, the first two tile configs."""
+def depthwise_rows(channels: int, size: int, layout: str = "channels_last", quick: bool = False) -> list[str]:
+    """The depthwise inference kernel, each kernel size and stride, the first two tile configs
+    (quick: k3 s1, the first config)."""
     rows = []
-    for k, s in [(3, 1), (3, 2), (5, 1), (5, 2)]:
+    for k, s in [(3, 1)] if quick else [(3, 1), (3, 2), (5, 1), (5, 2)]:
         pad = k // 2
         out = (size + 2 * pad - k) // s + 1
-        x, y = _channels_last(2, channels, size, size), _channels_last(2, channels, out, out)
+        x, y = _activation(2, channels, size, size, layout=layout), _activation(2, channels, out, out, layout=layout)
         taps = dw._taps_by_channel(torch.empty(channels, 1, k, k, dtype=torch.bfloat16))
         vec, squeeze = torch.empty(channels), torch.empty(2, channels)
-        for cfg in dw._TILE_CONFIGS[:2]:
+        for cfg in dw._TILE_CONFIGS[: 1 if quick else 2]:
             compiled = compile_as_launched(
                 dw._conv_bn_silu_kernel, x, taps, vec, vec, vec, y, squeeze, channels, size, size, out, out,
                 1.0 / out**2, pad, pad, x.stride(), taps.stride(), y.stride(), K=k, STRIDE=s, CENTERED=False,
@@ -130,14 +134,14 @@ def depthwise_rows(channels: int, size: int) -> list[str]:
     return rows
 
 
-def depthwise_training_rows(channels: int, size: int) -> list[str]:
+def depthwise_training_rows(channels: int, size: int, layout: str = "channels_last", quick: bool = False) -> list[str]:
     """The training kernels (statistics, BN-backward sums, dc + dweight, dx) at k3 and k5 stride
-    1, first tile config (dc + dweight: the first its prune keeps, taps per strip at k5):
-    registers, stack, static instruction count, memory instructions."""
+    1 (quick: k3), first tile config (dc + dweight: the first its prune keeps, taps per strip at
+    k5): registers, stack, static instruction count, memory instructions."""
     rows = []
-    for k in (3, 5):
+    for k in (3,) if quick else (3, 5):
         pad = k // 2
-        x, y = _channels_last(2, channels, size, size), _channels_last(2, channels, size, size)
+        x, y = (_activation(2, channels, size, size, layout=layout) for _ in range(2))
         taps = dw._taps_by_channel(torch.empty(channels, 1, k, k, dtype=torch.bfloat16))
         vec, part = torch.empty(channels), torch.empty(64, 2 * channels * k * k)
         geo = {"C": channels, "H": size, "W": size, "H_OUT": size, "W_OUT": size, "pad_t": pad, "pad_l": pad,
@@ -168,7 +172,7 @@ def projection_rows(size: int) -> list[str]:
     cfg = pj._GEMM_CONFIGS[0]
     shapes = [("projection", 240, 40, True), ("expansion", 40, 240, False), ("projection", 1152, 192, True)]
     for name, c, o, gated in shapes:
-        x, y = _channels_last(2, c, size, size), _channels_last(2, o, size, size)
+        x, y = _activation(2, c, size, size), _activation(2, o, size, size)
         res = y if gated else None
         gate, wm, vec = torch.empty(2, c, dtype=torch.bfloat16), torch.empty(o, c, dtype=torch.bfloat16), torch.empty(o)
         compiled = compile_as_launched(
@@ -190,14 +194,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--channels", type=int, default=240, help="depthwise channels (default 240, B5 stage 3)")
     p.add_argument("--size", type=int, default=57, help="plane height = width")
+    p.add_argument("--layout", default="channels_last", choices=sorted(LAYOUT),
+                   help="of the depthwise activations (nchw: unit strides along W, specialized as constants)")
+    p.add_argument("--quick", action="store_true", help="depthwise k3 only, one tile config, no GEMMs")
     args = p.parse_args(argv)
-    print(f"triton {triton.__version__}, sm_90, bf16, channels_last, {args.size}x{args.size} planes\n")
+    print(f"triton {triton.__version__}, sm_90, bf16, {args.layout}, {args.size}x{args.size} planes\n")
     print("| kernel | tile | registers | stack | instructions / output (interior, border tile) | memory instructions |")
     print("|---|---|---|---|---|---|")
-    print("\n".join(depthwise_rows(args.channels, args.size)))
+    print("\n".join(depthwise_rows(args.channels, args.size, args.layout, args.quick)))
     print("\n| training kernel | tile | registers | stack | static instructions | memory instructions |")
     print("|---|---|---|---|---|---|")
-    print("\n".join(depthwise_training_rows(args.channels, args.size)))
+    print("\n".join(depthwise_training_rows(args.channels, args.size, args.layout, args.quick)))
+    if args.quick:
+        return
     print("\n| GEMM | tile | registers | stack | matrix instructions | memory instructions |")
     print("|---|---|---|---|---|---|")
     print("\n".join(projection_rows(args.size)))

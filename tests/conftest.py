@@ -20,6 +20,14 @@ if INTERPRETED:
     reuse_language_patch()
 BACKENDS = [b for b in ("reference", "triton", "cuda") if b in fused_mbconv.available_backends()]
 
+# fp32 means fp32 in the comparisons: on a GPU torch runs fp32 convolutions in TF32 by default
+# (cudnn.allow_tf32; 10-bit mantissas), and the fused GEMMs follow that flag as eager does, so
+# fp32 eager, fused and their differences would all be TF32's (the H200 run of 2026-11-26: every
+# fp32 projection, expansion and B0/B1 logits comparison failed, bf16 and fp16 passed). The TF32
+# path has its own test (test_project_bn.py::test_tf32_follows_torch_flag).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # The Triton interpreter runs kernels element by element in numpy: keep its inputs small.
 INTERPRETER_MAX_NUMEL = 8_000
 

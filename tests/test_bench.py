@@ -220,3 +220,19 @@ def test_profile_names_where_each_provider_spends_its_step(capsys):
     eager, fused = out.split("### fused")
     assert "### eager" in eager and "aten::convolution_backward" in eager and "fused_mbconv::" not in eager
     assert "fused_mbconv::project_bn_backward" in fused and "fused_mbconv::dwconv_bn_silu" in fused
+
+
+def test_layer_profile_names_each_pass_of_the_fused_op(capsys):
+    """bench/profile_dwconv.py on the CPU, one small layer: per mode a table per provider, the
+    fused op's passes in the fused provider's and cuDNN-style convolution in eager's."""
+    from bench import profile_dwconv
+
+    fused = [b for b in ("triton", "cuda") if b in BACKENDS][:1]  # the triton one runs interpreted here
+    profile_dwconv.main(["--smoke", "--providers", ",".join([*fused, "eager"]), "--steps", "1"])
+    out = capsys.readouterr().out
+    infer, train = out.split("## c8_k3_s2_h9 train")
+    assert "## c8_k3_s2_h9 infer" in infer
+    if fused:
+        assert f"### {fused[0]}" in infer and "fused_mbconv::dwconv_bn_silu" in infer
+        assert "fused_mbconv::dwconv_bn_silu_backward" in train
+    assert "### eager" in train and "aten::convolution_backward" in train

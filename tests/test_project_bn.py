@@ -165,6 +165,37 @@ def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(backend):
     torch.testing.assert_close(mean.double(), z.mean(dim=(0, 2, 3)), rtol=1e-5, atol=0)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 is a GPU mode")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_tf32_follows_torch_flag(training, monkeypatch):
+    """With torch.backends.cudnn.allow_tf32 (torch's default; conftest turns it off), fp32
+    projections multiply in TF32 as eager's 1x1 conv does: within TF32's error of fp64 (10-bit
+    mantissas: ~1e-3 per product, norm-wise far less over 240 terms; 5e-3 leaves room, a wrong
+    index is off by O(1)), and no longer fp32-exact."""
+    n, c, o, h, w = 4, 240, 40, 9, 11
+    x = torch.randn(n, c, h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(o, c, 1, 1, device=DEVICE) / c**0.5
+    gamma, beta = torch.rand(o, device=DEVICE) + 0.5, torch.randn(o, device=DEVICE)
+    exact = TF.conv2d(x.double(), weight.double())
+    errors = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        with fused_mbconv.backend("triton"):
+            if training:
+                z = ops.project_bn_train(x, None, weight, torch.ones_like(gamma), torch.zeros_like(beta), EPS, None, None, False)[0]
+                mean = exact.mean(dim=(0, 2, 3), keepdim=True)
+                var = exact.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+                ref = (exact - mean) / (var + EPS).sqrt()
+            else:
+                z = ops.project_bn(x, None, weight.flatten(1), gamma, beta, None, None, False)
+                ref = exact * gamma.double()[:, None, None] + beta.double()[:, None, None]
+        errors[tf32] = ((z.double() - ref).norm() / ref.norm()).item()
+    print(f"relative error: fp32 {errors[False]:.2e}, tf32 {errors[True]:.2e}")
+    assert errors[False] < 1e-5
+    assert errors[True] < 5e-3
+    assert errors[True] > errors[False]
+
+
 @pytest.mark.parametrize("o", [1, 33])
 def test_odd_widths_and_one_pixel(backend, o):
     """A single output channel or a width past one tile; 1 x 1 spatial with a batch of 3."""

@@ -524,6 +524,25 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     assert all("HGMMA" in row for row in rows if not row.startswith("| dwconv")), proc.stdout
 
 
+def test_depthwise_kernels_compile_for_nchw_launches():
+    """An NCHW tensor's unit stride along W reaches the kernel as a constant, not an i32 (triton
+    specializes integer arguments equal to 1): the depthwise kernels must compile so too (on the
+    H200 of 2026-11-26 every NCHW Triton depthwise test failed to compile, `.to()` on that
+    constant). Inference and the four training kernels at k3, one config each."""
+    triton = pytest.importorskip("triton")
+    if _ptxas_path() is None or not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("triton's NVIDIA backend (ptxas, nvdisasm) is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
+        proc = subprocess.run([sys.executable, "bench/triton_sass.py", "--channels", "40", "--size", "9",
+                               "--layout", "nchw", "--quick"], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| dwconv")]
+    assert len(rows) == 5, proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # command line: the subprocess, and the markdown table
 
