@@ -62,9 +62,11 @@ def slug(text: str) -> str:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, "-dirty" when the tree differs from it (the device tool sends the working
+    tree with the session's first HEAD: its runs of later commits read as that one, dirty)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)  # fmt: skip
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

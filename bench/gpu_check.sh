@@ -51,7 +51,7 @@ step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unl
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: $(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)"
 } >"$SUMMARY" 2>&1
 
 LOG="$OUT/steps.log"
