@@ -124,25 +124,31 @@ class KernelSetting:
     dtype: torch.dtype
     rep: int  # do_bench's milliseconds of repeats on the GPU; the number of calls on the CPU
     compile_mode: str
+    cuda_graph: bool = False  # also time each provider's call replayed from a CUDA graph
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> KernelSetting:
+        graph = getattr(args, "cuda_graph", False)
         if args.smoke:
             return cls(torch.device("cpu"), 2, torch.float32, 2, args.compile_mode)
         if not torch.cuda.is_available():
             sys.exit("needs a CUDA GPU (--list-shapes and --smoke work without one)")
-        return cls(torch.device("cuda"), batch, dtype, 20 if args.quick else 100, args.compile_mode)
+        return cls(torch.device("cuda"), batch, dtype, 20 if args.quick else 100, args.compile_mode, graph)
 
 
-def time_kernel_call(fn: Callable[[], object], setting: KernelSetting) -> list[float]:
+def time_kernel_call(fn: Callable[[], object], setting: KernelSetting, graph: bool = False) -> list[float]:
     """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning): by
-    triton.testing.do_bench on the GPU, by wall clock on the CPU."""
+    triton.testing.do_bench on the GPU, by wall clock on the CPU. ``graph``: calls captured in a
+    CUDA graph and replayed (do_bench_cudagraph), which leaves the host's launch work out: the
+    difference from the plain time is what the GPU waits for the host."""
     fn()
     if setting.device.type != "cuda":
         times = measure(fn, setting.device, repeats=setting.rep, warmup=0)
         return [times["median_ms"], times["p20_ms"], times["p80_ms"]]
     import triton.testing  # here: the CPU-only parts of the benchmarks need no Triton
 
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
     return triton.testing.do_bench(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
 
 
@@ -159,24 +165,26 @@ def kernel_rows(
 ) -> list[dict]:
     """Time ``step(provider, mode)`` (the call to time, built under the provider's backend) for
     every mode and provider of one shape; a row per success with ``columns`` and % of the
-    bandwidth floor (``floor_bytes(mode)``). A failure (a compile error, say) is reported on
-    stderr and leaves the other rows."""
+    bandwidth floor (``floor_bytes(mode)``). With ``setting.cuda_graph`` each provider is also
+    timed from a CUDA graph, as provider "<name>+graph". A failure (a compile error, a call that
+    cannot be captured) is reported on stderr and leaves the other rows."""
     import fused_mbconv
 
     rows = []
     for mode in modes:
-        for provider in providers:
+        for provider, graph in [(p, g) for p in providers for g in (False, True)[: 1 + setting.cuda_graph]]:
+            label = provider + "+graph" * graph
             try:
                 with fused_mbconv.backend(provider if provider in fused else "auto"):
-                    median, p20, p80 = time_kernel_call(step(provider, mode), setting)
+                    median, p20, p80 = time_kernel_call(step(provider, mode), setting, graph)
             except Exception as e:
-                print(f"{name} {mode} {provider}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+                print(f"{name} {mode} {label}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 continue
             pct = pct_of_floor(floor_bytes(mode), median, bandwidth_gbs)
-            rows.append({**columns, "name": name, "provider": provider, "mode": mode, "status": "ok",
+            rows.append({**columns, "name": name, "provider": label, "mode": mode, "status": "ok",
                          "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
                          "pct_bw_floor": round(pct, 1)})  # fmt: skip
-            print(f"{name:26s} {mode:5s} {provider:8s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+            print(f"{name:26s} {mode:5s} {label:14s} {median:8.3f} ms {pct:5.1f}%", flush=True)
     return rows
 
 
@@ -221,6 +229,8 @@ def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> 
     p.add_argument("--smoke", action="store_true", help="CPU, one small shape, no torch.compile: the code path only")
     p.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help='also time each provider replayed from a CUDA graph ("<provider>+graph": no host launch work)')
     return p
 
 
@@ -238,7 +248,10 @@ def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...], s
 
 
 def kernel_table(rows: list[dict], providers: list[str]) -> str:
-    """Markdown, one line per (shape, mode): each provider's median ms and % of the bandwidth floor."""
+    """Markdown, one line per (shape, mode): each provider's median ms and % of the bandwidth floor
+    (and its "+graph" timing, where measured)."""
+    timed = {r["provider"] for r in rows}
+    providers = [p + suffix for p in providers for suffix in ("", "+graph") if not suffix or p + suffix in timed]
     head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
     lines = [head, "|" + "---|" * (2 + len(providers))]
     by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}

@@ -88,9 +88,10 @@ def test_environment_variable():
     assert bad.returncode != 0 and "FUSED_MBCONV_BACKEND: expected one of" in bad.stderr
 
 
-def test_auto_on_cuda_keeps_training_ops_on_the_reference_until_validated(monkeypatch):
-    """"auto" takes the fused inference kernels on CUDA but not yet the training ones (see
-    bench/results/2026-11-26_h200_first_contact.md); an explicit backend still reaches them."""
+def test_auto_on_cuda_keeps_training_ops_on_the_reference(monkeypatch):
+    """"auto" takes the fused inference kernels on CUDA but not the training ones, slower than
+    eager on the H200 (bench/results/2026-11-26_h200_first_benchmarks.md); an explicit backend
+    still reaches them."""
     from fused_mbconv import backends as backend_module
 
     if "triton" not in IMPLS["forward_infer"].backends():

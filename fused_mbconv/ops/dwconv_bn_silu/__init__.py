@@ -25,7 +25,7 @@ import torch
 from fused_mbconv import _extension
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_UNVALIDATED, Implementations
+from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference
 
 KERNEL_SIZES = (3, 5)
@@ -33,8 +33,8 @@ STRIDES = (1, 2)
 
 IMPLS = {
     "forward_infer": Implementations("dwconv_bn_silu"),
-    "forward_train": Implementations("dwconv_bn_silu_train", AUTO_ORDER_CUDA_UNVALIDATED),
-    "backward": Implementations("dwconv_bn_silu_backward", AUTO_ORDER_CUDA_UNVALIDATED),
+    "forward_train": Implementations("dwconv_bn_silu_train", AUTO_ORDER_CUDA_TRAINING),
+    "backward": Implementations("dwconv_bn_silu_backward", AUTO_ORDER_CUDA_TRAINING),
 }
 for _name, _impls in IMPLS.items():
     _impls.register("reference")(getattr(reference, _name))

@@ -23,15 +23,15 @@ from fused_mbconv._checks import (
     check_tensor,
     empty_like_layout,
 )
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_UNVALIDATED, Implementations
+from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.squeeze_excite import reference
 
 IMPLS = {
     "squeeze": Implementations("se_squeeze"),
     "excite": Implementations("se_excite"),
-    "excite_backward": Implementations("se_excite_backward", AUTO_ORDER_CUDA_UNVALIDATED),
+    "excite_backward": Implementations("se_excite_backward", AUTO_ORDER_CUDA_TRAINING),
     "scale": Implementations("se_scale"),
-    "scale_backward": Implementations("se_scale_backward", AUTO_ORDER_CUDA_UNVALIDATED),
+    "scale_backward": Implementations("se_scale_backward", AUTO_ORDER_CUDA_TRAINING),
 }
 for _name, _impls in IMPLS.items():
     _impls.register("reference")(getattr(reference, _name))
