@@ -58,8 +58,6 @@ step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unl
 
 LOG="$OUT/steps.log"
 step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
-# first: does one training step of one block's layers finish, per backend, and how long does the
-# first call (compile + autotune) take
 # Each step is a function; they run in the order named on the command line (default ALL_STEPS).
 smoke() {  # does one training step of one block's layers finish, per backend; first-call times
   step smoke 90 "$LOG" $PY bench/gpu_smoke.py  # 2026-11-26: triton's training first call took 34 s
