@@ -245,3 +245,21 @@ def test_layer_profile_names_each_pass_of_the_fused_op(capsys):
         assert f"### {fused[0]}" in infer and "fused_mbconv::dwconv_bn_silu" in infer
         assert "fused_mbconv::dwconv_bn_silu_backward" in train
     assert "### eager" in train and "aten::convolution_backward" in train
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")
+def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
+    """bench/gpu_check.sh (the device session's script) on this machine with a 35 s budget: the
+    build (150 s) and smoke (90 s) steps are skipped as over budget, kprofile (60 s, at least half
+    left) runs cut short (and fails here: no GPU), an unknown step is named, in the order given."""
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "35", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "smoke", "kprofile", "nosuch"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if ":" in line]
+    steps = [line for line in lines if line.split(":")[0] in ("build", "smoke", "kprofile", "nosuch")]
+    assert [line.split(":")[0] for line in steps] == ["build", "smoke", "kprofile", "nosuch"], lines
+    assert "skipped" in steps[0] and "skipped" in steps[1]
+    assert steps[2].startswith("kprofile: rc=1 in"), steps
+    assert steps[3].startswith("nosuch: unknown step"), steps
+    assert "bench/profile_dwconv.py" in (tmp_path / "steps.log").read_text()
