@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -124,31 +125,46 @@ class KernelSetting:
     dtype: torch.dtype
     rep: int  # do_bench's milliseconds of repeats on the GPU; the number of calls on the CPU
     compile_mode: str
-    cuda_graph: bool = False  # also time each provider's call replayed from a CUDA graph
+    host_share: bool = False  # also time each call from a CUDA graph, and the host's issue time
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> KernelSetting:
-        graph = getattr(args, "cuda_graph", False)
+        host_share = getattr(args, "host_share", False)
         if args.smoke:
             return cls(torch.device("cpu"), 2, torch.float32, 2, args.compile_mode)
         if not torch.cuda.is_available():
             sys.exit("needs a CUDA GPU (--list-shapes and --smoke work without one)")
-        return cls(torch.device("cuda"), batch, dtype, 20 if args.quick else 100, args.compile_mode, graph)
+        return cls(torch.device("cuda"), batch, dtype, 20 if args.quick else 100, args.compile_mode, host_share)
 
 
-def time_kernel_call(fn: Callable[[], object], setting: KernelSetting, graph: bool = False) -> list[float]:
+# time_kernel_call's ways of timing a call; kernel_rows labels the rows "<provider><suffix>"
+TIMINGS = {"": "do_bench", "+graph": "replayed from a CUDA graph", "+host": "the host's time to issue it"}
+
+
+def time_kernel_call(fn: Callable[[], object], setting: KernelSetting, timing: str = "") -> list[float]:
     """(median, p20, p80) ms of ``fn`` after one untimed call (compiling, autotuning): by
-    triton.testing.do_bench on the GPU, by wall clock on the CPU. ``graph``: calls captured in a
-    CUDA graph and replayed (do_bench_cudagraph), which leaves the host's launch work out: the
-    difference from the plain time is what the GPU waits for the host."""
+    triton.testing.do_bench on the GPU, by wall clock on the CPU. ``timing`` "+graph": calls
+    captured in a CUDA graph and replayed (do_bench_cudagraph), without the host's work; "+host":
+    the host's time from the call until it returns, the GPU idle at its start (Python, dispatch,
+    launches: the GPU waits for it where the kernels are shorter)."""
     fn()
     if setting.device.type != "cuda":
         times = measure(fn, setting.device, repeats=setting.rep, warmup=0)
         return [times["median_ms"], times["p20_ms"], times["p80_ms"]]
     import triton.testing  # here: the CPU-only parts of the benchmarks need no Triton
 
-    if graph:
+    if timing == "+graph":
         return triton.testing.do_bench_cudagraph(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
+    if timing == "+host":
+        issue = []
+        for _ in range(50):
+            torch.cuda.synchronize(setting.device)
+            start = time.perf_counter()
+            fn()
+            issue.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize(setting.device)
+        issue.sort()
+        return [statistics.median(issue), _quantile(issue, 0.2), _quantile(issue, 0.8)]
     return triton.testing.do_bench(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
 
 
@@ -165,26 +181,28 @@ def kernel_rows(
 ) -> list[dict]:
     """Time ``step(provider, mode)`` (the call to time, built under the provider's backend) for
     every mode and provider of one shape; a row per success with ``columns`` and % of the
-    bandwidth floor (``floor_bytes(mode)``). With ``setting.cuda_graph`` each provider is also
-    timed from a CUDA graph, as provider "<name>+graph". A failure (a compile error, a call that
-    cannot be captured) is reported on stderr and leaves the other rows."""
+    bandwidth floor (``floor_bytes(mode)``). With ``setting.host_share`` each provider also gets
+    rows "<provider>+graph" and "<provider>+host" (``TIMINGS``; no % of the floor for the host's
+    time). A failure (a compile error, a call that cannot be captured) is reported on stderr and
+    leaves the other rows."""
     import fused_mbconv
 
+    timings = list(TIMINGS) if setting.host_share else [""]
     rows = []
     for mode in modes:
-        for provider, graph in [(p, g) for p in providers for g in (False, True)[: 1 + setting.cuda_graph]]:
-            label = provider + "+graph" * graph
+        for provider, timing in [(p, t) for p in providers for t in timings]:
+            label = provider + timing
             try:
                 with fused_mbconv.backend(provider if provider in fused else "auto"):
-                    median, p20, p80 = time_kernel_call(step(provider, mode), setting, graph)
+                    median, p20, p80 = time_kernel_call(step(provider, mode), setting, timing)
             except Exception as e:
                 print(f"{name} {mode} {label}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
                 continue
-            pct = pct_of_floor(floor_bytes(mode), median, bandwidth_gbs)
+            pct = "" if timing == "+host" else round(pct_of_floor(floor_bytes(mode), median, bandwidth_gbs), 1)
             rows.append({**columns, "name": name, "provider": label, "mode": mode, "status": "ok",
                          "median_ms": round(median, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
-                         "pct_bw_floor": round(pct, 1)})  # fmt: skip
-            print(f"{name:26s} {mode:5s} {label:14s} {median:8.3f} ms {pct:5.1f}%", flush=True)
+                         "pct_bw_floor": pct})  # fmt: skip
+            print(f"{name:26s} {mode:5s} {label:14s} {median:8.3f} ms {pct}%", flush=True)
     return rows
 
 
@@ -229,8 +247,9 @@ def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> 
     p.add_argument("--smoke", action="store_true", help="CPU, one small shape, no torch.compile: the code path only")
     p.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help='also time each provider replayed from a CUDA graph ("<provider>+graph": no host launch work)')
+    p.add_argument("--host-share", action="store_true",
+                   help='also time each provider replayed from a CUDA graph ("<provider>+graph": without the\n'
+                        'host\'s work) and the host\'s time to issue a call ("<provider>+host")')
     return p
 
 
@@ -247,16 +266,23 @@ def select_providers(arg: str, known: tuple[str, ...], fused: tuple[str, ...], s
     return [p for p in providers if (p not in fused or p in runnable) and not (smoke and p == "compile")]
 
 
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    floor = row["pct_bw_floor"]
+    return f"{row['median_ms']:.3f}" + ("" if floor == "" else f" ({floor:.0f}%)")
+
+
 def kernel_table(rows: list[dict], providers: list[str]) -> str:
     """Markdown, one line per (shape, mode): each provider's median ms and % of the bandwidth floor
-    (and its "+graph" timing, where measured)."""
+    (and its "+graph" and "+host" timings, where measured)."""
     timed = {r["provider"] for r in rows}
-    providers = [p + suffix for p in providers for suffix in ("", "+graph") if not suffix or p + suffix in timed]
+    providers = [p + suffix for p in providers for suffix in TIMINGS if not suffix or p + suffix in timed]
     head = "| shape | mode | " + " | ".join(f"{p} ms (% floor)" for p in providers) + " |"
     lines = [head, "|" + "---|" * (2 + len(providers))]
     by_key = {(r["name"], r["mode"], r["provider"]): r for r in rows}
     for name, mode in dict.fromkeys((r["name"], r["mode"]) for r in rows):
         cells = [by_key.get((name, mode, p)) for p in providers]
-        text = [f"{c['median_ms']:.3f} ({c['pct_bw_floor']:.0f}%)" if c else "-" for c in cells]
+        text = [_cell(c) for c in cells]
         lines.append(f"| {name} | {mode} | " + " | ".join(text) + " |")
     return "\n".join(lines)

@@ -88,14 +88,14 @@ sanitizer() {
     $PY -m pytest -q -p no:cacheprovider tests/test_dwconv_bn_silu.py tests/test_squeeze_excite.py -k \
     "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
 }
-# --cuda-graph: each provider also timed replayed from a CUDA graph (the host's share of a call).
+# --host-share: each provider also timed replayed from a CUDA graph and by the host's issue time.
 # DW_PROVIDERS=triton,cuda,eager, SE_PROVIDERS=triton,eager: leave torch.compile out (its
 # max-autotune takes ~40 s a shape)
 bench_dw() {
-  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --cuda-graph --out "$OUT/dwconv.csv" ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
+  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --host-share --out "$OUT/dwconv.csv" ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
 }
 bench_se() {
-  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --cuda-graph --out "$OUT/se_project.csv" ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
+  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share --out "$OUT/se_project.csv" ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
 kprofile() {  # one B5 depthwise layer kernel by kernel: which pass of the fused op takes the time
   step kprofile 60 "$LOG" $PY bench/profile_dwconv.py --providers ${KPROFILE_PROVIDERS:-cuda,triton,eager}

@@ -173,31 +173,35 @@ def test_auto_table_rejects_a_wrong_result():
     assert choose(samples) == {"a": {"k": "cuda"}, "b": {"k": "triton"}}
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "graph"])
-def test_kernel_rows_keep_going_past_a_failing_provider(monkeypatch, capsys, cuda_graph):
-    """A provider that fails leaves the others' rows; with --cuda-graph each provider also gets a
-    "+graph" row, timed by the graph replay (here: a fake timer, 3x faster), in the table too."""
+@pytest.mark.parametrize("host_share", [False, True], ids=["plain", "host_share"])
+def test_kernel_rows_keep_going_past_a_failing_provider(monkeypatch, capsys, host_share):
+    """A provider that fails leaves the others' rows; with --host-share each provider also gets
+    "+graph" and "+host" rows (here a fake timer: 3x and 6x faster), the host's without a % of the
+    floor, in the table too."""
     from bench import common
 
-    monkeypatch.setattr(common, "time_kernel_call", lambda fn, setting, graph: [fn() / (3 if graph else 1), 0.9, 1.1])
+    speedup = {"": 1, "+graph": 3, "+host": 6}
+    monkeypatch.setattr(common, "time_kernel_call", lambda fn, setting, timing: [fn() / speedup[timing], 0.9, 1.1])
 
     def step(provider, mode):
         if provider == "compile":
             raise RuntimeError("inductor says no")
         return lambda: 6.0 if mode == "train" else 3.0
 
-    setting = common.KernelSetting(torch.device("cuda"), 2, torch.float32, 1, "", cuda_graph)
+    setting = common.KernelSetting(torch.device("cuda"), 2, torch.float32, 1, "", host_share)
     rows = common.kernel_rows("c8", ["reference", "compile"], ("reference",), ("infer", "train"), step,
                               lambda mode: 3 * 10**9, 1000.0, setting=setting, kind="k")  # fmt: skip
-    expected = [("reference", "infer", 3.0), ("reference", "train", 6.0)]
-    if cuda_graph:
-        expected = [expected[0], ("reference+graph", "infer", 1.0), expected[1], ("reference+graph", "train", 2.0)]
-    assert [(r["provider"], r["mode"], r["median_ms"]) for r in rows] == expected
-    assert rows[0]["pct_bw_floor"] == 100.0 and rows[0]["kind"] == "k"  # 3 GB at 1000 GB/s in 3 ms
+    got = [(r["provider"], r["mode"], r["median_ms"], r["pct_bw_floor"]) for r in rows]
+    expected = [("reference", "infer", 3.0, 100.0), ("reference", "train", 6.0, 50.0)]  # 3 GB at 1000 GB/s: 3 ms
+    if host_share:
+        expected = [expected[0], ("reference+graph", "infer", 1.0, 300.0), ("reference+host", "infer", 0.5, ""),
+                    expected[1], ("reference+graph", "train", 2.0, 150.0), ("reference+host", "train", 1.0, "")]  # fmt: skip
+    assert got == expected
+    assert rows[0]["kind"] == "k"
     assert "c8 infer compile: FAILED RuntimeError: inductor says no" in capsys.readouterr().err
     table = common.kernel_table(rows, ["reference", "compile"])
-    assert ("reference+graph ms" in table) == cuda_graph
-    assert "| c8 | train | 6.000 (50%) |" in table
+    assert ("reference+graph ms" in table and "reference+host ms" in table) == host_share
+    assert ("| c8 | train | 6.000 (50%) | 2.000 (150%) | 1.000 | - |" in table) == host_share
 
 
 @pytest.mark.parametrize("script", ["bench_dwconv", "bench_se_project"])
