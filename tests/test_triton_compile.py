@@ -490,6 +490,22 @@ def test_every_triton_kernel_compiles_for_sm90():
     assert not problems, f"{len(failures)} of {len(report['results'])} compilations failed\n\n" + "\n\n".join(problems)
 
 
+def _triton_sass(*args: str) -> subprocess.CompletedProcess:
+    """bench/triton_sass.py at 40 channels on 9 x 9 planes with these extra arguments, compiled
+    (not interpreted) into a fresh cache; skipped where triton's NVIDIA tools are missing."""
+    triton = pytest.importorskip("triton")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if _ptxas_path() is None or not all((tools / t).exists() for t in ("nvdisasm", "cuobjdump")):
+        pytest.skip("triton's NVIDIA backend (ptxas, nvdisasm, cuobjdump) is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
+        proc = subprocess.run([sys.executable, "bench/triton_sass.py", "--channels", "40", "--size", "9", *args],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_launch_specialized_kernels_move_whole_channel_vectors():
     """Compiled as a channels_last bf16 launch specializes them (bench/triton_sass.py), with 40
     channels (no multiple of 16, so triton alone would not know the rows' alignment): the
@@ -498,16 +514,7 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     on Hopper's wgmma (HGMMA). No depthwise kernel, inference or training, issues a global load
     of 4 bytes or less (the per-channel fp32 vectors, the taps and the squeeze gradient included);
     the training kernels' few per-program partial stores may."""
-    triton = pytest.importorskip("triton")
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if _ptxas_path() is None or not all((tools / t).exists() for t in ("nvdisasm", "cuobjdump")):
-        pytest.skip("triton's NVIDIA backend (ptxas, nvdisasm, cuobjdump) is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as tmp:
-        env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
-        proc = subprocess.run([sys.executable, "bench/triton_sass.py", "--channels", "40", "--size", "9"], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _triton_sass()
     print(proc.stdout)
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| dwconv", "| projection", "| expansion"))]
     assert len(rows) == 19, proc.stdout  # 8 inference, 8 training, 3 GEMMs
@@ -529,16 +536,7 @@ def test_depthwise_kernels_compile_for_nchw_launches():
     specializes integer arguments equal to 1): the depthwise kernels must compile so too (on the
     H200 of 2026-11-26 every NCHW Triton depthwise test failed to compile, `.to()` on that
     constant). Inference and the four training kernels at k3, one config each."""
-    triton = pytest.importorskip("triton")
-    if _ptxas_path() is None or not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("triton's NVIDIA backend (ptxas, nvdisasm) is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as tmp:
-        env.update(TRITON_CACHE_DIR=str(Path(tmp) / "cache"))
-        proc = subprocess.run([sys.executable, "bench/triton_sass.py", "--channels", "40", "--size", "9",
-                               "--layout", "nchw", "--quick"], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _triton_sass("--layout", "nchw", "--quick")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| dwconv")]
     assert len(rows) == 5, proc.stdout
 
