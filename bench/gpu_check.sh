@@ -7,8 +7,8 @@
 # Steps, by default in this order: smoke (one training step of one block per backend, first-call
 # times), tests (the suite on CUDA, in parallel workers; on the H200 it did not finish in 150 s:
 # TESTS= picks files), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA
-# graphs), kprofile (one depthwise layer kernel by kernel), bench_model (B5 end to end), auto_table
-# (the measured "auto" choice), sweeps (every layer shape of B0-B7 through each fused op),
+# graphs and by host issue time), kprofile (one depthwise layer kernel by kernel), bench_model
+# (B5 end to end), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7 through each fused op),
 # sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
 # CUDA depthwise kernels' halo tiles), profile (B5's training step kernel by kernel), main (python
 # -m fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its
