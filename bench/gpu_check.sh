@@ -8,8 +8,8 @@
 # times), tests (the suite on CUDA, in parallel workers; on the H200 it did not finish in 150 s:
 # TESTS= picks files), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA
 # graphs and by host issue time), kprofile (one depthwise layer kernel by kernel), bench_model
-# (B5 end to end), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7 through each fused op),
-# sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
+# (B5 end to end), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
+# through each fused op), sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
 # CUDA depthwise kernels' halo tiles), profile (B5's training step kernel by kernel), main (python
 # -m fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its
 # native resolution, fp32 and bf16: parity with torchvision in eval and one training step, and
