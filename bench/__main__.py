@@ -25,6 +25,7 @@ from bench import report
 from bench.common import DTYPES, environment, measure, slug, write_rows
 from fused_mbconv.models import VARIANTS
 
+GRAPHED = "cuda-graph"  # PROVIDERS' "compile mode" of the CUDA-graph providers (not torch.compile)
 PROVIDERS = {
     # name: (builds on the fused model?, torch.compile mode or None, fused backend or None)
     "eager": (False, None, None),
@@ -34,6 +35,13 @@ PROVIDERS = {
     "fused-triton": (True, None, "triton"),
     "fused-cuda": (True, None, "cuda"),
     "fused+compile": (True, "default", "auto"),
+    # "+graph": the step's forward (and backward) captured once in a CUDA graph and replayed
+    # (GRAPHED), no compiler: the host's per-op work is gone, the kernels' time is left. On the
+    # H200 the host took longer to issue a fused layer than its kernels ran (bench/results/
+    # 2026-11-26_h200_host_share.md); torch.compile's max-autotune replays graphs as well.
+    "eager+graph": (False, GRAPHED, None),
+    "fused-triton+graph": (True, GRAPHED, "triton"),
+    "fused-cuda+graph": (True, GRAPHED, "cuda"),
 }
 # (inference, training) batch per variant on the GPU, sized so B0-B7 together fit the device time
 # of one session (B5's are the targets': 32 and 16); the biggest variants also get fewer timed
@@ -60,11 +68,17 @@ def build_models(variant: str, providers: list[str], device, dtype, channels_las
         model = model.to(device, dtype)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        models[name] = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+        compiled = compile_mode is not None and compile_mode != GRAPHED
+        models[name] = torch.compile(model, mode=compile_mode) if compiled else model
     return models
 
 
-def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor, graphed: bool = False) -> Callable[[], None]:
+    """One timed step: inference under no_grad, or a training step (forward, cross-entropy,
+    backward, SGD with momentum). ``graphed``: the forward (and backward) are captured in CUDA
+    graphs after warm-up calls (compiling, autotuning) and replayed; the optimizer stays eager."""
+    if graphed:
+        return _graphed_step(model, mode, x, labels)
     if mode == "infer":
         model.eval()
 
@@ -85,6 +99,32 @@ def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Ca
     return train
 
 
+def _graphed_step(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    if mode == "infer":
+        model.eval()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad():
+            warm_up = torch.cuda.Stream()  # as torch.cuda.graphs does: warm-up work off the capture stream
+            warm_up.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warm_up):
+                for _ in range(3):
+                    model(x)
+            torch.cuda.current_stream().wait_stream(warm_up)
+            with torch.cuda.graph(graph):
+                model(x)
+        return graph.replay
+    model.train()
+    graphed = torch.cuda.make_graphed_callables(model, (x,), num_warmup_iters=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(graphed(x).float(), labels).backward()
+        optimizer.step()
+
+    return train
+
+
 def batch_size(args: argparse.Namespace, variant: str, mode: str, device: torch.device) -> int:
     if args.batch:
         return args.batch
@@ -100,7 +140,11 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
         "dtype": dtype_name, "layout": "channels_last" if channels_last else "nchw",
         "batch": batch, "resolution": resolution,
     }  # fmt: skip
-    backend = PROVIDERS[provider][2] or "auto"
+    _, compile_mode, backend = PROVIDERS[provider]
+    backend = backend or "auto"
+    graphed = compile_mode == GRAPHED
+    if graphed and device.type != "cuda":
+        return {**row, "status": "skipped: CUDA graphs need a GPU"}
     if backend not in fused_mbconv.available_backends():
         return {**row, "status": f"skipped: backend {backend} unavailable"}
     x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=DTYPES[dtype_name])
@@ -112,7 +156,7 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)  # this configuration's peak, not the sweep's
-            timing = measure(step_function(model, mode, x, labels), device, repeats=repeats, warmup=3)
+            timing = measure(step_function(model, mode, x, labels, graphed), device, repeats=repeats, warmup=3)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}

@@ -1,7 +1,7 @@
 """Markdown report and PNG plots from a benchmark CSV (the columns of bench/common.py).
 
-Speedups are ratios of img/s measured side by side in the same run: fused / eager and
-fused / the best torch.compile provider of that row group.
+Speedups are ratios of img/s measured side by side in the same run: the best fused provider
+(named in its cell) / eager and / the best torch.compile provider of that row group.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bench.common import read_rows, slug
 
-FUSED = "fused"
-COMPILED = ("compile", "compile-max-autotune")
+FUSED_PREFIX = "fused"
+COMPILED = ("compile", "compile-max-autotune", "compile+graphs")
 
 
 def _float(value: str) -> float | None:
@@ -49,20 +49,21 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     return f"{va / vb:.2f}x" if va and vb else ""
 
 
-def _best_compiled(by_provider: dict[str, dict]) -> dict | None:
-    candidates = [by_provider[p] for p in COMPILED if p in by_provider and _float(by_provider[p].get("img_per_s"))]
+def _fastest(by_provider: dict[str, dict], names) -> dict | None:
+    candidates = [by_provider[p] for p in names if p in by_provider and _float(by_provider[p].get("img_per_s"))]
     return max(candidates, key=lambda r: float(r["img_per_s"]), default=None)
 
 
 def _table(title: str, by_model: dict[str, dict[str, dict]], column: str, fmt: str, speedups: bool) -> list[str]:
     providers = sorted({p for by_provider in by_model.values() for p in by_provider})
-    header = ["model"] + providers + (["fused / eager", "fused / best compile"] if speedups else [])
+    header = ["model"] + providers + (["best fused / eager", "best fused / best compile"] if speedups else [])
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, by_provider in by_model.items():
         cells = [model] + [_cell(by_provider.get(p), column, fmt) for p in providers]
         if speedups:
-            fused = by_provider.get(FUSED)
-            cells += [_ratio(fused, by_provider.get("eager")), _ratio(fused, _best_compiled(by_provider))]
+            fused = _fastest(by_provider, [p for p in by_provider if p.startswith(FUSED_PREFIX)])
+            named = f" ({fused['provider']})" if fused else ""
+            cells += [_ratio(fused, by_provider.get("eager")) + named, _ratio(fused, _fastest(by_provider, COMPILED))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

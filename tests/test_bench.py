@@ -38,7 +38,7 @@ def test_report_speedups_are_ratios_of_measured_throughput(tmp_path):
     assert list(read_rows(csv_path)[0]) == CSV_COLUMNS
     text = report.write_report(csv_path)
     line = next(ln for ln in text.splitlines() if ln.startswith("| efficientnet_b0"))
-    assert line.rstrip(" |").endswith("| 2.40x | 1.50x"), line  # 240/100, 240/max(150, 160)
+    assert line.rstrip(" |").endswith("| 2.40x (fused) | 1.50x"), line  # 240/100, 240/max(150, 160)
     assert "oom" in line
     assert "Test GPU" in text
 
@@ -71,6 +71,24 @@ def test_cli_batch_per_mode_and_latency(tmp_path, monkeypatch):
               "--out", str(csv_path)])  # fmt: skip
     rows = [(r["mode"], r["batch"], r["status"]) for r in read_rows(csv_path)]
     assert rows == [("infer", "2", "ok"), ("train", "2", "ok"), ("infer", "1", "ok")]
+
+
+def test_cli_cuda_graph_providers(tmp_path, monkeypatch):
+    """The "+graph" providers replay the step's forward and backward from CUDA graphs: measured on
+    a GPU, recorded as skipped on the CPU."""
+    from bench import __main__ as cli
+
+    csv_path = tmp_path / "models.csv"
+    monkeypatch.chdir(ROOT)
+    providers = ["eager+graph"] + (["fused-triton+graph"] if "triton" in BACKENDS else [])
+    cli.main(["--variants", "b0", "--providers", ",".join(providers), "--resolution", "32", "--batch", "2",
+              "--repeats", "2", "--out", str(csv_path)])  # fmt: skip
+    rows = read_rows(csv_path)
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in providers for m in ("infer", "train")]
+    if torch.cuda.is_available():
+        assert all(r["status"] == "ok" and float(r["img_per_s"]) > 0 for r in rows), rows
+    else:
+        assert all(r["status"] == "skipped: CUDA graphs need a GPU" for r in rows), rows
 
 
 def test_cli_time_budget_records_what_it_skips(tmp_path):
@@ -249,6 +267,20 @@ def test_layer_profile_names_each_pass_of_the_fused_op(capsys):
         assert f"### {fused[0]}" in infer and "fused_mbconv::dwconv_bn_silu" in infer
         assert "fused_mbconv::dwconv_bn_silu_backward" in train
     assert "### eager" in train and "aten::convolution_backward" in train
+
+
+@pytest.mark.parametrize("op", ["dwconv", "se_project"])
+def test_host_profile_lists_the_functions_that_take_the_host_time(op, capsys):
+    """bench/profile_host.py on the CPU, one small layer: per mode and provider the median host
+    time of a call and the profile's table, naming the layer's own forward."""
+    from bench import profile_host
+
+    profile_host.main(["--smoke", "--op", op, "--providers", "eager", "--calls", "2", "--top", "40"])
+    sections = capsys.readouterr().out.split("## ")[1:]
+    assert [s.split(",")[0].split()[-2:] for s in sections] == [["infer", "eager"], ["train", "eager"]]
+    for section in sections:
+        assert "host time per call: median" in section and "ncalls  tottime" in section
+        assert ("batchnorm.py" in section) if op == "dwconv" else ("bench_se_project.py" in section)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")

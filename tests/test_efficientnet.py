@@ -205,7 +205,7 @@ def test_weights_from_file_and_state_dict(tmp_path):
     path = tmp_path / "b0.pth"
     torch.save(tv.state_dict(), path)
     loaded = fused_mbconv.efficientnet_b0(weights=str(path))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tv.state_dict().values()))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(loaded.state_dict().values(), tv.state_dict().values()))
     with pytest.raises(TypeError, match=r"weights: expected None, a file path or a state_dict, got int"):
         fused_mbconv.efficientnet_b0(weights=3)
     with pytest.raises(RuntimeError, match=r"size mismatch for classifier.1.weight"):
@@ -226,13 +226,14 @@ def test_timm_checkpoints_load_and_match(name, padding, eps, size):
     variant, options = name.rsplit("_", 1)[1], {"padding": padding, "norm_eps": eps}
     fused = fused_mbconv.models.create_efficientnet(variant, **options)
     load_timm_state_dict(fused, reference.state_dict())
+    fused, reference = fused.to(DEVICE), reference.to(DEVICE)
     x = images(2, size)
     exact = copy.deepcopy(reference).double().eval()
     with torch.no_grad():
         check(parity.compare(f"{name} logits", fused.eval()(x), reference.eval()(x), exact(x.double()), torch.float32))
     # the same checkpoint through the builders' ``weights`` (the layout is recognised)
     again = fused_mbconv.models.create_efficientnet(variant, weights=reference.state_dict(), **options)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fused.state_dict().values()))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(again.state_dict().values(), fused.state_dict().values()))
 
 
 def test_timm_keys_that_do_not_fit_are_named():
