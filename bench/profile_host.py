@@ -39,10 +39,13 @@ def steps(op: str, setting: KernelSetting, shape_name: str | None):
     if shape is None:
         raise SystemExit(f"--shape: no {shape_name!r}; choose from {[s.name for s in shapes]}")
     if op == "dwconv":
-        x = torch.randn(setting.batch, shape.channels, shape.size, shape.size, device=setting.device, dtype=setting.dtype)
+        size = (setting.batch, shape.channels, shape.size, shape.size)
+        x = torch.randn(size, device=setting.device, dtype=setting.dtype).contiguous(memory_format=torch.channels_last)
         modules = bench_dwconv.make_modules(shape, setting)
-        make = lambda p, m: bench_dwconv.step_fn(modules[p], m, x.contiguous(memory_format=torch.channels_last),
-                                                 bench_dwconv.output_size(shape))  # fmt: skip # noqa: E731
+
+        def make(provider, mode):
+            return bench_dwconv.step_fn(modules[provider], mode, x, bench_dwconv.output_size(shape))
+
         return shape.name, bench_dwconv.FUSED, make
     inputs = bench_se_project.make_inputs(shape, setting.device, setting.dtype, setting.batch)
     modules = bench_se_project.make_modules(shape, setting.compile_mode, setting.device, setting.dtype)
