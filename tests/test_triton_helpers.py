@@ -85,6 +85,17 @@ def test_sum_rows_rejects_mismatched_tensors():
         _triton.sum_rows(part, torch.empty(7, device=DEVICE))
 
 
+def test_host_cdiv_and_next_power_of_2_are_plain_ints():
+    """Grid functions get meta-parameters as tl.constexpr at times: the host helpers must give
+    plain ints (a constexpr left in a launch grid made the interpreter launch too few programs)."""
+    for a in range(1, 70):
+        for b in (1, 3, 16, 32):
+            for got in (_triton.cdiv(a, b), _triton.cdiv(tl.constexpr(a), tl.constexpr(b))):
+                assert type(got) is int and got == -(-a // b)
+        got = _triton.next_power_of_2(tl.constexpr(a))
+        assert type(got) is int and got >= a and got & (got - 1) == 0 and (got == 1 or got // 2 < a)
+
+
 def test_multiprocessors_of_a_cpu_device():
     assert _triton.multiprocessors(torch.device("cpu")) == 1
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from fused_mbconv import ops
+from fused_mbconv.ops._eager import call
 
 
 def symmetric_padding(kernel_size: int) -> list[int]:
@@ -112,11 +113,12 @@ def dwconv_bn_silu(
     channels = x.shape[1]
     if training:
         gamma, beta = _batch_norm_affine(bn_weight, bn_bias, channels, x)
-        y, squeeze, mean, var = ops.dwconv_bn_silu_train(x, weight, gamma, beta, eps, stride, padding, with_squeeze)
+        op = ops.dwconv_bn_silu_train
+        y, squeeze, mean, var = call(op, x, weight, gamma, beta, eps, stride, padding, with_squeeze)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
     else:
         scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
-        y, squeeze = ops.dwconv_bn_silu(x, weight, scale, shift, stride, padding, with_squeeze)
+        y, squeeze = call(ops.dwconv_bn_silu, x, weight, scale, shift, stride, padding, with_squeeze)
     return y, (squeeze if with_squeeze else None)
 
 
@@ -132,8 +134,8 @@ def squeeze_excite(
     producer of x already computed it (the depthwise kernel's by-product)."""
     x = _autocast_input(x)
     if pooled is None:
-        pooled = ops.se_squeeze(x)
-    return ops.se_scale(x, se_gate(pooled, reduce_weight, reduce_bias, expand_weight, expand_bias))
+        pooled = call(ops.se_squeeze, x)
+    return call(ops.se_scale, x, se_gate(pooled, reduce_weight, reduce_bias, expand_weight, expand_bias))
 
 
 def se_gate(
@@ -144,7 +146,7 @@ def se_gate(
     expand_bias: torch.Tensor,
 ) -> torch.Tensor:
     """sigmoid(W2 silu(W1 pooled + b1) + b2): the squeeze-excite gate (N, C) from pooled (N, C)."""
-    return ops.se_excite(_autocast_input(pooled), reduce_weight, reduce_bias, expand_weight, expand_bias)
+    return call(ops.se_excite, _autocast_input(pooled), reduce_weight, reduce_bias, expand_weight, expand_bias)
 
 
 def project_bn(
@@ -176,8 +178,8 @@ def project_bn(
         gate = gate.to(x.dtype)
     if training:
         gamma, beta = _batch_norm_affine(bn_weight, bn_bias, weight.shape[0], x)
-        y, _, mean, var = ops.project_bn_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
+        y, _, mean, var = call(ops.project_bn_train, x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
         return y
     scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
-    return ops.project_bn(x, gate, weight, scale, shift, residual, branch_scale, silu)
+    return call(ops.project_bn, x, gate, weight, scale, shift, residual, branch_scale, silu)

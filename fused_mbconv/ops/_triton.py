@@ -273,6 +273,19 @@ def _sum_rows_kernel(part_ptr, out_ptr, rows, L, BLOCK_G: tl.constexpr, BLOCK_L:
 # host side
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints as a plain int (triton.cdiv is a constexpr function since triton
+    3.8: ~10x slower on the host, where launch code calls it per grid dimension). A grid function's
+    meta-parameters can arrive as tl.constexpr: int() unwraps them (a constexpr left in a launch
+    grid made the interpreter launch too few programs)."""
+    return -(-int(a) // int(b))
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), as a plain int (see ``cdiv``)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 @functools.cache
 def multiprocessors(device: torch.device) -> int:
     """The SM count of a CUDA ``device``; 1 for any other device (the interpreter's CPU)."""
@@ -313,7 +326,7 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"part: expected a contiguous fp32 tensor, got {part.dtype}, strides {part.stride()}")
     if out.numel() != length or not out.is_contiguous():
         raise ValueError(f"out: expected {length} contiguous elements, got shape {tuple(out.shape)}")
-    grid = (triton.cdiv(length, _SUM_BLOCK_L),)
+    grid = (cdiv(length, _SUM_BLOCK_L),)
     _sum_rows_kernel[grid](part, out, rows, length, BLOCK_G=_SUM_BLOCK_G, BLOCK_L=_SUM_BLOCK_L)
     return out
 
@@ -328,7 +341,7 @@ def combine_stats(
     rows = count_part.shape[0] if rows is None else rows
     c = mean_part.shape[1]
     mean, var = (torch.empty(c, dtype=torch.float32, device=mean_part.device) for _ in range(2))
-    _combine_stats_kernel[(triton.cdiv(c, _STATS_BLOCK_C),)](
+    _combine_stats_kernel[(cdiv(c, _STATS_BLOCK_C),)](
         count_part, mean_part, m2_part, mean, var, c, rows, BLOCK_G=_STATS_BLOCK_G, BLOCK_C=_STATS_BLOCK_C
     )
     return mean, var

@@ -25,6 +25,7 @@ import torch
 from fused_mbconv import _extension
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
+from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference
 
@@ -128,7 +129,8 @@ def _setup_infer(ctx, inputs, output):
 def _backward_infer(ctx, grad_y, grad_squeeze):
     x, weight, scale, shift = ctx.saved_tensors
     stats = scale.new_zeros(scale.shape, dtype=_stats_dtype(x))
-    dx, dweight, dscale, dshift = dwconv_bn_silu_backward(
+    dx, dweight, dscale, dshift = _eager.call(
+        dwconv_bn_silu_backward,
         grad_y, grad_squeeze if ctx.with_squeeze else None, x, weight, scale, shift,
         stats, stats + 1, ctx.stride, ctx.padding, False,
     )  # fmt: skip
@@ -192,7 +194,8 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad_y, grad_squeeze, _grad_mean, _grad_var):
     x, weight, gamma, beta, mean, var = ctx.saved_tensors
-    dx, dweight, dgamma, dbeta = dwconv_bn_silu_backward(
+    dx, dweight, dgamma, dbeta = _eager.call(
+        dwconv_bn_silu_backward,
         grad_y, grad_squeeze if ctx.with_squeeze else None, x, weight, gamma, beta,
         mean, torch.rsqrt(var + ctx.eps), ctx.stride, ctx.padding, True,
     )  # fmt: skip

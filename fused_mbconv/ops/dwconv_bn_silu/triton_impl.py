@@ -44,10 +44,12 @@ from fused_mbconv.ops._triton import (
     autotune,
     below,
     cast,
+    cdiv,
     chan_merge,
     combine_stats,
     merge_rows,
     multiprocessors,
+    next_power_of_2,
     sigmoid,
     sum_rows,
     triton_entry,
@@ -73,7 +75,7 @@ def _tile_configs(gpu_configs: Sequence[tuple[int, int, int, int]], **flags) -> 
 
 def _lanes_used(c: int, block_c: int) -> float:
     """The share of a launch's channel lanes that hold one of the c channels."""
-    return c / (triton.cdiv(c, block_c) * block_c)
+    return c / (cdiv(c, block_c) * block_c)
 
 
 def _prune(width: str):
@@ -84,7 +86,7 @@ def _prune(width: str):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        widest_w = triton.next_power_of_2(args[width])
+        widest_w = next_power_of_2(args[width])
         lanes = {id(cfg): _lanes_used(args["C"], cfg.kwargs["BLOCK_C"]) for cfg in configs}
         fit = [cfg for cfg in configs if cfg.kwargs["TILE_W"] <= widest_w]
         if not fit:
@@ -882,18 +884,18 @@ def _groups(geo: _Geometry, device: torch.device) -> int:
     programs per multiprocessor (a channel block of ~32 per program), each with MIN_CHUNK
     positions or more; partial sums are then a few hundred rows at most, cheap to combine."""
     programs = 4 * multiprocessors(device)
-    return max(1, min(programs // triton.cdiv(geo.c, 32), triton.cdiv(geo.m, MIN_CHUNK)))
+    return max(1, min(programs // cdiv(geo.c, 32), cdiv(geo.m, MIN_CHUNK)))
 
 
 def _channel_grid(groups: int):
-    return lambda meta: (groups, triton.cdiv(meta["C"], meta["BLOCK_C"]))
+    return lambda meta: (groups, cdiv(meta["C"], meta["BLOCK_C"]))
 
 
 def _tile_grid(n: int, h: int, w: int):
     """One program per (tile of the (n, h, w) positions, channel block)."""
     return lambda meta: (
-        n * triton.cdiv(h, meta["BLOCK_P"] // meta["TILE_W"]) * triton.cdiv(w, meta["TILE_W"]),
-        triton.cdiv(meta["C"], meta["BLOCK_C"]),
+        n * cdiv(h, meta["BLOCK_P"] // meta["TILE_W"]) * cdiv(w, meta["TILE_W"]),
+        cdiv(meta["C"], meta["BLOCK_C"]),
     )
 
 
@@ -910,7 +912,7 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     tl.multiple_of claim on an offset with nothing added to it is folded away). C k k values:
     a negligible copy."""
     c, _, k, _ = weight.shape
-    padded = torch.empty((k, k, triton.cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
+    padded = torch.empty((k, k, cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
     taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1)
     return taps.copy_(weight.detach())
 
@@ -1016,7 +1018,7 @@ def backward(
     dw_part = torch.empty((groups, geo.c * geo.k * geo.k), **f32)
     _dconv_kernel[grid](
         grad_y, dsq, x, taps, *per_channel, sums, dc, sums_part, dw_part,
-        inv_count=1.0 / geo.m, sdc=dc.stride(), TRAINING=training, KK_PAD=triton.next_power_of_2(geo.k * geo.k),
+        inv_count=1.0 / geo.m, sdc=dc.stride(), TRAINING=training, KK_PAD=next_power_of_2(geo.k * geo.k),
         **dy_args, **conv_args,
     )  # fmt: skip
     if not training:

@@ -31,6 +31,7 @@ import torch
 
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
+from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.project_bn import reference
 
@@ -114,8 +115,9 @@ def _backward_infer(ctx, grad_y):
     # z is recomputed (one GEMM) rather than kept: the inference op is also what frozen-BN
     # fine-tuning runs, and there memory is the point
     zeros = scale.new_zeros(scale.shape)
-    z = project_bn(x, gate, weight, zeros + 1, zeros, None, None, False)
-    dx, dgate, dweight, dscale, dshift = project_bn_backward(
+    z = _eager.call(project_bn, x, gate, weight, zeros + 1, zeros, None, None, False)
+    dx, dgate, dweight, dscale, dshift = _eager.call(
+        project_bn_backward,
         grad_y, x, gate, weight, z, scale, shift, zeros, zeros + 1, branch_scale, ctx.silu, False
     )
     return (dx, dgate if gate is not None else None, dweight, dscale, dshift,
@@ -174,7 +176,8 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
     x, gate, weight, z, gamma, beta, mean, var, branch_scale = ctx.saved_tensors
-    dx, dgate, dweight, dgamma, dbeta = project_bn_backward(
+    dx, dgate, dweight, dgamma, dbeta = _eager.call(
+        project_bn_backward,
         grad_y, x, gate, weight, z, gamma, beta, mean, torch.rsqrt(var + ctx.eps), branch_scale, ctx.silu, True
     )
     return (dx, dgate if gate is not None else None, dweight, dgamma, dbeta, None,

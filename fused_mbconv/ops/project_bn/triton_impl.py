@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout, memory_format_of
 from fused_mbconv.ops import _triton
-from fused_mbconv.ops._triton import cast, sigmoid, vector_alignment
+from fused_mbconv.ops._triton import cast, cdiv, next_power_of_2, sigmoid, vector_alignment
 from fused_mbconv.ops.project_bn import IMPLS, reference
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ _GEMM_INTERPRETED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
 def _prune_gemm(configs, named_args, **kwargs):
     """Drop configs whose output-channel block is wider than the output channels (masked lanes
     do no work)."""
-    widest = max(16, triton.next_power_of_2({**named_args, **kwargs}["N_COLS"]))
+    widest = max(16, next_power_of_2({**named_args, **kwargs}["N_COLS"]))
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_N"] <= widest]
     return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_N"])]
 
@@ -387,7 +387,7 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(n: int, hw: int, block: int) -> int:
-    return n * triton.cdiv(hw, block)
+    return n * cdiv(hw, block)
 
 
 def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool, act: bool = False):
@@ -402,7 +402,7 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
 
     def grid(meta):
         launch["rows"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
-        return _tiles(n, h * w, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"])
+        return _tiles(n, h * w, meta["BLOCK_M"]), cdiv(o, meta["BLOCK_N"])
 
     # the partials' row count depends on the tile height the tuner picks: size for the smallest
     most = _tiles(n, h * w, _MIN_BLOCK_M)
@@ -444,7 +444,7 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, sil
     b = beta.float() - mean * a
     res = _like(z, residual)
     bs = branch_scale
-    _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+    _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), cdiv(o, meta["BLOCK_C"]))](
         z, a, b, z if res is None else res, z if bs is None else bs, y, o, h * w,
         *_strides(z), *(_strides(res) if res is not None else (0, 0, 0)), *_strides(y),
         ACT=silu, HAS_RES=res is not None, HAS_BS=bs is not None, ALIGN=vector_alignment(z, res, y),
@@ -470,9 +470,9 @@ def _hw_splits(n: int, o: int, hw: int, device: torch.device) -> tuple[int, int]
     """(chunk, splits) of H*W for a per-sample reduction: more than one split only when the
     samples alone (a program per sample and 32 channels) leave the GPU idle."""
     programs = 4 * _triton.multiprocessors(device)
-    splits = max(1, min(triton.cdiv(programs, n * triton.cdiv(o, 32)), triton.cdiv(hw, _MIN_CHUNK)))
-    chunk = triton.cdiv(hw, splits)
-    return chunk, triton.cdiv(hw, chunk)
+    splits = max(1, min(cdiv(programs, n * cdiv(o, 32)), cdiv(hw, _MIN_CHUNK)))
+    chunk = cdiv(hw, splits)
+    return chunk, cdiv(hw, chunk)
 
 
 # a split of H*W reduces at least this many positions (interpreted: small, so tests split too)
@@ -497,14 +497,14 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     chunk, splits = _hw_splits(n, o, hw, x.device)
     part = torch.empty((n * splits, 2 * o), **f32)
     per_channel = [v.float().contiguous() for v in (mean, invstd, gamma, beta)]
-    _dy_sums_kernel[lambda meta: (n * splits, triton.cdiv(o, meta["BLOCK_C"]))](
+    _dy_sums_kernel[lambda meta: (n * splits, cdiv(o, meta["BLOCK_C"]))](
         dy, z, bs, *per_channel, part, o, hw, chunk, splits, *_strides(dy), *_strides(z), ACT=silu, HAS_BS=has_bs,
         ALIGN=vector_alignment(dy, z),
     )  # fmt: skip
     sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
     coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
     dz = torch.empty_like(z)
-    _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), triton.cdiv(o, meta["BLOCK_C"]))](
+    _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), cdiv(o, meta["BLOCK_C"]))](
         dy, z, bs, coef, *per_channel, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), ACT=silu, HAS_BS=has_bs,
         ALIGN=vector_alignment(dy, z, dz),
     )  # fmt: skip
@@ -516,7 +516,7 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
 
     def dx_grid(meta):
         rows["dx"] = meta["BLOCK_M"]  # the last call is the launch of the config that runs
-        return _tiles(n, hw, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+        return _tiles(n, hw, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_N"])
 
     _dx_kernel[dx_grid](
         dz, wm, x, gate_arg, dx, dgate_part, c, o, hw,
@@ -525,23 +525,23 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     )  # fmt: skip
     dgate = x.new_empty(0)
     if has_gate:
-        tiles_per_sample = triton.cdiv(hw, rows["dx"])
+        tiles_per_sample = cdiv(hw, rows["dx"])
         per_sample = dgate_part[: n * tiles_per_sample].view(n, tiles_per_sample, c)
         dgate = per_sample.sum(dim=1).to(gate.dtype)  # a fixed-order reduction: deterministic
 
     # the weight's gradient reduces over every position: split them to fill the GPU
     programs = 4 * _triton.multiprocessors(x.device)
-    fewest_blocks = min(triton.cdiv(o, cfg.kwargs["BLOCK_N"]) * triton.cdiv(c, cfg.kwargs["BLOCK_K"])
+    fewest_blocks = min(cdiv(o, cfg.kwargs["BLOCK_N"]) * cdiv(c, cfg.kwargs["BLOCK_K"])
                         for cfg in _GEMM_CONFIGS)  # fmt: skip
     max_splits = max(1, min(_tiles(n, hw, _MIN_BLOCK_M), programs // fewest_blocks))
     part_w = torch.empty((max_splits, o, c), **f32)
 
     def dweight_grid(meta):
         tiles = _tiles(n, hw, meta["BLOCK_M"])
-        blocks = triton.cdiv(o, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_K"])
-        per_split = triton.cdiv(tiles, max(1, min(tiles, programs // blocks)))
-        rows["splits"] = triton.cdiv(tiles, per_split)
-        return triton.cdiv(o, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_K"]), rows["splits"]
+        blocks = cdiv(o, meta["BLOCK_N"]) * cdiv(c, meta["BLOCK_K"])
+        per_split = cdiv(tiles, max(1, min(tiles, programs // blocks)))
+        rows["splits"] = cdiv(tiles, per_split)
+        return cdiv(o, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_K"]), rows["splits"]
 
     _dweight_kernel[dweight_grid](
         dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,

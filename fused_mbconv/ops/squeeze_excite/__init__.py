@@ -23,6 +23,7 @@ from fused_mbconv._checks import (
     check_tensor,
     empty_like_layout,
 )
+from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.squeeze_excite import reference
 
@@ -142,7 +143,7 @@ def _setup_excite(ctx, inputs, output):
 
 
 def _backward_excite(ctx, grad_gate):
-    return se_excite_backward(grad_gate, *ctx.saved_tensors)
+    return _eager.call(se_excite_backward, grad_gate, *ctx.saved_tensors)
 
 
 se_excite.register_autograd(_backward_excite, setup_context=_setup_excite)
@@ -190,7 +191,7 @@ def _setup_scale(ctx, inputs, output):
 
 
 def _backward_scale(ctx, grad_y):
-    return se_scale_backward(grad_y, *ctx.saved_tensors)
+    return _eager.call(se_scale_backward, grad_y, *ctx.saved_tensors)
 
 
 se_scale.register_autograd(_backward_scale, setup_context=_setup_scale)

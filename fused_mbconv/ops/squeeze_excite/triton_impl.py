@@ -23,6 +23,7 @@ from fused_mbconv.ops._triton import (
     INTERPRETED,
     autotune,
     cast,
+    cdiv,
     multiprocessors,
     sum_rows,
     triton_entry,
@@ -75,10 +76,10 @@ def _hw_chunk(x: torch.Tensor) -> tuple[int, int]:
     """(chunk, splits): each program reduces ``chunk`` consecutive pixels of H*W; more than one
     split only when N * C alone leaves the GPU idle."""
     n, c, h, w = x.shape
-    tiles = n * triton.cdiv(c, _NOMINAL_BLOCK_C)
-    splits = max(1, min(triton.cdiv(_WAVES * multiprocessors(x.device), tiles), triton.cdiv(h * w, _MIN_CHUNK)))
-    chunk = triton.cdiv(h * w, splits)
-    return chunk, triton.cdiv(h * w, chunk)
+    tiles = n * cdiv(c, _NOMINAL_BLOCK_C)
+    splits = max(1, min(cdiv(_WAVES * multiprocessors(x.device), tiles), cdiv(h * w, _MIN_CHUNK)))
+    chunk = cdiv(h * w, splits)
+    return chunk, cdiv(h * w, chunk)
 
 
 def _reduction_output(x: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -148,7 +149,7 @@ def squeeze(x: torch.Tensor) -> torch.Tensor:
     chunk, splits = _hw_chunk(x)
     out = _reduction_output(x, splits, x.dtype)
     flat = _hw_flat(x)
-    grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (n * splits, cdiv(c, meta["BLOCK_C"]))  # noqa: E731
     _squeeze_kernel[grid](x, out, n, c, h * w, w, chunk, splits, 1.0 / (h * w), *_strides(x, flat), FLAT=flat)
     return _finish(out, x.dtype)
 
@@ -184,7 +185,7 @@ def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     y = empty_like_layout(x, x.shape)
     flat = _hw_flat(x, y)
-    grid = lambda meta: (n * triton.cdiv(h * w, meta["BLOCK_HW"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (n * cdiv(h * w, meta["BLOCK_HW"]), cdiv(c, meta["BLOCK_C"]))  # noqa: E731
     _scale_kernel[grid](
         x, gate, y, n, c, h * w, w, *gate.stride(), *_strides(x, flat), *_strides(y, flat), FLAT=flat
     )
@@ -232,7 +233,7 @@ def scale_backward(grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) ->
     dx = empty_like_layout(x, x.shape)
     dgate = _reduction_output(x, splits, gate.dtype)
     flat = _hw_flat(grad_y, x, dx)
-    grid = lambda meta: (n * splits, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (n * splits, cdiv(c, meta["BLOCK_C"]))  # noqa: E731
     _scale_backward_kernel[grid](
         grad_y, x, gate, dx, dgate, n, c, h * w, w, chunk, splits,
         *gate.stride(), *_strides(grad_y, flat), *_strides(x, flat), *_strides(dx, flat), FLAT=flat,
@@ -310,7 +311,7 @@ def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
     r = w1.shape[0]
     w1m, w2m = _matrix(w1), _matrix(w2)
     gate = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"]))  # noqa: E731
     _excite_kernel[grid](
         pooled, w1m, b1, w2m, b2, gate, n, c, r,
         *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
@@ -438,11 +439,11 @@ def excite_backward(grad_gate, pooled, w1, b1, w2, b2):
     dlogits = torch.empty((n, c), dtype=torch.float32, device=pooled.device)
     dpooled = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     dw1, db1, dw2, db2 = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (w1, b1, w2, b2))
-    _excite_backward_samples_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _excite_backward_samples_kernel[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
         grad_gate, pooled, w1m, b1, w2m, b2, h, dlogits, dh, dpooled, n, c, r,
         *grad_gate.stride(), *pooled.stride(), *w1m.stride(), *b1.stride(), *w2m.stride(), *b2.stride(),
     )  # fmt: skip
-    _excite_backward_weights_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
+    _excite_backward_weights_kernel[lambda meta: (cdiv(c, meta["BLOCK_C"]),)](
         pooled, h, dlogits, dh, dw1, db1, dw2, db2, n, c, r, *pooled.stride()
     )
     return dpooled, dw1, db1, dw2, db2
