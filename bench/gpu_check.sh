@@ -8,7 +8,8 @@
 # times), tests (the suite on CUDA, in parallel workers; on the H200 it did not finish in 150 s:
 # TESTS= picks files), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA
 # graphs and by host issue time), kprofile (one depthwise layer kernel by kernel), bench_model
-# (B5 end to end), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
+# (B5 end to end, also from CUDA graphs), hostprof (the host's time per fused layer call, by
+# function), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
 # through each fused op), sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
 # CUDA depthwise kernels' halo tiles), profile (B5's training step kernel by kernel), main (python
 # -m fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its
@@ -21,7 +22,7 @@
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
 # output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
-# fused_mbconv/ops/auto_table.json), models.log.
+# fused_mbconv/ops/auto_table.json), models.log, hostprof.log.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-450}
@@ -29,7 +30,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model auto_table sweeps sanitizer racecheck profile main"
+ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model hostprof auto_table sweeps sanitizer racecheck profile main"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
@@ -107,15 +108,21 @@ bench_dw() {
 bench_se() {
   step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share --out "$OUT/se_project.csv" ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
-kprofile() {  # one B5 depthwise layer kernel by kernel: which pass of the fused op takes the time
-  step kprofile 60 "$LOG" $PY bench/profile_dwconv.py --providers ${KPROFILE_PROVIDERS:-cuda,triton,eager}
+kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel: which pass takes the time
+  step kprofile 60 "$LOG" $PY bench/profile_layer.py --op "${KPROFILE_OP:-dwconv}" ${KPROFILE_SHAPE:+--shape "$KPROFILE_SHAPE"} \
+    --providers "${KPROFILE_PROVIDERS:-cuda,triton,eager}"
 }
-# fused-triton: "auto" keeps training on the reference ops until the Triton ones pass on the GPU
-# (ops/_registry.py). The report and its plots stay behind (8 files come back): `python -m bench
-# --report-only model.csv`
+# B5 end to end (MODEL_PROVIDERS, MODEL_MODES: see python -m bench --help; "+graph" providers
+# replay the step from CUDA graphs). fused-triton training compiles a few hundred kernels on a
+# bare machine: minutes, more than this step's limit. The report and its plots stay behind (8
+# files come back): `python -m bench --report-only model.csv`
 bench_model() {
-  step bench_model 75 "$LOG" $PY -m bench --variants b5 --providers eager,fused-triton --time-budget 60 \
-    --out "$OUT/model.csv" --report /tmp/model.md
+  step bench_model 120 "$LOG" $PY -m bench --variants b5 --time-budget 100 --out "$OUT/model.csv" --report /tmp/model.md \
+    --providers "${MODEL_PROVIDERS:-eager,eager+graph,fused-triton,fused-triton+graph}" --modes "${MODEL_MODES:-infer}"
+}
+hostprof() {  # where the host's time goes when it issues one triton depthwise / SE + projection layer
+  step hostprof 60 "$OUT/hostprof.log" bash -c "$PY bench/profile_host.py --op dwconv --providers triton,eager --calls 30 \
+    && $PY bench/profile_host.py --op se_project --providers triton,eager --calls 30"
 }
 profile() {  # per-kernel time of one B5 training step, eager vs fused: where the time goes
   step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2

@@ -28,14 +28,17 @@ from bench import bench_dwconv, bench_se_project  # noqa: E402
 from bench.common import KernelSetting  # noqa: E402
 
 
-def steps(op: str, setting: KernelSetting, shape_name: str | None):
-    """(shape name, providers, {(provider, mode): step function}) of one layer shape (default:
-    the quick list's first)."""
-    if op == "dwconv":
-        shapes = bench_dwconv.selected_shapes(quick=True, smoke=setting.device.type != "cuda")
+def layer_steps(op: str, setting: KernelSetting, shape_name: str | None, default: str = "first"):
+    """(shape name, fused providers, make(provider, mode) -> step function) of one B5 layer shape
+    of ``op``'s benchmark (its quick list on a GPU, its smoke shape on the CPU); no name: the
+    list's first, or with ``default="largest"`` its largest. Shared with profile_layer.py."""
+    bench = bench_dwconv if op == "dwconv" else bench_se_project
+    on_gpu = setting.device.type == "cuda"
+    shapes = bench.selected_shapes(quick=shape_name is None, smoke=not on_gpu)
+    if shape_name is None:
+        shape = shapes[0] if default == "first" else max(shapes, key=lambda s: s.channels * s.size**2)
     else:
-        shapes = bench_se_project.selected_shapes(quick=True, smoke=setting.device.type != "cuda")
-    shape = shapes[0] if shape_name is None else next((s for s in shapes if s.name == shape_name), None)
+        shape = next((s for s in shapes if s.name == shape_name), None)
     if shape is None:
         raise SystemExit(f"--shape: no {shape_name!r}; choose from {[s.name for s in shapes]}")
     if op == "dwconv":
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     timing = argparse.Namespace(smoke=args.smoke, quick=True, compile_mode="default")
     setting = KernelSetting.from_args(timing, bench_dwconv.BATCH, bench_dwconv.DTYPE)
-    name, fused, make = steps(args.op, setting, args.shape)
+    name, fused, make = layer_steps(args.op, setting, args.shape)
     for mode in args.modes.split(","):
         for provider in args.providers.split(","):
             with fused_mbconv.backend(provider if provider in fused else "reference"):

@@ -254,12 +254,12 @@ def test_profile_names_where_each_provider_spends_its_step(capsys):
 
 
 def test_layer_profile_names_each_pass_of_the_fused_op(capsys):
-    """bench/profile_dwconv.py on the CPU, one small layer: per mode a table per provider, the
-    fused op's passes in the fused provider's and cuDNN-style convolution in eager's."""
-    from bench import profile_dwconv
+    """bench/profile_layer.py on the CPU, one small depthwise layer: per mode a table per
+    provider, the fused op's passes in the fused provider's and cuDNN-style convolution in eager's."""
+    from bench import profile_layer
 
     fused = [b for b in ("triton", "cuda") if b in BACKENDS][:1]  # the triton one runs interpreted here
-    profile_dwconv.main(["--smoke", "--providers", ",".join([*fused, "eager"]), "--steps", "1"])
+    profile_layer.main(["--smoke", "--providers", ",".join([*fused, "eager"]), "--steps", "1"])
     out = capsys.readouterr().out
     infer, train = out.split("## c8_k3_s2_h9 train")
     assert "## c8_k3_s2_h9 infer" in infer
@@ -298,4 +298,4 @@ def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     assert "skipped" in steps[0] and "skipped" in steps[1]
     assert steps[2].startswith("kprofile: rc=1 in"), steps
     assert steps[3].startswith("nosuch: unknown step"), steps
-    assert "bench/profile_dwconv.py" in (tmp_path / "steps.log").read_text()
+    assert "bench/profile_layer.py" in (tmp_path / "steps.log").read_text()
