@@ -131,9 +131,13 @@ def _plan() -> list[dict]:
              variants=_grid(FLAT=(True, False), out_ptr=(D, F32))),
         dict(module="se", kernel="_scale_kernel", variants=_grid(FLAT=(True, False))),
         dict(module="se", kernel="_scale_backward_kernel", variants=_grid(FLAT=(True, False), dgate_ptr=(D, F32))),
-        dict(module="se", kernel="_excite_kernel", dot=True),
-        dict(module="se", kernel="_excite_backward_samples_kernel", ptrs=excite_scratch, dot=True),
-        dict(module="se", kernel="_excite_backward_weights_kernel", ptrs=excite_scratch, dot=True),
+        # the excite's phases: fp32 scratch between them; the gate kernel writes the gate (the
+        # forward) or the fp32 dlogits (the backward, reading dgate)
+        dict(module="se", kernel="_excite_hidden_kernel", ptrs={"h_ptr": F32}, dot=True),
+        dict(module="se", kernel="_excite_gate_kernel", ptrs={"h_ptr": F32}, dot=True,
+             variants=[{"BACKWARD": True, "out_ptr": F32}, {"BACKWARD": False}]),
+        dict(module="se", kernel="_excite_dh_kernel", ptrs=excite_scratch, dot=True),
+        dict(module="se", kernel="_excite_backward_columns_kernel", ptrs=excite_scratch, dot=True),
         # projection: a GEMM (tf32 / ieee for fp32 by torch's flag, added per dtype) and BN passes
         dict(module="project", kernel="_project_kernel", variants=project, dot=True, optional=("ACT",)),
         dict(module="project", kernel="_normalize_kernel", ptrs={"a_ptr": F32, "b_ptr": F32}, optional=("ACT",),
