@@ -17,9 +17,10 @@ from fused_mbconv.ops import auto_table
 # "auto" preference on CUDA devices where the measured table (ops/auto_table.py) has no entry.
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 # Training ops stay on the reference path under "auto": on the H200 (bench/results/
-# 2026-11-26_h200_first_benchmarks.md) the fused training forward + backward was slower than eager
-# on every B5 shape measured (depthwise 0.23-0.66x, SE + projection 0.39-0.59x), and the GPU parity
-# suite has not yet run to its end. Asking for "triton" or "cuda" still runs them.
+# 2026-11-26_h200_host_share.md) the fused training forward + backward called eagerly was slower
+# than eager on B5's shapes: its kernels take less GPU time (1.04-1.85x eager, but 0.62x at the
+# last SE block), and the host takes ~2 ms to issue a call, longer than they run. Asking for
+# "triton" (best under CUDA graphs) or "cuda" still runs them.
 AUTO_ORDER_CUDA_TRAINING = ("reference",)
 # An op that the requested backend does not implement runs on the first of these that it has and
 # that can run: the C++/CUDA extension has no GEMM (the expansion and projection ops), so a model
