@@ -48,6 +48,18 @@ def test_fast_path_matches_the_dispatched_op(requires_grad):
         assert all(type(f).__name__.startswith("GeneratedBackwardFor_fused_mbconv") for f in slow_fns), op._name
 
 
+def test_ops_run_below_autocast():
+    """Under autocast both paths give the same results as without it (the ops are opaque to
+    autocast: their callers cast the inputs), including the backward ops, whose reference
+    convolution_backward failed on the mixed dtypes that autocast made inside it."""
+    for op, args in all_samples(torch.float32, False):
+        plain = _tensors(op(*args))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for out in (_tensors(_eager.call(op, *args)), _tensors(op(*args))):
+                for a, b in zip(out, plain):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0, msg=op._name)
+
+
 def _plain(x):
     return _eager._plain_eager((x,))
 

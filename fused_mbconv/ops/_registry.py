@@ -28,6 +28,23 @@ AUTO_ORDER_CUDA_TRAINING = ("reference",)
 FALLBACK = {"cuda": ("triton", "reference")}
 
 
+def _below_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off: an op is opaque to autocast (its callers cast its inputs as
+    eager conv2d would), so the torch ops inside an implementation (the reference's convolutions
+    and matmuls, the Triton backends' per-channel math) see their inputs' dtypes. torch.library
+    leaves autocast on inside a custom op's kernel: under CPU autocast the reference backward's
+    convolution_backward got mixed dtypes and failed."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch._C._is_any_autocast_enabled():
+            with torch._C._DisableAutocast():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
 class Implementations:
     """The implementations of one op, keyed by backend name; ``auto_order`` is the preference of
     "auto" on CUDA devices."""
@@ -39,7 +56,7 @@ class Implementations:
 
     def register(self, backend_name: str) -> Callable[[Callable], Callable]:
         def decorator(fn: Callable) -> Callable:
-            self._by_backend[backend_name] = fn
+            self._by_backend[backend_name] = _below_autocast(fn)
             return fn
 
         return decorator
