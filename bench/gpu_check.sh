@@ -113,11 +113,13 @@ kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel
     --providers "${KPROFILE_PROVIDERS:-cuda,triton,eager}"
 }
 # B5 end to end (MODEL_PROVIDERS, MODEL_MODES: see python -m bench --help; "+graph" providers
-# replay the step from CUDA graphs). fused-triton training compiles a few hundred kernels on a
-# bare machine: minutes, more than this step's limit. The report and its plots stay behind (8
-# files come back): `python -m bench --report-only model.csv`
+# replay the step from CUDA graphs; MODEL_LIMIT_S, default 120). fused-triton's first training
+# step compiles and tunes every training kernel for every B5 shape on a bare machine: not yet
+# timed, give it minutes. The report and its plots stay behind (8 files come back): `python -m
+# bench --report-only model.csv`
 bench_model() {
-  step bench_model 120 "$LOG" $PY -m bench --variants b5 --time-budget 100 --out "$OUT/model.csv" --report /tmp/model.md \
+  local limit=${MODEL_LIMIT_S:-120}
+  step bench_model "$limit" "$LOG" $PY -m bench --variants b5 --time-budget $((limit - 20)) --out "$OUT/model.csv" --report /tmp/model.md \
     --providers "${MODEL_PROVIDERS:-eager,eager+graph,fused-triton,fused-triton+graph}" --modes "${MODEL_MODES:-infer}"
 }
 hostprof() {  # where the host's time goes when it issues one triton depthwise / SE + projection layer
