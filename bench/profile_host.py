@@ -2,8 +2,10 @@
 calls of bench_dwconv's or bench_se_project's timed step (after warm-up), the functions that
 take the most time themselves. On the H200 the host took 2.3 ms to issue one training step of the
 triton depthwise layer whose kernels run 1.7 ms (bench/results/2026-11-26_h200_host_share.md):
-this says which layer of the stack (module, torch.library dispatch, our launch code, Triton's
-launcher, torch ops) that time is spent in.
+this says which layer of the stack (module, our launch code, Triton's launcher, torch ops) that
+time is spent in. (Calls through torch.library's dispatcher hide the op body's functions: the
+TorchDynamo-disabling wrapper around a custom op's kernel defeats cProfile, which then books
+all of it to ``backend_impl``. Plain eager calls take the ops' fast path and show them.)
 
     python bench/profile_host.py --op dwconv --providers triton,cuda,eager --modes train
     python bench/profile_host.py --op se_project --smoke     # CPU, one small shape
