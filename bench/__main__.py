@@ -168,7 +168,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     # B5 first: the targets are on B5, and the time budget may cut the sweep short
     p.add_argument("--variants", default="b5,b0,b1,b2,b3,b4,b6,b7" if on_gpu else "b0")
-    p.add_argument("--providers", default="eager,eager+graph,fused-triton+graph,fused,compile" if on_gpu else "eager,fused")
+    gpu_providers = "eager,eager+graph,fused-triton+graph,fused,compile"
+    p.add_argument("--providers", default=gpu_providers if on_gpu else "eager,fused")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=sorted(DTYPES))
     p.add_argument("--batch", type=int, default=None, help="default: per variant and mode on GPU, 2 on CPU")

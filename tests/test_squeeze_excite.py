@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 import torchvision
-from conftest import DEVICE, assert_matches, skip_if_slow
+from conftest import BACKENDS, DEVICE, assert_matches, skip_if_slow
 from eager import squeeze_excite_eager
 from torch import nn
 from torch.library import opcheck
@@ -249,3 +249,18 @@ def test_deterministic(backend, layout):
     names = ["pooled", "gate", "y", "dx", "dgate", "dpooled", "dw1", "db1", "dw2", "db2"]
     for name, a, b in zip(names, run(), run(), strict=True):
         assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs a GPU or TRITON_INTERPRET=1")
+def test_excite_configs_fit_the_channels():
+    """The excite's autotuning candidates: channel blocks no wider than the channels (down to 32),
+    the wide reduction chunks only for the hidden layer (they spilled elsewhere)."""
+    from fused_mbconv.ops.squeeze_excite import triton_impl as se
+
+    def widths(configs, c):
+        return sorted(cfg.kwargs["BLOCK_C"] for cfg in se._prune_excite(configs, {"C": c}))
+
+    assert widths(se._EXCITE_CONFIGS, 17) == [32]
+    assert widths(se._EXCITE_CONFIGS, 72) == [32, 64, 128]
+    assert widths(se._EXCITE_HIDDEN_CONFIGS, 200) == [32, 64, 128, 256]
+    assert widths(se._EXCITE_HIDDEN_CONFIGS, 3072) == [32, 64, 128, 256, 512]
