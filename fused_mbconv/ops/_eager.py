@@ -4,7 +4,7 @@ where a gradient is needed, its registered autograd formula through a plain auto
 
 Why: every call of a torch.library custom op passes the dispatcher twice (autograd, then the
 device's kernel), a generated autograd.Function, a TorchDynamo-disabling wrapper and an aliasing
-check. On this repository's CPU machine that was 35-115 us an op, as much as the op's own Python
+check. On this repository's CPU machine that was 35-115 us an op, up to as much as the op's own Python
 (an inference call of the Triton depthwise op: 101 us through the op, 68 us of body); on the H200
 the host took longer to issue a fused layer than its kernels ran (bench/results/
 2026-11-26_h200_host_share.md), so the dispatch is a cost the GPU waits on.
