@@ -96,6 +96,15 @@ def test_host_cdiv_and_next_power_of_2_are_plain_ints():
         assert type(got) is int and got >= a and got & (got - 1) == 0 and (got == 1 or got // 2 < a)
 
 
+def test_prune_wider_than_keeps_fitting_blocks_else_the_narrowest():
+    configs = [triton.Config({"BLOCK": b}) for b in (64, 16, 128)]
+    prune = _triton.prune_wider_than("n", "BLOCK", at_least=16)
+    assert [c.kwargs["BLOCK"] for c in prune(configs, {"n": 40})] == [64, 16]  # 40 -> 64
+    assert [c.kwargs["BLOCK"] for c in prune(configs, {"n": 3})] == [16]  # at_least
+    narrow = _triton.prune_wider_than("n", "BLOCK", at_least=1)
+    assert [c.kwargs["BLOCK"] for c in narrow(configs[::2], {"n": 3})] == [64]  # none fits: the narrowest
+
+
 def test_multiprocessors_of_a_cpu_device():
     assert _triton.multiprocessors(torch.device("cpu")) == 1
 

@@ -110,6 +110,19 @@ def autotune(
     return decorator
 
 
+def prune_wider_than(size_arg: str, block_arg: str, at_least: int):
+    """An ``autotune`` prune: drop configs whose ``block_arg`` block is wider than the launch's
+    ``size_arg`` rounded up to a power of 2 (and ``at_least``): masked lanes do no work. Where
+    none fits, the narrowest config stays."""
+
+    def prune(configs, named_args, **kwargs):
+        widest = max(at_least, next_power_of_2({**named_args, **kwargs}[size_arg]))
+        kept = [cfg for cfg in configs if cfg.kwargs[block_arg] <= widest]
+        return kept or [min(configs, key=lambda cfg: cfg.kwargs[block_arg])]
+
+    return prune
+
+
 # ---------------------------------------------------------------------------------------------
 # device helpers
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout, memory_format_of
 from fused_mbconv.ops import _triton
-from fused_mbconv.ops._triton import cast, cdiv, next_power_of_2, sigmoid, vector_alignment
+from fused_mbconv.ops._triton import cast, cdiv, sigmoid, vector_alignment
 from fused_mbconv.ops.project_bn import IMPLS, reference
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +54,8 @@ _GEMM_CONFIGS = _gemm_configs([
 _GEMM_INTERPRETED = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
 
 
-def _prune_gemm(configs, named_args, **kwargs):
-    """Drop configs whose output-channel block is wider than the output channels (masked lanes
-    do no work)."""
-    widest = max(16, next_power_of_2({**named_args, **kwargs}["N_COLS"]))
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_N"] <= widest]
-    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_N"])]
+# no output-channel block wider than the output channels
+_prune_gemm = _triton.prune_wider_than("N_COLS", "BLOCK_N", at_least=16)
 
 
 _MIN_BLOCK_M = min(cfg.kwargs["BLOCK_M"] for cfg in (*_GEMM_CONFIGS, _GEMM_INTERPRETED))

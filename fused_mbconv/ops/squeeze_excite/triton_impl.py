@@ -25,7 +25,7 @@ from fused_mbconv.ops._triton import (
     cast,
     cdiv,
     multiprocessors,
-    next_power_of_2,
+    prune_wider_than,
     sum_rows,
     triton_entry,
     widen,
@@ -262,10 +262,8 @@ _EXCITE_HIDDEN_CONFIGS = _EXCITE_CONFIGS + [
 ]
 
 
-def _prune_excite(configs, named_args, **kwargs):
-    """Drop configs whose channel block is wider than the channels (masked lanes do no work)."""
-    widest = max(32, next_power_of_2({**named_args, **kwargs}["C"]))
-    return [cfg for cfg in configs if cfg.kwargs["BLOCK_C"] <= widest]
+# no channel block wider than the channels (the 32-channel configs always stay)
+_prune_excite = prune_wider_than("C", "BLOCK_C", at_least=32)
 
 # tails on the tests' sizes (C = 17, R = 4; C = 72, R = 18 takes several chunks of each)
 _EXCITE_INTERPRETED = triton.Config({"BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_R": 16})
