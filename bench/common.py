@@ -36,10 +36,15 @@ def _quantile(sorted_ms: list[float], q: float) -> float:
     return sorted_ms[min(len(sorted_ms) - 1, int(round(q * (len(sorted_ms) - 1))))]
 
 
+def summarize(times_ms: Iterable[float]) -> dict:
+    """{median_ms, p20_ms, p80_ms} of timings in milliseconds."""
+    times = sorted(times_ms)
+    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+
+
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> dict:
     """Run ``fn`` ``warmup`` times, then time ``repeats`` calls; milliseconds per call."""
-    times = sorted(time_calls(fn, device, repeats, warmup))
-    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8)}
+    return summarize(time_calls(fn, device, repeats, warmup))
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
@@ -149,8 +154,7 @@ def time_kernel_call(fn: Callable[[], object], setting: KernelSetting, timing: s
     launches: the GPU waits for it where the kernels are shorter)."""
     fn()
     if setting.device.type != "cuda":
-        times = measure(fn, setting.device, repeats=setting.rep, warmup=0)
-        return [times["median_ms"], times["p20_ms"], times["p80_ms"]]
+        return list(measure(fn, setting.device, repeats=setting.rep, warmup=0).values())
     import triton.testing  # here: the CPU-only parts of the benchmarks need no Triton
 
     if timing == "+graph":
@@ -163,8 +167,7 @@ def time_kernel_call(fn: Callable[[], object], setting: KernelSetting, timing: s
             fn()
             issue.append((time.perf_counter() - start) * 1e3)
         torch.cuda.synchronize(setting.device)
-        issue.sort()
-        return [statistics.median(issue), _quantile(issue, 0.2), _quantile(issue, 0.8)]
+        return list(summarize(issue).values())
     return triton.testing.do_bench(fn, rep=setting.rep, quantiles=KERNEL_QUANTILES)
 
 

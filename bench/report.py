@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.common import read_rows, slug
 
 FUSED_PREFIX = "fused"
-COMPILED = ("compile", "compile-max-autotune", "compile+graphs")
+COMPILED = ("compile", "compile-max-autotune")
 
 
 def _float(value: str) -> float | None:
