@@ -23,6 +23,7 @@ import triton.language as tl
 import triton.testing
 
 from fused_mbconv.backends import triton_interpreted
+from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._registry import reference_fallback
 
 INTERPRETED = triton_interpreted()
@@ -240,6 +241,7 @@ def aligned(n, ALIGN: tl.constexpr):
 _STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
 
 
+@launcher
 @triton.jit
 def _combine_stats_kernel(
     count_part_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, rows,
@@ -269,6 +271,7 @@ def _combine_stats_kernel(
 _SUM_BLOCK_G, _SUM_BLOCK_L = 32, 128
 
 
+@launcher
 @triton.jit
 def _sum_rows_kernel(part_ptr, out_ptr, rows, L, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[l] = sum over rows of part[row, l], in fp32, in a fixed order (deterministic)."""

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
     aligned,
     autotune,
@@ -410,6 +411,7 @@ def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, cent
     return tl.where(mask, y, 0.0)
 
 
+@launcher
 @_autotune(reset_to_zero=["sq_ptr"])
 @triton.jit(do_not_specialize=_PLANE)
 def _conv_bn_silu_kernel(
@@ -450,6 +452,7 @@ def _sq_dev(c, ok, mean):
     return dev * dev
 
 
+@launcher
 @_autotune()
 @triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _conv_stats_kernel(
@@ -507,6 +510,7 @@ def _dz_at(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, dy_ptr, dsq,
     return _bn_silu_backward(c, dy, mean, invstd, gamma, beta)
 
 
+@launcher
 @_autotune()
 @triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _dz_sums_kernel(
@@ -636,6 +640,7 @@ def _add_row(dw, kh: tl.constexpr, q0, q1, q2, q3, q4, taps, K: tl.constexpr):
     return dw
 
 
+@launcher
 @autotune(_DCONV_CONFIGS, _TILE_KEY, interpreted=_DCONV_INTERPRETED, prune=_prune_dconv)
 @triton.jit(do_not_specialize=[*_PLANE, "N", "groups"])
 def _dconv_kernel(
@@ -805,6 +810,7 @@ def _dx_window(
     return acc0, acc1, acc2, acc3
 
 
+@launcher
 @_autotune(["C", "H", "W", "K", "STRIDE"], width="W")
 @triton.jit(do_not_specialize=_PLANE)
 def _dx_kernel(

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout, memory_format_of
 from fused_mbconv.ops import _triton
+from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import cast, cdiv, sigmoid, vector_alignment
 from fused_mbconv.ops.project_bn import IMPLS, reference
 
@@ -146,6 +147,7 @@ def _silu_grad(u):
 # forward
 
 
+@launcher
 @_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
 @triton.jit(do_not_specialize=["HW"])
 def _project_kernel(
@@ -195,6 +197,7 @@ def _project_kernel(
                         ACT, HAS_BS, HAS_RES, ALIGN)  # fmt: skip
 
 
+@launcher
 @_tile_autotune(["C", "HW"])
 @triton.jit(do_not_specialize=["HW"])
 def _normalize_kernel(
@@ -221,6 +224,7 @@ def _normalize_kernel(
 # backward
 
 
+@launcher
 @_tile_autotune(["C", "HW", "CHUNK"])
 @triton.jit(do_not_specialize=["HW", "CHUNK", "SPLITS"])
 def _dy_sums_kernel(
@@ -261,6 +265,7 @@ def _dy_sums_kernel(
     tl.store(row + C, tl.sum(sum_dyz, axis=0) * scale, mask=mask_c)
 
 
+@launcher
 @_tile_autotune(["C", "HW"])
 @triton.jit(do_not_specialize=["HW"])
 def _dz_kernel(
@@ -292,6 +297,7 @@ def _dz_kernel(
     tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp, ALIGN), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
+@launcher
 @_gemm_autotune(["N_COLS", "K", "HW", "s_xc"])
 @triton.jit(do_not_specialize=["HW"])
 def _dx_kernel(
@@ -327,6 +333,7 @@ def _dx_kernel(
     tl.store(dx_ptr + _offsets(n64, p, c, s_dxn, s_dxc, s_dxp, ALIGN), cast(acc, dx_ptr.dtype.element_ty), mask=mask)
 
 
+@launcher
 @_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
 @triton.jit(do_not_specialize=["N", "HW"])
 def _dweight_kernel(

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
     INTERPRETED,
     autotune,
@@ -118,6 +119,7 @@ _HW_NO_SPECIALIZE = ["N", "HW", "W", "CHUNK", "SPLITS"]
 # squeeze
 
 
+@launcher
 @autotune(_HW_TILE_CONFIGS, _HW_REDUCE_KEY, interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
 def _squeeze_kernel(
@@ -159,6 +161,7 @@ def squeeze(x: torch.Tensor) -> torch.Tensor:
 # scale and its backward
 
 
+@launcher
 @autotune(_HW_TILE_CONFIGS, ["N", "C", "HW", "s_xc"], interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=["N", "HW", "W"])
 def _scale_kernel(
@@ -193,6 +196,7 @@ def scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@launcher
 @autotune(_HW_TILE_CONFIGS, _HW_REDUCE_KEY, interpreted=_HW_TILE_INTERPRETED)
 @triton.jit(do_not_specialize=_HW_NO_SPECIALIZE)
 def _scale_backward_kernel(
@@ -295,6 +299,7 @@ def _hidden(p_ptr, w1_ptr, b1_ptr, rows, r, N, C, R, s_pn, s_pc, s_w1r, s_w1c, s
 # H200, where eager's conv1x1s took 0.01 ms.
 
 
+@launcher
 @autotune(_EXCITE_HIDDEN_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED, prune=_prune_excite)
 @triton.jit(do_not_specialize=[*_EXCITE_SIZES, "s_pn", "s_pc", "s_w1r", "s_w1c", "s_b1"])
 def _excite_hidden_kernel(
@@ -309,6 +314,7 @@ def _excite_hidden_kernel(
     tl.store(h_ptr + rows[:, None] * R + r[None, :], h, mask=(rows[:, None] < N) & (r[None, :] < R))
 
 
+@launcher
 @autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED, prune=_prune_excite)
 @triton.jit(do_not_specialize=[*_EXCITE_SIZES, "s_w2c", "s_w2r", "s_b2", "s_dgn", "s_dgc"])
 def _excite_gate_kernel(
@@ -366,6 +372,7 @@ def excite(pooled, w1, b1, w2, b2) -> torch.Tensor:
     return gate
 
 
+@launcher
 @autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED, prune=_prune_excite)
 @triton.jit(do_not_specialize=[*_EXCITE_SIZES, "s_w2c", "s_w2r"])
 def _excite_dh_kernel(
@@ -390,6 +397,7 @@ def _excite_dh_kernel(
     tl.store(dh_ptr + rows[:, None] * R + r[None, :], da * s * (1 + h * (1 - s)), mask=mask)
 
 
+@launcher
 @autotune(_EXCITE_CONFIGS, _EXCITE_KEY, interpreted=_EXCITE_INTERPRETED, prune=_prune_excite)
 @triton.jit(do_not_specialize=[*_EXCITE_SIZES, "s_pn", "s_pc", "s_w1r", "s_w1c"])
 def _excite_backward_columns_kernel(
