@@ -1,14 +1,17 @@
 """DWConvBNAct and ProjectBN in eval() fold BatchNorm into a per-channel scale and shift once and
 reuse them; every way the BN tensors can change must refresh them, and autograd must still see
-the fold."""
+the fold. The Triton depthwise kernels' copy of the conv weight (its taps by channel) is kept
+per weight tensor the same way."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKENDS
 from eager import EagerDWConvBNAct, randomize_
 from torch import nn
 
+import fused_mbconv
 from fused_mbconv.nn import DWConvBNAct, ProjectBN
 
 
@@ -104,3 +107,29 @@ def test_a_fold_made_in_inference_mode_is_not_saved_for_backward(kind):
     x_eager = X.clone().requires_grad_(True)
     eager(x_eager).sum().backward()
     torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend cannot run here")
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda w: w.mul_(1.5),  # an optimizer step (in place)
+        lambda w: setattr(w, "data", w.data + 1.0),  # a new tensor under the same Parameter
+    ],
+    ids=["in-place", "data-assign"],
+)
+def test_depthwise_taps_follow_the_weight(change):
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    fused, eager = pair("depthwise")
+    weight = fused[0].weight
+    with fused_mbconv.backend("triton"):
+        same(fused, eager)
+        taps = triton_impl._TAPS[weight][1]
+        same(fused, eager)
+        assert triton_impl._TAPS[weight][1] is taps  # reused while the weight is unchanged
+        with torch.no_grad():
+            change(weight)
+        eager[0].weight.data.copy_(weight)
+        same(fused, eager)
+        assert triton_impl._TAPS[weight][1] is not taps

@@ -98,16 +98,18 @@ def _plan() -> list[dict]:
         *[{"HAS_GATE": g, "AFFINE": False, "ACT": False, "HAS_RES": False, "HAS_BS": False, "STATS": True,
            "count_part_ptr": F32, "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
     ]  # fmt: skip
-    bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr", "gamma_ptr", "beta_ptr"], F32)
+    bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr"], F32)  # gamma and beta: the parameters' dtype
     dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
     excite_scratch = {"h_ptr": F32, "dl_ptr": F32, "dh_ptr": F32}
     return [
         # fused_mbconv.ops._triton: out is fp32 sums, or the dtype of dweight / squeeze / dgate
         dict(module="common", kernel="_sum_rows_kernel", ptrs={"part_ptr": F32},
              variants=[{"BLOCK_G": common._SUM_BLOCK_G, "BLOCK_L": common._SUM_BLOCK_L}]),
-        dict(module="common", kernel="_combine_stats_kernel",
-             ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr"], F32),
-             variants=[{"BLOCK_G": common._STATS_BLOCK_G, "BLOCK_C": common._STATS_BLOCK_C}]),
+        dict(module="common", kernel="_combine_stats_kernel", floats=("eps",),
+             ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr",
+                                 "scale_ptr", "shift_ptr"], F32),
+             variants=[{"AFFINE": a, "SHIFT": b, "BLOCK_G": common._STATS_BLOCK_G, "BLOCK_C": common._STATS_BLOCK_C}
+                       for a, b in ((True, True), (True, False), (False, False))]),
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
@@ -144,8 +146,8 @@ def _plan() -> list[dict]:
              variants=_grid(HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))),
         dict(module="project", kernel="_dy_sums_kernel", ptrs={**bn_per_channel, "part_ptr": F32}, optional=("ACT",),
              variants=_grid(HAS_BS=(True, False), ACT=(True, False))),
-        dict(module="project", kernel="_dz_kernel", ptrs={**bn_per_channel, "coef_ptr": F32}, optional=("ACT",),
-             variants=_grid(HAS_BS=(True, False), ACT=(True, False))),
+        dict(module="project", kernel="_dz_kernel", ptrs={**bn_per_channel, "sums_ptr": F32}, floats=("inv_count",),
+             optional=("ACT",), variants=_grid(HAS_BS=(True, False), ACT=(True, False), TRAINING=(True, False))),
         # without a gate the host passes dx as the (unused) dgate partials
         dict(module="project", kernel="_dx_kernel", dot=True,
              variants=[{"HAS_GATE": True, "dgate_part_ptr": F32}, {"HAS_GATE": False}]),

@@ -244,11 +244,12 @@ _STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
 @launcher
 @triton.jit
 def _combine_stats_kernel(
-    count_part_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, C, rows,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    count_part_ptr, mean_part_ptr, m2_part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr,
+    eps, C, rows, AFFINE: tl.constexpr, SHIFT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge per-row (count, mean, M2) partials into the mean and the biased variance M2 / count
-    of every channel, BLOCK_G rows at a time (rows of count 0 drop out)."""
+    of every channel, BLOCK_G rows at a time (rows of count 0 drop out). With AFFINE also the
+    BN's scale = gamma / sqrt(var + eps), with SHIFT its shift = beta - mean * scale."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
     count = 0.0
@@ -263,8 +264,15 @@ def _combine_stats_kernel(
         mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
         m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
         count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
+    var = m2 / count
     tl.store(mean_ptr + cs, mean, mask=mask_c)
-    tl.store(var_ptr + cs, m2 / count, mask=mask_c)
+    tl.store(var_ptr + cs, var, mask=mask_c)
+    if AFFINE:
+        scale = tl.load(gamma_ptr + cs, mask=mask_c, other=0.0).to(tl.float32) / tl.sqrt(var + eps)
+        tl.store(scale_ptr + cs, scale, mask=mask_c)
+        if SHIFT:
+            shift = tl.load(beta_ptr + cs, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
+            tl.store(shift_ptr + cs, shift, mask=mask_c)
 
 
 # Partial rows are summed _SUM_BLOCK_G rows at a time, _SUM_BLOCK_L columns per program.
@@ -353,19 +361,34 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def combine_stats(
-    count_part: torch.Tensor, mean_part: torch.Tensor, m2_part: torch.Tensor, rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel, fp32, of the first ``rows`` (default: all) partial
-    rows: ``count_part`` (rows,), ``mean_part`` and ``m2_part`` (rows, C), fp32 and contiguous,
-    each row the exact (count, mean, M2) of a disjoint set of positions. Chan's merge in a
-    fixed order: deterministic, and sound when the mean is large against the spread."""
+    count_part: torch.Tensor,
+    mean_part: torch.Tensor,
+    m2_part: torch.Tensor,
+    rows: int | None = None,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean, biased variance, scale, shift) per channel, fp32, of the first ``rows`` (default:
+    all) partial rows: ``count_part`` (rows,), ``mean_part`` and ``m2_part`` (rows, C), fp32 and
+    contiguous, each row the exact (count, mean, M2) of a disjoint set of positions. Chan's merge
+    in a fixed order: deterministic, and sound when the mean is large against the spread. With
+    ``gamma`` (C,) also the BN's scale = gamma / sqrt(var + eps), and with ``beta`` its shift =
+    beta - mean * scale, in the same launch (else None): as torch ops they were a kernel launch
+    each, and launches are what the host spends its time on."""
     rows = count_part.shape[0] if rows is None else rows
     c = mean_part.shape[1]
-    mean, var = (torch.empty(c, dtype=torch.float32, device=mean_part.device) for _ in range(2))
+    f32 = {"dtype": torch.float32, "device": mean_part.device}
+    mean, var = torch.empty(c, **f32), torch.empty(c, **f32)
+    scale = torch.empty(c, **f32) if gamma is not None else None
+    shift = torch.empty(c, **f32) if gamma is not None and beta is not None else None
     _combine_stats_kernel[(cdiv(c, _STATS_BLOCK_C),)](
-        count_part, mean_part, m2_part, mean, var, c, rows, BLOCK_G=_STATS_BLOCK_G, BLOCK_C=_STATS_BLOCK_C
-    )
-    return mean, var
+        count_part, mean_part, m2_part, mean, var,
+        mean if gamma is None else gamma.contiguous(), mean if beta is None else beta.contiguous(),
+        mean if scale is None else scale, mean if shift is None else shift, float(eps), c, rows,
+        AFFINE=scale is not None, SHIFT=shift is not None, BLOCK_G=_STATS_BLOCK_G, BLOCK_C=_STATS_BLOCK_C,
+    )  # fmt: skip
+    return mean, var, scale, shift
 
 
 def triton_entry(reference_module, *, empty: bool = False):

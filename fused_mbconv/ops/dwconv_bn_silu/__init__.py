@@ -186,14 +186,19 @@ def _(x, weight, gamma, beta, eps, stride, padding, with_squeeze):
 
 def _setup_train(ctx, inputs, output):
     x, weight, gamma, beta, eps, stride, padding, with_squeeze = inputs
-    _, _, mean, var = output
+    y, _, mean, var = output
     ctx.mark_non_differentiable(mean, var)  # batch statistics feed the running averages only
+    # no zero-filled gradients for outputs that got none (the statistics always, and the squeeze
+    # when unused): each would be a kernel launch per call
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, gamma, beta, mean, var)
-    ctx.eps, ctx.stride, ctx.padding, ctx.with_squeeze = eps, stride, padding, with_squeeze
+    ctx.eps, ctx.stride, ctx.padding, ctx.with_squeeze, ctx.y_shape = eps, stride, padding, with_squeeze, y.shape
 
 
 def _backward_train(ctx, grad_y, grad_squeeze, _grad_mean, _grad_var):
     x, weight, gamma, beta, mean, var = ctx.saved_tensors
+    if grad_y is None:  # only the squeeze was used
+        grad_y = x.new_zeros(ctx.y_shape)
     dx, dweight, dgamma, dbeta = _eager.call(
         dwconv_bn_silu_backward,
         grad_y, grad_squeeze if ctx.with_squeeze else None, x, weight, gamma, beta,

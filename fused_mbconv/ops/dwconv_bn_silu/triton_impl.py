@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops._launch import launcher
@@ -908,6 +909,9 @@ def _tile_grid(n: int, h: int, w: int):
 _triton_entry = triton_entry(reference)
 
 
+_TAPS = WeakTensorKeyDictionary()  # weight -> ((version, address, dtype), taps)
+
+
 def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     """The (C, 1, k, k) weight as fp32 with the channels contiguous and each tap's row of channels
     padded to a multiple of 16 (strides (1, ., k Cp, Cp)): a tap's weights for a tile's channels
@@ -915,12 +919,25 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     k * k) took one 16-bit load and conversion per channel and tap (sm_90 SASS of the k5 kernel:
     40 of the 423 instructions per row of taps); unpadded, a launch specializes the tap strides
     as divisible by 16 only when C is, and at C = 40 the loads of tap 0 were per channel (a
-    tl.multiple_of claim on an offset with nothing added to it is folded away). C k k values:
-    a negligible copy."""
+    tl.multiple_of claim on an offset with nothing added to it is folded away).
+
+    Kept per weight tensor until it changes (its version counter or address), so the backward and
+    later inference calls skip the copy (a kernel launch; the host time of a launch is what the
+    fused layers wait on). Inference tensors (no version counter) and calls during CUDA graph
+    capture copy anew: a graph must read the weight it replays with, not a copy made once."""
+    key = None if weight.is_inference() else (weight._version, weight.data_ptr(), weight.dtype)
+    if key is not None and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        cached = _TAPS.get(weight)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    else:
+        key = None
     c, _, k, _ = weight.shape
     padded = torch.empty((k, k, cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
-    taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1)
-    return taps.copy_(weight.detach())
+    taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
+    if key is not None:
+        _TAPS[weight] = (key, taps)
+    return taps
 
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
@@ -962,8 +979,7 @@ def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):
         x, weight, count_part, mean_part, m2_part, N=geo.n, groups=groups, sx=x.stride(), sw=weight.stride(),
         ALIGN=vector_alignment(x), **geo.conv_args(),
     )  # fmt: skip
-    mean, var = combine_stats(count_part, mean_part, m2_part)
-    scale = gamma.float() * torch.rsqrt(var + eps)
+    mean, var, scale, _ = combine_stats(count_part, mean_part, m2_part, gamma=gamma, eps=eps)
     return mean, var, scale
 
 

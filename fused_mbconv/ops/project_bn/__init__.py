@@ -170,6 +170,7 @@ def _setup_train(ctx, inputs, output):
     x, gate, weight, gamma, beta, eps, residual, branch_scale, silu = inputs
     _, z, mean, var = output
     ctx.mark_non_differentiable(z, mean, var)  # z is kept for the backward; the statistics feed running averages
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for them: a kernel launch each
     ctx.save_for_backward(x, gate, weight, z, gamma, beta, mean, var, branch_scale)
     ctx.eps, ctx.has_residual, ctx.silu = eps, residual is not None, silu
 

@@ -269,31 +269,43 @@ def _dy_sums_kernel(
 @_tile_autotune(["C", "HW"])
 @triton.jit(do_not_specialize=["HW"])
 def _dz_kernel(
-    dy_ptr, z_ptr, bs_ptr, coef_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dz_ptr, C, HW,
-    s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_qn, s_qc, s_qp,
-    ACT: tl.constexpr, HAS_BS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dy_ptr, z_ptr, bs_ptr, sums_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, dz_ptr, dgamma_ptr, dbeta_ptr,
+    C, HW, inv_count, s_dn, s_dc, s_dp, s_zn, s_zc, s_zp, s_qn, s_qc, s_qp,
+    ACT: tl.constexpr, HAS_BS: tl.constexpr, TRAINING: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)): the BN backward, per element
-    #   dz = k1[c] * du + k2[c] * z + k3[c]   (coefficients from the host: ``_dz_coefficients``)
+    #   dz = k1[c] * du + k2[c] * z + k3[c], from sums = [sum du | sum du * zhat] over positions:
+    #   k1 = gamma * invstd; in training also k2 = -k1 invstd sum(du zhat) / count and
+    #   k3 = -k1 sum(du) / count - k2 mean (in inference, k2 = k3 = 0)
     #   du = bs[n] * dy (* silu'(u) with ACT, u = gamma * (z - mean) * invstd + beta)
+    # The first tile's programs also write dgamma = sum du zhat and dbeta = sum du. (As torch ops
+    # on the host, the coefficients and those copies were 15 kernel launches.)
     n64, p, mask_p = _tile_position(tl.program_id(0), HW, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = _triton.below(c, C, ALIGN)
     mask = mask_p[:, None] & mask_c[None, :]
+    mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    sum_du = tl.load(sums_ptr + c, mask=mask_c, other=0.0)
+    sum_duz = tl.load(sums_ptr + C + c, mask=mask_c, other=0.0)
+    if tl.program_id(0) == 0:
+        tl.store(dgamma_ptr + c, cast(sum_duz, dgamma_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(dbeta_ptr + c, cast(sum_du, dbeta_ptr.dtype.element_ty), mask=mask_c)
+    k1 = gamma * invstd
     dy = _triton.widen(tl.load(dy_ptr + _offsets(n64, p, c, s_dn, s_dc, s_dp, ALIGN), mask=mask, other=0.0))
     z = _triton.widen(tl.load(z_ptr + _offsets(n64, p, c, s_zn, s_zc, s_zp, ALIGN), mask=mask, other=0.0))
-    k1 = tl.load(coef_ptr + c, mask=mask_c, other=0.0)
-    k2 = tl.load(coef_ptr + C + c, mask=mask_c, other=0.0)
-    k3 = tl.load(coef_ptr + 2 * C + c, mask=mask_c, other=0.0)
     if HAS_BS:
         dy *= tl.load(bs_ptr + n64).to(tl.float32)
     if ACT:
-        mean = tl.load(mean_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-        invstd = tl.load(invstd_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-        gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
         dy *= _silu_grad((z - mean[None, :]) * (invstd * gamma)[None, :] + beta[None, :])
-    dz = dy * k1[None, :] + z * k2[None, :] + k3[None, :]
+    dz = dy * k1[None, :]
+    if TRAINING:
+        k2 = -k1 * invstd * (sum_duz * inv_count)
+        k3 = -k1 * (sum_du * inv_count) - k2 * mean
+        dz += z * k2[None, :] + k3[None, :]
     tl.store(dz_ptr + _offsets(n64, p, c, s_qn, s_qc, s_qp, ALIGN), cast(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -442,9 +454,8 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, sil
     z = empty_like_layout(x, (n, o, h, w))
     y = torch.empty_like(z)
     parts, rows = _project(x, gate, weight, None, None, None, None, z, stats=True)
-    mean, var = _triton.combine_stats(*parts, rows=_tiles(n, h * w, rows))  # the tiles of the config that ran
-    a = gamma.float() * torch.rsqrt(var + eps)
-    b = beta.float() - mean * a
+    # the partial rows of the tiles of the config that ran; the BN's scale a and shift b
+    mean, var, a, b = _triton.combine_stats(*parts, rows=_tiles(n, h * w, rows), gamma=gamma, beta=beta, eps=eps)
     res = _like(z, residual)
     bs = branch_scale
     _normalize_kernel[lambda meta: (_tiles(n, h * w, meta["BLOCK_P"]), cdiv(o, meta["BLOCK_C"]))](
@@ -453,20 +464,6 @@ def forward_train(x, gate, weight, gamma, beta, eps, residual, branch_scale, sil
         ACT=silu, HAS_RES=res is not None, HAS_BS=bs is not None, ALIGN=vector_alignment(z, res, y),
     )  # fmt: skip
     return y, z, mean, var
-
-
-def _dz_coefficients(sums, count, gamma, mean, invstd, training: bool) -> torch.Tensor:
-    """(k1 | k2 | k3), each (O,), with dz = k1 * dyb + k2 * z + k3 the BN backward:
-    dz = gamma * invstd * (dyb - [sum dyb + zhat * sum dyb zhat] / count), zhat = (z - mean) * invstd;
-    in inference only the first term."""
-    o = gamma.shape[0]
-    k1 = gamma.float() * invstd.float()
-    if not training:
-        return torch.cat([k1, torch.zeros_like(k1), torch.zeros_like(k1)])
-    sum_dy, sum_dyz = sums[:o] / count, sums[o:] / count
-    k2 = -k1 * invstd.float() * sum_dyz
-    k3 = -k1 * sum_dy - k2 * mean.float()
-    return torch.cat([k1, k2, k3])
 
 
 def _hw_splits(n: int, o: int, hw: int, device: torch.device) -> tuple[int, int]:
@@ -499,17 +496,18 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     # the BN backward's two sums, then dz = its per-element formula
     chunk, splits = _hw_splits(n, o, hw, x.device)
     part = torch.empty((n * splits, 2 * o), **f32)
-    per_channel = [v.float().contiguous() for v in (mean, invstd, gamma, beta)]
+    per_channel = [v.contiguous() for v in (mean, invstd, gamma, beta)]  # the kernels load them as fp32
     _dy_sums_kernel[lambda meta: (n * splits, cdiv(o, meta["BLOCK_C"]))](
         dy, z, bs, *per_channel, part, o, hw, chunk, splits, *_strides(dy), *_strides(z), ACT=silu, HAS_BS=has_bs,
         ALIGN=vector_alignment(dy, z),
     )  # fmt: skip
     sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
-    coef = _dz_coefficients(sums, n * hw, gamma, mean, invstd, training)
     dz = torch.empty_like(z)
+    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
     _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), cdiv(o, meta["BLOCK_C"]))](
-        dy, z, bs, coef, *per_channel, dz, o, hw, *_strides(dy), *_strides(z), *_strides(dz), ACT=silu, HAS_BS=has_bs,
-        ALIGN=vector_alignment(dy, z, dz),
+        dy, z, bs, sums, *per_channel, dz, dgamma, dbeta, o, hw, 1.0 / (n * hw),
+        *_strides(dy), *_strides(z), *_strides(dz),
+        ACT=silu, HAS_BS=has_bs, TRAINING=training, ALIGN=vector_alignment(dy, z, dz),
     )  # fmt: skip
 
     # dx and the gate's gradient: GEMM dz @ W, per-tile partials of dgate
@@ -550,6 +548,6 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
         dz, x, gate_arg, part_w, n, c, o, hw, *_strides(dz), *_strides(x), *gate_strides,
         HAS_GATE=has_gate, PRECISION=precision, ALIGN=vector_alignment(dz, x),
     )  # fmt: skip
-    dweight = part_w[: rows["splits"]].sum(dim=0).to(weight.dtype).reshape(weight.shape)
-    # copies: op outputs must not alias each other
-    return dx, dgate, dweight, sums[o:].to(gamma.dtype, copy=True), sums[:o].to(gamma.dtype, copy=True)
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    _triton.sum_rows(part_w[: rows["splits"]].view(rows["splits"], o * c), dweight)
+    return dx, dgate, dweight, dgamma, dbeta
