@@ -74,10 +74,18 @@ def project_samples(dtype, requires_grad):
             )  # fmt: skip
 
 
+def running_stats_samples(dtype, requires_grad):
+    """fp32 statistics into buffers of the activations' dtype (a bf16 model) and into fp32 ones."""
+    for buffer_dtype in {dtype, torch.float32}:
+        yield ops.update_running_stats, (_t(C, dtype=buffer_dtype), _t(C, dtype=buffer_dtype, positive=True),
+                                         _t(C), _t(C, positive=True), 0.1, 12)  # fmt: skip
+
+
 def all_samples(dtype, requires_grad):
     yield from dw_samples(dtype, requires_grad)
     yield from se_samples(dtype, requires_grad)
     yield from project_samples(dtype, requires_grad)
+    yield from running_stats_samples(dtype, requires_grad)
 
 
 def test_every_op_is_sampled():

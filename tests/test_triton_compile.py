@@ -2,7 +2,7 @@
 
 The rest of the suite runs the Triton kernels through TRITON_INTERPRET=1, which never lowers them
 to PTX: type errors in tl.dot operands, ops the GPU backend does not support, or register
-blow-ups only show on a GPU. This test compiles each ``*_kernel`` of the three ops' ``triton_impl``
+blow-ups only show on a GPU. This test compiles each ``*_kernel`` of the ops' ``triton_impl`` modules
 and of ``fused_mbconv.ops._triton`` with triton's own compiler for sm_90 (and, once each, sm_80)
 through ptxas, in a subprocess without TRITON_INTERPRET, and fails on any compile error (kernel,
 configuration and the compiler's message listed). Register use and spills (ptxas -v) are
@@ -51,6 +51,7 @@ MODULES = {
     "se": "fused_mbconv.ops.squeeze_excite.triton_impl",
     "project": "fused_mbconv.ops.project_bn.triton_impl",
     "common": "fused_mbconv.ops._triton",
+    "stats": "fused_mbconv.ops.running_stats.triton_impl",
 }
 D, F32 = "D", "fp32"  # a pointer in the op's dtype / an fp32 buffer whatever the op's dtype
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -110,6 +111,9 @@ def _plan() -> list[dict]:
                                  "scale_ptr", "shift_ptr"], F32),
              variants=[{"AFFINE": a, "SHIFT": b, "BLOCK_G": common._STATS_BLOCK_G, "BLOCK_C": common._STATS_BLOCK_C}
                        for a, b in ((True, True), (True, False), (False, False))]),
+        # the running statistics: fp32 batch statistics into buffers of the model's dtype
+        dict(module="stats", kernel="_update_kernel", ptrs={"mean_ptr": F32, "var_ptr": F32},
+             floats=("momentum", "unbias"), variants=[{"BLOCK": 256}]),
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),

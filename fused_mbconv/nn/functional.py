@@ -59,8 +59,7 @@ def _update_running_stats(running_mean, running_var, mean, var, y, momentum: flo
         return
     count = y.shape[0] * y.shape[2] * y.shape[3]
     with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        call(ops.update_running_stats, running_mean, running_var, mean, var, momentum, count)
 
 
 def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float, folded) -> tuple[torch.Tensor, torch.Tensor]:
