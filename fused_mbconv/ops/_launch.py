@@ -28,6 +28,7 @@ kernel of every op.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import os
@@ -77,25 +78,19 @@ class Launcher:
         self._names = tuple(jit.arg_names)
         self._defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
         self._entries: dict[tuple, _Entry | None] = {}
-        self._driver, self._knobs = _triton_runtime()
+        self._driver, self._hooks = _triton_runtime()
 
     def __getitem__(self, grid) -> Callable[..., None]:
-        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+        return functools.partial(self._launch, grid)
 
-    def _launch(self, grid, args: tuple, kwargs: dict) -> None:
-        if (
-            not ENABLED
-            or self._driver is None
-            or _installed(self._knobs.runtime.launch_enter_hook)
-            or _installed(self._knobs.runtime.launch_exit_hook)
-            or self._jit.pre_run_hooks
-        ):
+    def _launch(self, grid, *args, **kwargs) -> None:
+        if not ENABLED or self._driver is None or self._jit.pre_run_hooks or _hooks_installed(self._hooks):
             self.fn[grid](*args, **kwargs)
             return
         device = self._driver.active.get_current_device()
         values = (*args, *kwargs.values())
         key = (device, len(args), *kwargs, *[
-            (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else float if isinstance(v, float) else v
+            (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else float if type(v) is float else v
             for v in values
         ])  # fmt: skip
         try:
@@ -129,20 +124,24 @@ class Launcher:
             self._entries[key] = None  # another triton), or a parameter without a value
 
 
-def _installed(hook) -> bool:
-    # triton 3.6+ keeps each launch hook as a HookChain, empty unless a hook was added; older
-    # tritons had None
-    return hook is not None and bool(getattr(hook, "calls", True))
+def _hooks_installed(hooks) -> bool:
+    """Whether a launch enter or exit hook is installed in triton's ``knobs.runtime``: triton 3.6+
+    keeps each as a HookChain, empty unless a hook was added; older tritons had None or one."""
+    for hook in (hooks.launch_enter_hook, hooks.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def _triton_runtime():
-    """Triton's driver and knobs, or (None, None) where this triton lacks them."""
+    """Triton's driver and its launch-hook settings (``knobs.runtime``), or (None, None) where
+    this triton lacks them."""
     try:
         from triton import knobs
         from triton.runtime.driver import driver
     except ImportError:
         return None, None
-    return driver, knobs
+    return driver, knobs.runtime
 
 
 def launcher(kernel) -> Launcher | Any:
