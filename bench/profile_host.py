@@ -77,7 +77,7 @@ def host_profile(fn, device: torch.device, calls: int, top: int) -> str:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(__import__("os").environ.get("SORT","tottime"))
+    stats = pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime")
     stats.print_stats(top)
     body = text.getvalue()
     body = body[body.find("   ncalls") :]  # the table only
