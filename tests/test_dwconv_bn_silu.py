@@ -313,3 +313,21 @@ def test_dweight_configs_keep_taps_per_strip_at_k5_only(monkeypatch):
     assert not any(flag for *_, flag in kept(3))
     monkeypatch.setenv("FUSED_MBCONV_TAPS_PER_STRIP", "0")
     assert not any(flag for *_, flag in kept(5))
+
+
+def test_gradient_through_the_squeeze_only(backend):
+    """A training forward whose y is unused and whose squeeze is (no zero gradient is made for
+    an output that got none): the gradients equal those of the squeeze with y counted at 0."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(8, device=DEVICE, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    dsq = torch.randn(2, 8, device=DEVICE, dtype=torch.float64)
+    grads = []
+    for with_y in (False, True):
+        y, squeeze, _, _ = fused_mbconv.ops.dwconv_bn_silu_train(x, w, gamma, beta, 1e-3, 1, [1, 1, 1, 1], True)
+        loss = (squeeze * dsq).sum() + (y.sum() * 0 if with_y else 0)
+        grads.append(torch.autograd.grad(loss, (x, w, gamma, beta)))
+    for only_squeeze, both in zip(*grads):
+        torch.testing.assert_close(only_squeeze, both)

@@ -196,6 +196,8 @@ def _setup_train(ctx, inputs, output):
 
 
 def _backward_train(ctx, grad_y, grad_squeeze, _grad_mean, _grad_var):
+    if grad_y is None and grad_squeeze is None:  # no gradient reached the outputs (none is materialized)
+        return (None,) * 8
     x, weight, gamma, beta, mean, var = ctx.saved_tensors
     if grad_y is None:  # only the squeeze was used
         grad_y = x.new_zeros(ctx.y_shape)

@@ -176,6 +176,8 @@ def _setup_train(ctx, inputs, output):
 
 
 def _backward_train(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+    if grad_y is None:  # no gradient reached y (none is materialized): none flows back
+        return (None,) * 9
     x, gate, weight, z, gamma, beta, mean, var, branch_scale = ctx.saved_tensors
     dx, dgate, dweight, dgamma, dbeta = _eager.call(
         project_bn_backward,
