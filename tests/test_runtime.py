@@ -73,6 +73,31 @@ def test_cuda_graph_capture_and_replay():
 
 
 @needs_cuda
+@pytest.mark.skipif("triton" not in fused_mbconv.available_backends(), reason="needs the Triton backend")
+def test_cuda_graph_replay_follows_in_place_weight_updates():
+    """The Triton depthwise kernels read a copy of the conv weight that is kept between calls
+    (its taps by channel); a captured graph must copy it anew on every replay, so that an
+    optimizer's in-place step between replays is seen."""
+    fused, _, _ = dw_triplet(24, 3, 1, False, torch.float32, DEVICE)
+    fused.eval()
+    static_x = torch.randn(2, 24, 16, 16, device=DEVICE)
+    with fused_mbconv.backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: the copy is made and kept here
+            fused(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = fused(static_x)
+        for _ in range(2):
+            with torch.no_grad():
+                fused[0].weight.mul_(1.5)
+            graph.replay()
+            torch.testing.assert_close(static_y, fused(static_x))
+
+
+@needs_cuda
 @pytest.mark.parametrize("backend_name", [b for b in ("triton", "cuda") if b in fused_mbconv.available_backends()])
 def test_fp16_training_step_with_grad_scaler(backend_name):
     fused, _, _ = dw_triplet(16, 5, 2, False, torch.float32, DEVICE)
