@@ -4,10 +4,11 @@ Triton's own path does.
 Runs in a subprocess without TRITON_INTERPRET, with bench/standin_driver.py as Triton's driver:
 the kernels compile for sm_90 and every launch is recorded instead of run. The first stages of a
 fused EfficientNet-B0 (k3 and k5, stride 1 and 2, expansion, SE, residual; bf16, channels_last)
-run a training step (forward, backward) and an inference forward, first through Triton's path
-only (the fast path off), then twice with the fast path. Every launch of the last round
-must have taken the fast path, and match the first round's: grid, compiled kernel, stream, and
-every argument (a tensor's dtype, shape, strides and 16-byte alignment; any other value exactly).
+and a squeeze-excite module on its own run a training step (forward, backward), the stages an
+inference forward, first through Triton's path only (the fast path off), then twice with the
+fast path. Every launch of the last round must have taken the fast path, and match the first
+round's: grid, compiled kernel, stream, and every argument (a tensor's dtype, shape, strides
+and 16-byte alignment; any other value exactly).
 Skipped when triton's NVIDIA backend or ptxas is missing.
 """
 
@@ -41,11 +42,16 @@ def _child() -> None:
     model = fused_mbconv.efficientnet_b0(num_classes=10)
     stages = model.features[:4].to(torch.bfloat16, memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    # a squeeze-excite on its own (squeeze, excite, scale kernels: in the blocks the depthwise
+    # kernel squeezes and the projection scales)
+    se = fused_mbconv.nn.SqueezeExcite(24, 6).to(torch.bfloat16)
+    h = torch.randn(2, 24, 9, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
     def one_round() -> list:
         with standin_driver.record() as launches:
             stages.train()
             stages(x.requires_grad_(True)).float().square().sum().backward()
+            se(h.requires_grad_(True)).float().sum().backward()
             stages.eval()
             with torch.no_grad():
                 stages(x)
@@ -85,7 +91,7 @@ def test_fast_launch_matches_triton_launches():
     triton_path, fast_path = result["triton"], result["fast"]
     assert result["slow_calls"] == 0, "some launches did not take the fast path"
     kernels = {launch[2] for launch in triton_path}
-    assert len(kernels) >= 12, f"expected most of the ops' kernels to launch, got {sorted(kernels)}"
+    assert len(kernels) >= 20, f"expected the ops' kernels to launch, got {sorted(kernels)}"
     assert len(fast_path) == len(triton_path)
     for i, (fast, slow) in enumerate(zip(fast_path, triton_path)):
         assert fast == slow, f"launch {i} ({slow[2]}) differs"

@@ -21,9 +21,9 @@ compiled kernel and config.
 Triton's own path runs instead under the interpreter, while a launch hook is installed
 (profilers such as proton) or the kernel has pre-run hooks, for a key whose first launch did not
 return a compiled kernel, on a triton without the internals used here, and everywhere when
-FUSED_MBCONV_FAST_LAUNCH=0 at import. tests/test_launch.py checks, with the stand-in driver, that the fast
-path hands the launcher the same grid, compiled kernel and arguments as Triton's path, for every
-kernel of every op.
+FUSED_MBCONV_FAST_LAUNCH=0 at import. tests/test_launch.py checks, with the stand-in driver,
+that the fast path hands the launcher the same grid, compiled kernel and arguments as Triton's
+path, for every kernel the fused blocks launch.
 """
 
 from __future__ import annotations
