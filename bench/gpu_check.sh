@@ -9,7 +9,8 @@
 # TESTS= picks files), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA
 # graphs and by host issue time), kprofile (one depthwise layer kernel by kernel), bench_model
 # (B5 end to end, also from CUDA graphs), hostprof (the host's time per fused layer call, by
-# function), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
+# function), hostcost (one MBConv block's host time and launches, Triton's fast launch path off
+# and on), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
 # through each fused op), sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
 # CUDA depthwise kernels' halo tiles), profile (B5's training step kernel by kernel), main (python
 # -m fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its
@@ -30,7 +31,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model hostprof auto_table sweeps sanitizer racecheck profile main"
+ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model hostprof hostcost auto_table sweeps sanitizer racecheck profile main"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
@@ -125,6 +126,10 @@ bench_model() {
 hostprof() {  # where the host's time goes when it issues one triton depthwise / SE + projection layer
   step hostprof 60 "$OUT/hostprof.log" bash -c "$PY bench/profile_host.py --op dwconv --providers triton,eager --calls 30 \
     && $PY bench/profile_host.py --op se_project --providers triton,eager --calls 30"
+}
+hostcost() {  # one fused MBConv block's host time per call and its launches, without and with the fast launch path
+  step hostcost 90 "$OUT/hostprof.log" bash -c "FUSED_MBCONV_FAST_LAUNCH=0 $PY bench/host_cost.py --device cuda \
+    && $PY bench/host_cost.py --device cuda && FUSED_MBCONV_FAST_LAUNCH=0 $PY bench/host_cost.py --device cuda"
 }
 profile() {  # per-kernel time of one B5 training step, eager vs fused: where the time goes
   step profile 60 "$LOG" $PY bench/profile_model.py --variant b5 --mode train --steps 2

@@ -13,8 +13,14 @@ names the line that issued each torch kernel, through a dispatch mode; under it 
 engine clones the parameters' gradients (a Python-visible gradient cannot be taken over), so
 its list has those copies on top of the count.
 
+On a GPU (``--device cuda``) the same block runs for real and the time is the host's time to
+issue its calls (the block's kernels at this size take less); Triton's launches are counted by a
+launch hook. There, ``FUSED_MBCONV_FAST_LAUNCH=0`` against the default is a side-by-side
+measure of fused_mbconv/ops/_launch.py.
+
     python bench/host_cost.py                       # B0's block 2.2 (expand, k3, SE, residual), bf16
     python bench/host_cost.py --dtype fp32 --list   # fp32, and where each torch kernel comes from
+    python bench/host_cost.py --device cuda         # on a GPU, with Triton's real driver
 """
 
 from __future__ import annotations
@@ -72,11 +78,38 @@ def _torch_kernels(step) -> int:
     return sum(launches(e) for e in top)
 
 
-def _best_us(fn, rounds: int, calls: int) -> float:
+def _triton_launches(step, on_gpu: bool) -> int:
+    """Triton launches of one ``step``: the stand-in's record, or on a GPU a launch hook's count
+    (with a hook installed the launches take Triton's own path: the same launches)."""
+    if not on_gpu:
+        with standin_driver.record() as launches:
+            step()
+        return len(launches)
+    from triton import knobs
+
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        step()
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    return count[0]
+
+
+def _best_us(fn, rounds: int, calls: int, on_gpu: bool) -> float:
+    """The best over ``rounds`` of the host's time per call, ``calls`` calls a round (on a GPU
+    from a synchronized start)."""
     for _ in range(5):
         fn()
     best = float("inf")
     for _ in range(rounds):
+        if on_gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -89,18 +122,21 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--list", action="store_true", help="list the torch kernels by the line that issued them")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: the stand-in driver")
     args = p.parse_args(argv)
     os.environ.setdefault("FUSED_MBCONV_TRITON_AUTOTUNE", "0")  # one config a kernel: fewer compiles
-    standin_driver.install()
+    on_gpu = args.device == "cuda"
+    if not on_gpu:
+        standin_driver.install()
     import fused_mbconv
-    from fused_mbconv.ops import _eager
+    from fused_mbconv.ops import _eager, _launch
 
     fused_mbconv.set_backend("triton")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    model = fused_mbconv.efficientnet_b0(num_classes=10).to(dtype, memory_format=torch.channels_last)
+    model = fused_mbconv.efficientnet_b0(num_classes=10).to(args.device, dtype, memory_format=torch.channels_last)
     block = model.features[2][1]
-    x = torch.randn(2, 24, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 24, 16, 16, device=args.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x_grad = x.detach().requires_grad_(True)
     dy = torch.randn_like(x)
 
@@ -113,16 +149,17 @@ def main(argv=None) -> None:
             q.grad = None
         block(x_grad).backward(dy)
 
-    print(f"B0 features[2][1] (expand 24 -> 144, k3 s1, SE, residual), batch 2, 16x16, {args.dtype}, channels_last")
+    where = torch.cuda.get_device_name() if on_gpu else "CPU, stand-in Triton driver"
+    print(f"B0 features[2][1] (expand 24 -> 144, k3 s1, SE, residual), batch 2, 16x16, {args.dtype}, channels_last; "
+          f"{where}; fast launch {'on' if _launch.ENABLED else 'off'}")  # fmt: skip
     for mode, step in (("infer", infer), ("train", train)):
         block.train(mode == "train")
         step()
         step()
-        with standin_driver.record() as launches:
-            step()
+        launches = _triton_launches(step, on_gpu)
         torch_kernels = _torch_kernels(step)
-        us = _best_us(step, args.rounds, 50 if mode == "infer" else 20)
-        print(f"{mode}: host {us:.0f} us, {len(launches)} Triton launches, {torch_kernels} torch kernels")
+        us = _best_us(step, args.rounds, 50 if mode == "infer" else 20, on_gpu)
+        print(f"{mode}: host {us:.0f} us, {launches} Triton launches, {torch_kernels} torch kernels")
         if args.list:
             plain_eager = _eager._plain_eager
             _eager._plain_eager = lambda a, plain=plain_eager: plain(a) or True  # the fast path under the mode too
