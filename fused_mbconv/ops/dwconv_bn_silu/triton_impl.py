@@ -925,13 +925,12 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     later inference calls skip the copy (a kernel launch; the host time of a launch is what the
     fused layers wait on). Inference tensors (no version counter) and calls during CUDA graph
     capture copy anew: a graph must read the weight it replays with, not a copy made once."""
-    key = None if weight.is_inference() else (weight._version, weight.data_ptr(), weight.dtype)
-    if key is not None and not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = None if weight.is_inference() or capturing else (weight._version, weight.data_ptr(), weight.dtype)
+    if key is not None:
         cached = _TAPS.get(weight)
         if cached is not None and cached[0] == key:
             return cached[1]
-    else:
-        key = None
     c, _, k, _ = weight.shape
     padded = torch.empty((k, k, cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
     taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
