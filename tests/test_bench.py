@@ -283,6 +283,27 @@ def test_host_profile_lists_the_functions_that_take_the_host_time(op, capsys):
         assert ("batchnorm.py" in section) if op == "dwconv" else ("bench_se_project.py" in section)
 
 
+def test_host_cost_counts_a_blocks_launches():
+    """bench/host_cost.py without a GPU (a subprocess: it installs the stand-in Triton driver,
+    kernels compile for sm_90): one block's host time and launches per mode, and with --list the
+    fused_mbconv line of each torch kernel. Counts only bounded: the tool reports them."""
+    from test_triton_compile import _ptxas_path
+
+    pytest.importorskip("triton.backends.nvidia.driver")
+    if _ptxas_path() is None:
+        pytest.skip("ptxas unavailable: nothing compiles")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "bench/host_cost.py", "--rounds", "1", "--list"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {line.split(":")[0]: line for line in done.stdout.splitlines() if line.startswith(("infer:", "train:"))}
+    for mode, most_torch in (("infer", 4), ("train", 40)):
+        words = lines[mode].replace(",", "").split()
+        triton, torch_kernels = int(words[words.index("Triton") - 1]), int(words[words.index("torch") - 1])
+        assert triton >= 4 and 0 <= torch_kernels <= most_torch, lines[mode]
+    assert "dwconv_bn_silu/triton_impl.py" in done.stdout  # --list names the lines
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")
 def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     """bench/gpu_check.sh (the device session's script) on this machine with a 35 s budget: the
