@@ -304,6 +304,21 @@ def test_host_cost_counts_a_blocks_launches():
     assert "dwconv_bn_silu/triton_impl.py" in done.stdout  # --list names the lines
 
 
+def test_memory_model_fused_step_keeps_about_half_of_eagers_activations():
+    """bench/memory_model.py (meta device): a B0 training step, fused vs torchvision with the same
+    batch. Of each block's expanded-width tensors, eager keeps for the backward those of its
+    convs, BNs, SiLUs and the SE's channel scale; the fused ops keep three (the expansion's
+    pre-BN output, the depthwise conv's input and output) and recompute the rest. Parameters
+    and optimizer state are the same tensors in both."""
+    from bench.memory_model import training_peak
+
+    eager = training_peak("eager", "b0", 2, 128)
+    fused = training_peak("fused", "b0", 2, 128)
+    for kind in ("Parameter", "Optstate"):
+        assert fused[kind] == pytest.approx(eager[kind])
+    assert 0.3 < fused["Activation"] / eager["Activation"] < 0.6, (fused, eager)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")
 def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     """bench/gpu_check.sh (the device session's script) on this machine with a 35 s budget: the

@@ -22,6 +22,7 @@ from fused_mbconv.models.layers import PADDING_MODES, ConvBNAct
 from fused_mbconv.models.mbconv import MBConv
 from fused_mbconv.models.timm_weights import is_timm_state_dict, timm_to_torchvision
 from fused_mbconv.nn import ExpandBNAct
+from fused_mbconv.nn.functional import autocast_dtype
 
 MIN_IMAGE_SIZE = 32  # five stride-2 stages: anything smaller ends below one pixel
 FEATURE_STRIDES = (2, 4, 8, 16, 32)
@@ -148,7 +149,7 @@ class EfficientNet(nn.Module):
         expected = self.features[0][0].weight.dtype
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point image tensor ({expected}), got {x.dtype}")
-        if x.dtype != expected and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != expected and autocast_dtype(x.device.type) is None:
             raise TypeError(
                 f"x: expected dtype {expected} (the model's parameters), got {x.dtype}; convert the input "
                 f"or the model, or run under torch.autocast"

@@ -77,11 +77,18 @@ def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
     return gamma, beta
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on ``device_type``, or None when autocast is off there (or,
+    as on "meta", does not exist: asking torch would raise)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     # the ops are opaque to autocast: cast the activation the way eager conv2d would under AMP
-    if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+    dtype = autocast_dtype(x.device.type)
+    return x if dtype is None else x.to(dtype)
 
 
 def dwconv_bn_silu(
