@@ -185,8 +185,10 @@ def projection_rows(size: int) -> list[str]:
         mma = sum(n for op, n in info["opcodes"].items() if op.startswith(("HGMMA", "HMMA")))
         kind = "HGMMA (wgmma)" if any(op.startswith("HGMMA") for op in info["opcodes"]) else "HMMA"
         tile = "x".join(str(v) for v in cfg.kwargs.values())
+        # the gate applied to x's tile in bf16 pairs (HMUL2.BF16_V2), not through fp32
+        pairs = sum(n for op, n in info["opcodes"].items() if op.startswith("HMUL2"))
         rows.append(f"| {name} {c}->{o} | {tile} w{cfg.num_warps} | {info['registers']} | {info['stack']} | "
-                    f"{mma} {kind} | {_memory(info['opcodes'])} |")  # fmt: skip
+                    f"{mma} {kind} | {pairs} | {_memory(info['opcodes'])} |")  # fmt: skip
     return rows
 
 
@@ -207,8 +209,8 @@ def main(argv=None) -> None:
     print("\n".join(depthwise_training_rows(args.channels, args.size, args.layout, args.quick)))
     if args.quick:
         return
-    print("\n| GEMM | tile | registers | stack | matrix instructions | memory instructions |")
-    print("|---|---|---|---|---|---|")
+    print("\n| GEMM | tile | registers | stack | matrix instructions | 16-bit pair multiplies | memory instructions |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(projection_rows(args.size)))
 
 

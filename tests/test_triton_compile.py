@@ -521,7 +521,7 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     channels (no multiple of 16, so triton alone would not know the rows' alignment): the
     depthwise kernels and the GEMMs load and store 16 bytes at a time (LDG.E.128 / STG.E.128,
     LDGSTS.128; 8 in configs of 4 channels a thread), never element by element, and the GEMMs run
-    on Hopper's wgmma (HGMMA). No depthwise kernel, inference or training, issues a global load
+    on Hopper's wgmma (HGMMA), the projection's gate applied in bf16 pairs. No depthwise kernel, inference or training, issues a global load
     of 4 bytes or less (the per-channel fp32 vectors, the taps and the squeeze gradient included);
     the training kernels' few per-program partial stores may."""
     proc = _triton_sass()
@@ -539,6 +539,10 @@ def test_launch_specialized_kernels_move_whole_channel_vectors():
     narrow_loads = re.compile(r"\d+ LDG\.E(\.[US](8|16))?(,| \|)")  # plain LDG.E: 32 bits
     assert not [row for row in rows if row.startswith("| dwconv") and narrow_loads.search(row)], proc.stdout
     assert all("HGMMA" in row for row in rows if not row.startswith("| dwconv")), proc.stdout
+    # the projection's SE gate multiplies x's tile in bf16 pairs (one rounding, as through fp32)
+    gemms = {row.split("|")[1].strip(): row.split("|")[6].strip() for row in rows if not row.startswith("| dwconv")}
+    assert all(int(pairs) > 0 for name, pairs in gemms.items() if name.startswith("projection")), gemms
+    assert all(int(pairs) == 0 for name, pairs in gemms.items() if name.startswith("expansion")), gemms
 
 
 def test_depthwise_kernels_compile_for_nchw_launches():
