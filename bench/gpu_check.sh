@@ -17,6 +17,8 @@
 # native resolution, fp32 and bf16: parity with torchvision in eval and one training step, and
 # timings). A step is skipped when less than half its time limit is left in the budget (with at
 # least half, it runs cut short); a failing step does not stop the later ones.
+# With a Triton cache built ahead (bench/precompile_triton.py, no GPU needed), name
+# .triton-cache.tar.gz in the device tool's `carry`: its kernels load instead of compiling.
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
@@ -60,6 +62,14 @@ step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unl
 
 LOG="$OUT/steps.log"
 step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+# Triton kernels compiled ahead on a machine without a GPU (bench/precompile_triton.py, run there
+# with this image's Python, torch and triton; the device tool carries .triton-cache.tar.gz when
+# `carry` names it): used when this machine's triton would hit them, else compiled here as usual
+CACHE_DIR=/tmp/fused_mbconv_triton_cache
+if [[ -f .triton-cache.tar.gz ]] && $PY bench/precompile_triton.py --unpack .triton-cache.tar.gz >>"$SUMMARY" 2>&1; then
+  export TRITON_CACHE_DIR=$CACHE_DIR
+  touch "$CACHE_DIR.unpacked"
+fi
 # Each step is a function; they run in the order named on the command line (default ALL_STEPS).
 smoke() {  # does one training step of one block's layers finish, per backend; first-call times
   step smoke 90 "$LOG" $PY bench/gpu_smoke.py  # 2026-11-26: triton's training first call took 34 s
@@ -115,9 +125,10 @@ kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel
 }
 # B5 end to end (MODEL_PROVIDERS, MODEL_MODES: see python -m bench --help; "+graph" providers
 # replay the step from CUDA graphs; MODEL_LIMIT_S, default 120). fused-triton's first training
-# step compiles and tunes every training kernel for every B5 shape on a bare machine: not yet
-# timed, give it minutes. The report and its plots stay behind (8 files come back): `python -m
-# bench --report-only model.csv`
+# step compiles every config of every training kernel for every B5 shape (on this repository's
+# CPU: 294 kernels, 276 s) unless the precompiled cache above holds them; either way it times
+# the configs. The report and its plots stay behind (8 files come back): `python -m bench
+# --report-only model.csv`
 bench_model() {
   local limit=${MODEL_LIMIT_S:-120}
   step bench_model "$limit" "$LOG" $PY -m bench --variants b5 --time-budget $((limit - 20)) --out "$OUT/model.csv" --report /tmp/model.md \
@@ -163,4 +174,7 @@ for name in $STEPS; do
   fi
   "$name"
 done
+if [[ -n ${TRITON_CACHE_DIR:-} ]]; then
+  echo "triton cache: $(find "$CACHE_DIR" -name '*.cubin' -newer "$CACHE_DIR.unpacked" | wc -l) kernels compiled here" >>"$SUMMARY"
+fi
 cat "$SUMMARY"

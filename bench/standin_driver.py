@@ -73,15 +73,26 @@ def _benchmarker(fn, *args, **kwargs):
     return 1.0
 
 
-def install(arch: int = _ARCH) -> None:
+def install(arch: int = _ARCH, multiprocessors: int | None = None) -> None:
     """Make ``arch``'s Triton backend the active driver, with the stand-in loader and launcher,
-    and let fused_mbconv's "triton" backend take CPU tensors. Idempotent."""
+    and let fused_mbconv's "triton" backend take CPU tensors. Idempotent. ``multiprocessors``:
+    the SM count fused_mbconv sizes its split reductions for (default: one, as for any CPU
+    tensor); a GPU's count gives the kernels the specializations a launch there gives them."""
     if _installed:
         return
     _installed.append(arch)
+    import sys
+
     import triton.testing
 
     from fused_mbconv import backends
+    from fused_mbconv.ops import _triton
+
+    if multiprocessors is not None:
+        counted = _triton.multiprocessors
+        for module in [m for name, m in sys.modules.items() if name.startswith("fused_mbconv")]:
+            if getattr(module, "multiprocessors", None) is counted:
+                module.multiprocessors = lambda device: multiprocessors
 
     triton.testing.do_bench = _benchmarker  # fused_mbconv's autotuner times configs with it
     missing = backends._missing

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +304,36 @@ def test_host_cost_counts_a_blocks_launches():
         triton, torch_kernels = int(words[words.index("Triton") - 1]), int(words[words.index("torch") - 1])
         assert triton >= 4 and 0 <= torch_kernels <= most_torch, lines[mode]
     assert "dwconv_bn_silu/triton_impl.py" in done.stdout  # --list names the lines
+
+
+def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
+    """bench/precompile_triton.py (stand-in driver, kernels compiled for sm_90): a small B0
+    inference step fills a cache directory and packs it without the intermediate IRs and the
+    stand-in's autotuning choices; unpacked where it was built, the same step compiles nothing."""
+    from test_triton_compile import _ptxas_path
+
+    pytest.importorskip("triton.backends.nvidia.driver")
+    if _ptxas_path() is None:
+        pytest.skip("ptxas unavailable: nothing compiles")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache, archive = tmp_path / "cache", tmp_path / "cache.tar.gz"
+    args = [sys.executable, "bench/precompile_triton.py", "--variants", "b0", "--modes", "infer", "--batch", "2",
+            "--resolution", "64", "--cache-dir", str(cache), "--out", str(archive)]  # fmt: skip
+
+    def run(*extra) -> str:
+        done = subprocess.run([*args, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        return done.stdout
+
+    first = re.search(r"(\d+) kernels compiled, (\d+) found", run("--fresh"))
+    assert int(first.group(1)) > 10, first.group(0)
+    shutil.rmtree(cache)
+    assert "kernels in" in run("--unpack", str(archive))
+    kept = {p.suffix for p in cache.rglob("*.*")}
+    assert ".cubin" in kept and not kept & {".ptx", ".ttgir", ".llir"}, kept
+    assert not list(cache.rglob("*.autotune.json"))
+    again = re.search(r"(\d+) kernels compiled, (\d+) found", run())
+    assert again.groups() == ("0", first.group(1)), (first.group(0), again.group(0))
 
 
 def test_memory_model_fused_step_keeps_about_half_of_eagers_activations():

@@ -1,0 +1,152 @@
+"""Triton's kernel cache for the GPU session, compiled on a machine without a GPU.
+
+A device session has 15 minutes in all, and on a bare machine the first call of every fused
+Triton kernel compiles it: B5's training step under autotuning compiles hundreds, more than a
+session (bench/results/2026-11-26_h200_host_share.md, section 4). None of that needs a GPU.
+Triton keys its on-disk cache on its own build (triton_key: its sources and libtriton), the
+kernel's source and specialization, the target (cuda:90), the compile options and its
+cache-relevant environment, and names the files by absolute path. So this runs the GPU
+benchmark's fused-triton workloads through bench/standin_driver.py, with the device's Python,
+torch and triton (a venv made with them: the image has Python 3.12, torch 2.11.0, triton 3.6.0),
+the kernels sized for the H100/H200's 132 multiprocessors, into CACHE_DIR, the path the device
+unpacks it to; and packs that directory with a stamp of the versions and triton_key. The gpu_check
+step `cache` unpacks it there when the device's triton_key matches the stamp's.
+
+    python3.12 -m venv /tmp/v312 && /tmp/v312/bin/pip install --no-deps torch==2.11.0 triton==3.6.0 ...
+    /tmp/v312/bin/python bench/precompile_triton.py              # B5 inference (batch 32) and training (16)
+    /tmp/v312/bin/python bench/precompile_triton.py --variants b5,b0 --out .triton-cache.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+CACHE_DIR = "/tmp/fused_mbconv_triton_cache"  # the same absolute path on both machines
+STAMP = "fused_mbconv_stamp.json"
+GPU_MULTIPROCESSORS = 132  # H100 SXM and H200
+
+
+def stamp() -> dict:
+    """This machine's inputs to triton's cache keys that are not the kernels' own (triton's build,
+    ptxas, the cache-relevant environment), and the versions for the record."""
+    import platform
+
+    import torch
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    from triton.runtime.cache import triton_key
+
+    return {
+        "triton_key": hashlib.sha256(triton_key().encode()).hexdigest(),
+        "ptxas": get_ptxas_version(90).strip().splitlines()[-1],
+        "environment": sorted(get_cache_invalidating_env_vars().items()),
+        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+    }  # fmt: skip
+
+
+MUST_MATCH = ("triton_key", "ptxas", "environment")
+
+
+def _kernels(cache_dir: str) -> int:
+    return sum(1 for _ in Path(cache_dir).glob("*/*.cubin"))
+
+
+def unpack(archive_path: str, cache_dir: str = CACHE_DIR) -> bool:
+    """Unpack the archive to ``cache_dir`` (where it was built) if this machine would hit its
+    entries (same MUST_MATCH); say what differs otherwise."""
+    with tarfile.open(archive_path) as archive:
+        built = json.load(archive.extractfile(f"{Path(cache_dir).name}/{STAMP}"))
+        here = json.loads(json.dumps(stamp()))  # tuples as lists, as in the file
+        differ = [key for key in MUST_MATCH if built[key] != here[key]]
+        if differ:
+            print(f"{archive_path}: not used, {', '.join(differ)} differ: built {built}, here {here}")
+            return False
+        archive.extractall(Path(cache_dir).parent, filter="data")
+    print(f"{archive_path}: {_kernels(cache_dir)} kernels in {cache_dir} (built with {built})")
+    return True
+
+
+def _prune(cache_dir: str) -> None:
+    """Leave in ``cache_dir`` only what a cache hit reads: each kernel's cubin, metadata and file
+    group, the group rewritten to list just those (triton 3.8 takes a group with a missing file
+    for a miss). Not the intermediate IRs (most of the bytes), and not the autotuner's remembered
+    choices: here every config "timed" alike (the stand-in), so the device must time them."""
+    for path in Path(cache_dir).glob("*/*.autotune.json"):
+        path.unlink()
+    for group_path in Path(cache_dir).glob("*/__grp__*.json"):
+        group = json.loads(group_path.read_text())
+        kept = {}
+        for name, path in group["child_paths"].items():
+            if Path(path).suffix in (".source", ".ttir", ".ttgir", ".llir", ".ptx"):
+                Path(path).unlink(missing_ok=True)
+            else:
+                kept[name] = path
+        group_path.write_text(json.dumps({"child_paths": kept}))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="b5")
+    p.add_argument("--modes", default="infer,train")
+    p.add_argument("--batch", type=int, help="default: the GPU benchmark's batch per variant and mode")
+    p.add_argument("--resolution", type=int, help="default: each variant's native resolution")
+    p.add_argument("--cache-dir", default=CACHE_DIR, help="an absolute path, the same on the GPU machine")
+    p.add_argument("--out", default=".triton-cache.tar.gz", help="the archive (git-ignored; carried to the device)")
+    p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
+    p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
+    args = p.parse_args(argv)
+    if args.unpack:
+        sys.exit(0 if unpack(args.unpack, args.cache_dir) else 1)
+    if args.fresh:
+        shutil.rmtree(args.cache_dir, ignore_errors=True)
+    os.environ["TRITON_CACHE_DIR"] = args.cache_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
+    from bench import standin_driver
+
+    standin_driver.install(multiprocessors=GPU_MULTIPROCESSORS)
+    import torch
+    from triton import knobs
+
+    import fused_mbconv
+    from bench.__main__ import GPU_BATCH, step_function
+    from fused_mbconv.models import VARIANTS, create_efficientnet
+
+    compiles = {True: 0, False: 0}  # by cache hit
+
+    def count(*, cache_hit, **_):
+        compiles[cache_hit] += 1
+
+    knobs.compilation.listener = count
+    torch.manual_seed(0)
+    with fused_mbconv.backend("triton"):
+        for variant in args.variants.split(","):
+            resolution = args.resolution or VARIANTS[variant].resolution
+            for mode in args.modes.split(","):
+                batch = args.batch or GPU_BATCH[variant][0 if mode == "infer" else 1]
+                model = create_efficientnet(variant).to(torch.bfloat16).to(memory_format=torch.channels_last)
+                x = torch.randn(batch, 3, resolution, resolution, dtype=torch.bfloat16)
+                x = x.contiguous(memory_format=torch.channels_last)
+                labels = torch.randint(0, 1000, (batch,))
+                start, before = time.perf_counter(), dict(compiles)
+                step_function(model, mode, x, labels)()
+                print(f"{variant} {mode} batch {batch}: {compiles[False] - before[False]} kernels compiled, "
+                      f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
+                      flush=True)  # fmt: skip
+    _prune(args.cache_dir)
+    (Path(args.cache_dir) / STAMP).write_text(json.dumps(stamp(), indent=1))
+    with tarfile.open(args.out, "w:gz") as archive:
+        archive.add(args.cache_dir, arcname=Path(args.cache_dir).name)
+    print(f"{args.out}: {_kernels(args.cache_dir)} kernels, {Path(args.out).stat().st_size / 2**20:.1f} MiB; {stamp()}")
+
+
+if __name__ == "__main__":
+    main()
