@@ -12,9 +12,13 @@ the kernels sized for the H100/H200's 132 multiprocessors, into CACHE_DIR, the p
 unpacks it to; and packs that directory with a stamp of the versions and triton_key. The gpu_check
 step `cache` unpacks it there when the device's triton_key matches the stamp's.
 
-    python3.12 -m venv /tmp/v312 && /tmp/v312/bin/pip install --no-deps torch==2.11.0 triton==3.6.0 ...
-    /tmp/v312/bin/python bench/precompile_triton.py              # B5 inference (batch 32) and training (16)
-    /tmp/v312/bin/python bench/precompile_triton.py --variants b5,b0 --out .triton-cache.tar.gz
+    /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/v312      # any Python 3.12
+    /tmp/v312/bin/pip install torch==2.11.0 triton==3.6.0 numpy    # ~4 GB with torch's CUDA libraries
+    /tmp/v312/bin/python bench/precompile_triton.py --fresh      # B5 inference (batch 32), training (16)
+    bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
+
+(Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
+match; whether it does is first seen in the next GPU session's summary.txt.)
 """
 
 from __future__ import annotations
