@@ -14,7 +14,7 @@ step `cache` unpacks it there when the device's triton_key matches the stamp's.
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/v312      # any Python 3.12
     /tmp/v312/bin/pip install torch==2.11.0 triton==3.6.0 numpy    # ~4 GB with torch's CUDA libraries
-    /tmp/v312/bin/python bench/precompile_triton.py --fresh      # B5 inference (batch 32), training (16)
+    /tmp/v312/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks   # B5 model + per-op rows
     bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
@@ -24,7 +24,9 @@ match; whether it does is first seen in the next GPU session's summary.txt.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -105,6 +107,8 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, help="default: each variant's native resolution")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="an absolute path, the same on the GPU machine")
     p.add_argument("--out", default=".triton-cache.tar.gz", help="the archive (git-ignored; carried to the device)")
+    p.add_argument("--kernel-benchmarks", action="store_true",
+                   help="also the triton rows of bench_dwconv.py and bench_se_project.py --quick")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
@@ -143,6 +147,18 @@ def main(argv=None) -> None:
                 start, before = time.perf_counter(), dict(compiles)
                 step_function(model, mode, x, labels)()
                 print(f"{variant} {mode} batch {batch}: {compiles[False] - before[False]} kernels compiled, "
+                      f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
+                      flush=True)  # fmt: skip
+        if args.kernel_benchmarks:
+            from bench import bench_dwconv, bench_se_project
+            from bench.common import KernelSetting
+
+            for bench in (bench_dwconv, bench_se_project):
+                setting = KernelSetting(torch.device("cpu"), bench.BATCH, bench.DTYPE, rep=1, compile_mode="default")
+                start, before = time.perf_counter(), dict(compiles)
+                with contextlib.redirect_stdout(io.StringIO()):  # its CPU "timings" of stood-in launches
+                    bench.run(bench.selected_shapes(quick=True), ["triton"], setting, None)
+                print(f"{bench.__name__} --quick, triton: {compiles[False] - before[False]} kernels compiled, "
                       f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
                       flush=True)  # fmt: skip
     _prune(args.cache_dir)
