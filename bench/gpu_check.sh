@@ -66,7 +66,8 @@ step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip instal
 # with this image's Python, torch and triton; the device tool carries .triton-cache.tar.gz when
 # `carry` names it): used when this machine's triton would hit them, else compiled here as usual
 CACHE_DIR=/tmp/fused_mbconv_triton_cache
-if [[ -f .triton-cache.tar.gz ]] && $PY bench/precompile_triton.py --unpack .triton-cache.tar.gz >>"$SUMMARY" 2>&1; then
+CACHE_ARCHIVE=${CACHE_ARCHIVE-.triton-cache.tar.gz}  # empty: none
+if [[ -f $CACHE_ARCHIVE ]] && $PY bench/precompile_triton.py --unpack "$CACHE_ARCHIVE" >>"$SUMMARY" 2>&1; then
   export TRITON_CACHE_DIR=$CACHE_DIR
   touch "$CACHE_DIR.unpacked"
 fi
