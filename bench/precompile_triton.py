@@ -9,8 +9,9 @@ cache-relevant environment, and names the files by absolute path. So this runs t
 benchmark's fused-triton workloads through bench/standin_driver.py, with the device's Python,
 torch and triton (a venv made with them: the image has Python 3.12, torch 2.11.0, triton 3.6.0),
 the kernels sized for the H100/H200's 132 multiprocessors, into CACHE_DIR, the path the device
-unpacks it to; and packs that directory with a stamp of the versions and triton_key. The gpu_check
-step `cache` unpacks it there when the device's triton_key matches the stamp's.
+unpacks it to; and packs that directory with a stamp of the versions and triton_key.
+bench/gpu_check.sh unpacks it there after its build step when the device's triton_key, ptxas
+and cache-relevant environment match the stamp's.
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/v312      # any Python 3.12
     /tmp/v312/bin/pip install torch==2.11.0 triton==3.6.0 numpy    # ~4 GB with torch's CUDA libraries
