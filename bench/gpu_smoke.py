@@ -22,18 +22,23 @@ def run_block(block, initial_state, x, dy, training: bool):
     x = x.detach().requires_grad_(training)
     y = block(x)
     grads = torch.autograd.grad(y, [x, *block.parameters()], dy) if training else ()
-    torch.cuda.synchronize()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return y.detach(), grads
 
 
-def main() -> None:
-    # fp32 in full: torch's default TF32 convolutions (and the fused GEMMs, which follow the same
-    # flag) would put TF32's ~1e-3 between the backends (2026-11-26: a max gradient difference of 1.98)
+def smoke_case(device: str = "cuda"):
+    """(block, x, dy, its initial state). fp32 in full: torch's default TF32 convolutions (and the
+    fused GEMMs, which follow the same flag) would put TF32's ~1e-3 between the backends
+    (2026-11-26: a max gradient difference of 1.98)."""
     torch.backends.cudnn.allow_tf32 = False
-    block = fused_mbconv.efficientnet_b0(stochastic_depth_prob=0.2).features[2][1].cuda()
-    x = torch.randn(8, 24, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
-    dy = torch.randn_like(x)
-    initial_state = {k: v.clone() for k, v in block.state_dict().items()}
+    block = fused_mbconv.efficientnet_b0(stochastic_depth_prob=0.2).features[2][1].to(device)
+    x = torch.randn(8, 24, 56, 56, device=device).contiguous(memory_format=torch.channels_last)
+    return block, x, torch.randn_like(x), {k: v.clone() for k, v in block.state_dict().items()}
+
+
+def main() -> None:
+    block, x, dy, initial_state = smoke_case()
     print(torch.cuda.get_device_name(), "backends", fused_mbconv.available_backends(), flush=True)
     results = {}
     for name in [b for b in ("reference", "triton", "cuda") if b in fused_mbconv.available_backends()]:

@@ -117,6 +117,16 @@ def _best_us(fn, rounds: int, calls: int, on_gpu: bool) -> float:
     return best
 
 
+def block_and_input(device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+    """B0's block 2.2 and a batch of 2 of its 16x16 inputs, channels_last."""
+    import fused_mbconv
+
+    torch.manual_seed(0)
+    model = fused_mbconv.efficientnet_b0(num_classes=10).to(device, dtype, memory_format=torch.channels_last)
+    x = torch.randn(2, 24, 16, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return model.features[2][1], x
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -133,10 +143,7 @@ def main(argv=None) -> None:
 
     fused_mbconv.set_backend("triton")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    model = fused_mbconv.efficientnet_b0(num_classes=10).to(args.device, dtype, memory_format=torch.channels_last)
-    block = model.features[2][1]
-    x = torch.randn(2, 24, 16, 16, device=args.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    block, x = block_and_input(args.device, dtype)
     x_grad = x.detach().requires_grad_(True)
     dy = torch.randn_like(x)
 

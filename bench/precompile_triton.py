@@ -15,7 +15,7 @@ and cache-relevant environment match the stamp's.
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/v312      # any Python 3.12
     /tmp/v312/bin/pip install torch==2.11.0 triton==3.6.0 numpy    # ~4 GB with torch's CUDA libraries
-    /tmp/v312/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks   # B5 model + per-op rows
+    /tmp/v312/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks   # all of it
     bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=".triton-cache.tar.gz", help="the archive (git-ignored; carried to the device)")
     p.add_argument("--kernel-benchmarks", action="store_true",
                    help="also the triton rows of bench_dwconv.py and bench_se_project.py --quick")
+    p.add_argument("--blocks", action="store_true", help="also the blocks of gpu_smoke.py and host_cost.py")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
@@ -162,6 +163,18 @@ def main(argv=None) -> None:
                 print(f"{bench.__name__} --quick, triton: {compiles[False] - before[False]} kernels compiled, "
                       f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
                       flush=True)  # fmt: skip
+        if args.blocks:
+            from bench import gpu_smoke, host_cost
+
+            start, before = time.perf_counter(), dict(compiles)
+            block, x, dy, state = gpu_smoke.smoke_case("cpu")
+            hc_block, hc_x = host_cost.block_and_input("cpu", torch.bfloat16)
+            for training in (True, False):
+                gpu_smoke.run_block(block, state, x, dy, training)
+                gpu_smoke.run_block(hc_block, hc_block.state_dict(), hc_x, torch.randn_like(hc_x), training)
+            print(f"gpu_smoke.py and host_cost.py blocks: {compiles[False] - before[False]} kernels compiled, "
+                  f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
+                  flush=True)  # fmt: skip
     _prune(args.cache_dir)
     (Path(args.cache_dir) / STAMP).write_text(json.dumps(stamp(), indent=1))
     with tarfile.open(args.out, "w:gz") as archive:
