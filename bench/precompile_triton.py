@@ -135,6 +135,14 @@ def main(argv=None) -> None:
     def count(*, cache_hit, **_):
         compiles[cache_hit] += 1
 
+    @contextlib.contextmanager
+    def reported(label: str):
+        """Prints the kernels the block compiled and found in the cache, and its time."""
+        start, before = time.perf_counter(), dict(compiles)
+        yield
+        print(f"{label}: {compiles[False] - before[False]} kernels compiled, {compiles[True] - before[True]} found "
+              f"in the cache, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+
     knobs.compilation.listener = count
     torch.manual_seed(0)
     with fused_mbconv.backend("triton"):
@@ -146,40 +154,32 @@ def main(argv=None) -> None:
                 x = torch.randn(batch, 3, resolution, resolution, dtype=torch.bfloat16)
                 x = x.contiguous(memory_format=torch.channels_last)
                 labels = torch.randint(0, 1000, (batch,))
-                start, before = time.perf_counter(), dict(compiles)
-                step_function(model, mode, x, labels)()
-                print(f"{variant} {mode} batch {batch}: {compiles[False] - before[False]} kernels compiled, "
-                      f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
-                      flush=True)  # fmt: skip
+                with reported(f"{variant} {mode} batch {batch}"):
+                    step_function(model, mode, x, labels)()
         if args.kernel_benchmarks:
             from bench import bench_dwconv, bench_se_project
             from bench.common import KernelSetting
 
             for bench in (bench_dwconv, bench_se_project):
                 setting = KernelSetting(torch.device("cpu"), bench.BATCH, bench.DTYPE, rep=1, compile_mode="default")
-                start, before = time.perf_counter(), dict(compiles)
-                with contextlib.redirect_stdout(io.StringIO()):  # its CPU "timings" of stood-in launches
-                    bench.run(bench.selected_shapes(quick=True), ["triton"], setting, None)
-                print(f"{bench.__name__} --quick, triton: {compiles[False] - before[False]} kernels compiled, "
-                      f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
-                      flush=True)  # fmt: skip
+                with reported(f"{bench.__name__} --quick, triton"):
+                    with contextlib.redirect_stdout(io.StringIO()):  # its CPU "timings" of stood-in launches
+                        bench.run(bench.selected_shapes(quick=True), ["triton"], setting, None)
         if args.blocks:
             from bench import gpu_smoke, host_cost
 
-            start, before = time.perf_counter(), dict(compiles)
-            block, x, dy, state = gpu_smoke.smoke_case("cpu")
-            hc_block, hc_x = host_cost.block_and_input("cpu", torch.bfloat16)
-            for training in (True, False):
-                gpu_smoke.run_block(block, state, x, dy, training)
-                gpu_smoke.run_block(hc_block, hc_block.state_dict(), hc_x, torch.randn_like(hc_x), training)
-            print(f"gpu_smoke.py and host_cost.py blocks: {compiles[False] - before[False]} kernels compiled, "
-                  f"{compiles[True] - before[True]} found in the cache, {time.perf_counter() - start:.0f} s",
-                  flush=True)  # fmt: skip
+            with reported("gpu_smoke.py and host_cost.py blocks"):
+                block, x, dy, state = gpu_smoke.smoke_case("cpu")
+                hc_block, hc_x = host_cost.block_and_input("cpu", torch.bfloat16)
+                for training in (True, False):
+                    gpu_smoke.run_block(block, state, x, dy, training)
+                    gpu_smoke.run_block(hc_block, hc_block.state_dict(), hc_x, torch.randn_like(hc_x), training)
     _prune(args.cache_dir)
-    (Path(args.cache_dir) / STAMP).write_text(json.dumps(stamp(), indent=1))
+    built = stamp()
+    (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
     with tarfile.open(args.out, "w:gz") as archive:
         archive.add(args.cache_dir, arcname=Path(args.cache_dir).name)
-    print(f"{args.out}: {_kernels(args.cache_dir)} kernels, {Path(args.out).stat().st_size / 2**20:.1f} MiB; {stamp()}")
+    print(f"{args.out}: {_kernels(args.cache_dir)} kernels, {Path(args.out).stat().st_size / 2**20:.1f} MiB; {built}")
 
 
 if __name__ == "__main__":

@@ -289,12 +289,9 @@ def test_host_cost_counts_a_blocks_launches():
     """bench/host_cost.py without a GPU (a subprocess: it installs the stand-in Triton driver,
     kernels compile for sm_90): one block's host time and launches per mode, and with --list the
     fused_mbconv line of each torch kernel. Counts only bounded: the tool reports them."""
-    from test_triton_compile import _ptxas_path
+    from test_triton_compile import standin_subprocess_env
 
-    pytest.importorskip("triton.backends.nvidia.driver")
-    if _ptxas_path() is None:
-        pytest.skip("ptxas unavailable: nothing compiles")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = standin_subprocess_env()
     done = subprocess.run([sys.executable, "bench/host_cost.py", "--rounds", "1", "--list"], cwd=ROOT, env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -310,13 +307,10 @@ def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
     """bench/precompile_triton.py (stand-in driver, kernels compiled for sm_90): a small B0
     inference step fills a cache directory and packs it without the intermediate IRs and the
     stand-in's autotuning choices; unpacked where it was built, the same step compiles nothing."""
-    from test_triton_compile import _ptxas_path
+    from test_triton_compile import standin_subprocess_env
 
-    pytest.importorskip("triton.backends.nvidia.driver")
-    if _ptxas_path() is None:
-        pytest.skip("ptxas unavailable: nothing compiles")
     # one config a kernel (no autotuning): the property is the same, the compiling a third
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "FUSED_MBCONV_TRITON_AUTOTUNE": "0"}
+    env = standin_subprocess_env(FUSED_MBCONV_TRITON_AUTOTUNE="0")
     cache, archive = tmp_path / "cache", tmp_path / "cache.tar.gz"
     args = [sys.executable, "bench/precompile_triton.py", "--variants", "b0", "--modes", "infer", "--batch", "2",
             "--resolution", "64", "--cache-dir", str(cache), "--out", str(archive)]  # fmt: skip

@@ -15,13 +15,11 @@ Skipped when triton's NVIDIA backend or ptxas is missing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from test_triton_compile import _ptxas_path
+from test_triton_compile import standin_subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +78,7 @@ def _child() -> None:
 
 
 def test_fast_launch_matches_triton_launches():
-    pytest.importorskip("triton.backends.nvidia.driver")
-    if _ptxas_path() is None:
-        pytest.skip("ptxas unavailable: nothing compiles")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FUSED_MBCONV_TRITON_AUTOTUNE"] = "0"  # one config a kernel: fewer compiles
+    env = standin_subprocess_env(FUSED_MBCONV_TRITON_AUTOTUNE="0")  # one config a kernel: fewer compiles
     done = subprocess.run([sys.executable, __file__, "--child"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -306,6 +306,16 @@ def _ptxas_path() -> str | None:
     return None
 
 
+def standin_subprocess_env(**extra: str) -> dict:
+    """The environment of a subprocess that compiles the kernels for sm_90 through
+    bench/standin_driver.py (TRITON_INTERPRET removed, ``extra`` added); skips the calling test
+    where triton's NVIDIA backend or ptxas is missing."""
+    pytest.importorskip("triton.backends.nvidia.driver")
+    if _ptxas_path() is None:
+        pytest.skip("ptxas unavailable: nothing compiles")
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
+
+
 _PTXAS_RE = {
     "registers": re.compile(r"Used (\d+) registers"),
     "spills": re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads"),

@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops import _triton
 from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
     aligned,
@@ -50,7 +51,6 @@ from fused_mbconv.ops._triton import (
     chan_merge,
     combine_stats,
     merge_rows,
-    multiprocessors,
     next_power_of_2,
     sigmoid,
     sum_rows,
@@ -890,7 +890,7 @@ def _groups(geo: _Geometry, device: torch.device) -> int:
     """How many chunks a reduction over the output positions is cut into: enough for a few
     programs per multiprocessor (a channel block of ~32 per program), each with MIN_CHUNK
     positions or more; partial sums are then a few hundred rows at most, cheap to combine."""
-    programs = 4 * multiprocessors(device)
+    programs = 4 * _triton.multiprocessors(device)
     return max(1, min(programs // cdiv(geo.c, 32), cdiv(geo.m, MIN_CHUNK)))
 
 

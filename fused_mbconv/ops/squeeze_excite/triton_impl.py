@@ -19,13 +19,13 @@ import triton
 import triton.language as tl
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops import _triton
 from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
     INTERPRETED,
     autotune,
     cast,
     cdiv,
-    multiprocessors,
     prune_wider_than,
     sum_rows,
     triton_entry,
@@ -79,7 +79,7 @@ def _hw_chunk(x: torch.Tensor) -> tuple[int, int]:
     split only when N * C alone leaves the GPU idle."""
     n, c, h, w = x.shape
     tiles = n * cdiv(c, _NOMINAL_BLOCK_C)
-    splits = max(1, min(cdiv(_WAVES * multiprocessors(x.device), tiles), cdiv(h * w, _MIN_CHUNK)))
+    splits = max(1, min(cdiv(_WAVES * _triton.multiprocessors(x.device), tiles), cdiv(h * w, _MIN_CHUNK)))
     chunk = cdiv(h * w, splits)
     return chunk, cdiv(h * w, chunk)
 
