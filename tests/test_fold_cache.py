@@ -12,6 +12,7 @@ from eager import EagerDWConvBNAct, randomize_
 from torch import nn
 
 import fused_mbconv
+from fused_mbconv import _derived
 from fused_mbconv.nn import DWConvBNAct, ProjectBN
 
 
@@ -133,3 +134,40 @@ def test_depthwise_taps_follow_the_weight(change):
         eager[0].weight.data.copy_(weight)
         same(fused, eager)
         assert triton_impl._TAPS[weight][1] is not taps
+
+
+def _capturing(monkeypatch):
+    """As during a CUDA graph capture (which needs a GPU: tests/test_runtime.py captures one)."""
+    monkeypatch.setattr(_derived, "_capturing", lambda tensors: True)
+
+
+def test_no_fold_is_kept_or_reused_during_a_cuda_graph_capture(kind, monkeypatch):
+    """A graph must fold the live BN tensors on every replay: the fold kept before the capture is
+    neither read (it would not follow in-place updates) nor replaced (its memory would be freed
+    under the replays)."""
+    fused, eager = pair(kind)
+    same(fused, eager)
+    kept = fused._fold_cache
+    _capturing(monkeypatch)
+    with torch.no_grad():
+        fused[1].weight.mul_(1.5)
+    eager.load_state_dict(fused.state_dict())
+    same(fused, eager)
+    assert fused._fold_cache is kept
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend cannot run here")
+def test_no_taps_copy_is_kept_or_reused_during_a_cuda_graph_capture(monkeypatch):
+    from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+    fused, eager = pair("depthwise")
+    weight = fused[0].weight
+    with fused_mbconv.backend("triton"):
+        same(fused, eager)
+        kept = triton_impl._TAPS[weight]
+        _capturing(monkeypatch)
+        with torch.no_grad():
+            weight.mul_(1.5)
+        eager[0].weight.data.copy_(weight)
+        same(fused, eager)
+        assert triton_impl._TAPS[weight] is kept

@@ -74,25 +74,32 @@ def test_cuda_graph_capture_and_replay():
 
 @needs_cuda
 @pytest.mark.skipif("triton" not in fused_mbconv.available_backends(), reason="needs the Triton backend")
-def test_cuda_graph_replay_follows_in_place_weight_updates():
-    """The Triton depthwise kernels read a copy of the conv weight that is kept between calls
-    (its taps by channel); a captured graph must copy it anew on every replay, so that an
-    optimizer's in-place step between replays is seen."""
-    fused, _, _ = dw_triplet(24, 3, 1, False, torch.float32, DEVICE)
+@pytest.mark.parametrize("changed", ["conv weight", "bn weight", "bn running_var"])
+@pytest.mark.parametrize("kind", ["depthwise", "projection"])
+def test_cuda_graph_replay_follows_in_place_weight_updates(kind, changed):
+    """The fused modules keep tensors derived from their parameters between calls (in eval() the
+    BN fold; the Triton depthwise kernels' copy of the conv weight, its taps by channel): a
+    captured graph must derive them anew on every replay, so that an in-place update between
+    replays (an optimizer step, load_state_dict) is seen. A fold kept from the warm-up would be
+    stale, then freed and reused under the replays."""
+    if kind == "depthwise":
+        fused = dw_triplet(24, 3, 1, False, torch.float32, DEVICE)[0]
+    else:
+        fused = fused_mbconv.nn.ProjectBN(24, 16).to(DEVICE)
     fused.eval()
+    tensor = {"conv weight": fused[0].weight, "bn weight": fused[1].weight, "bn running_var": fused[1].running_var}[changed]
     static_x = torch.randn(2, 24, 16, 16, device=DEVICE)
-    with fused_mbconv.backend("triton"):
+    with fused_mbconv.backend("triton"), torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: the copy is made and kept here
+        with torch.cuda.stream(side):  # warm up: the fold and the copy are made and kept here
             fused(static_x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_y = fused(static_x)
         for _ in range(2):
-            with torch.no_grad():
-                fused[0].weight.mul_(1.5)
+            tensor.mul_(1.5)
             graph.replay()
             torch.testing.assert_close(static_y, fused(static_x))
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fused_mbconv._derived import sources_key
 from fused_mbconv.nn import functional as F
 
 
@@ -44,25 +45,23 @@ class BatchNormCall:
 
 def cached_fold(owner: nn.Module, bn: nn.BatchNorm2d) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The BN fold (scale, shift) for inference, computed once and kept on ``owner`` until a BN
-    tensor changes: in-place updates (optimizer steps, load_state_dict, running statistics) bump
-    the tensors' version counters, and replacing a tensor (.to(), .data =) changes its address.
-    None, meaning "fold on this call", while autograd records the BN parameters (the fold must be
-    in the graph), under torch.compile (the compiler fuses the fold into its own graph) and for
-    inference-mode tensors (they have no version counter)."""
+    tensor changes (``_derived.sources_key``: in-place updates by optimizer steps,
+    load_state_dict or running statistics, replaced tensors, and never kept from before a CUDA
+    graph capture). None, meaning "fold on this call", also while autograd records the BN
+    parameters (the fold must be in the graph) and under torch.compile (the compiler fuses the
+    fold into its own graph)."""
     tensors = [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-    if (
-        torch.compiler.is_compiling()
-        or any(t.is_inference() for t in tensors)
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    ):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    sources = sources_key(*tensors)
+    if sources is None:
         return None
     # results made inside inference_mode cannot be saved for a backward outside it: key on it
-    key = (bn.eps, torch.is_inference_mode_enabled(), *((t.data_ptr(), t._version) for t in tensors))
+    key = (bn.eps, torch.is_inference_mode_enabled(), sources)
     cache = owner.__dict__.get("_fold_cache")
     if cache is None or cache[0] != key:
         with torch.no_grad():
             scale, shift = F.fold_batch_norm(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        # the detached views keep the keyed storages alive, so no new tensor can reuse an address
         cache = (key, [t.detach() for t in tensors], scale, shift)
         owner.__dict__["_fold_cache"] = cache
     return cache[2], cache[3]

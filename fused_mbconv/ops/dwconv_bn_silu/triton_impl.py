@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv._derived import sources_key
 from fused_mbconv.ops import _triton
 from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
@@ -909,7 +910,7 @@ def _tile_grid(n: int, h: int, w: int):
 _triton_entry = triton_entry(reference)
 
 
-_TAPS = WeakTensorKeyDictionary()  # weight -> ((version, address, dtype), taps)
+_TAPS = WeakTensorKeyDictionary()  # weight -> (sources_key, taps, the weight's storage kept alive)
 
 
 def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
@@ -921,12 +922,10 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     as divisible by 16 only when C is, and at C = 40 the loads of tap 0 were per channel (a
     tl.multiple_of claim on an offset with nothing added to it is folded away).
 
-    Kept per weight tensor until it changes (its version counter or address), so the backward and
-    later inference calls skip the copy (a kernel launch; the host time of a launch is what the
-    fused layers wait on). Inference tensors (no version counter) and calls during CUDA graph
-    capture copy anew: a graph must read the weight it replays with, not a copy made once."""
-    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = None if weight.is_inference() or capturing else (weight._version, weight.data_ptr(), weight.dtype)
+    Kept per weight tensor until it changes (``_derived.sources_key``), so the backward and later
+    inference calls skip the copy (a kernel launch; the host time of a launch is what the fused
+    layers wait on)."""
+    key = sources_key(weight)
     if key is not None:
         cached = _TAPS.get(weight)
         if cached is not None and cached[0] == key:
@@ -935,7 +934,7 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     padded = torch.empty((k, k, cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
     taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
     if key is not None:
-        _TAPS[weight] = (key, taps)
+        _TAPS[weight] = (key, taps, weight.detach())
     return taps
 
 
