@@ -79,6 +79,9 @@ def running_stats_samples(dtype, requires_grad):
     for buffer_dtype in {dtype, torch.float32}:
         yield ops.update_running_stats, (_t(C, dtype=buffer_dtype), _t(C, dtype=buffer_dtype, positive=True),
                                          _t(C), _t(C, positive=True), 0.1, 12)  # fmt: skip
+        params = (_t(C, dtype=buffer_dtype, requires_grad=requires_grad), _t(C, dtype=buffer_dtype, requires_grad=requires_grad))
+        yield ops.fold_batch_norm, (*params, _t(C, dtype=buffer_dtype), _t(C, dtype=buffer_dtype, positive=True), 1e-3)
+        yield ops.fold_batch_norm, (None, None, _t(C, dtype=buffer_dtype), _t(C, dtype=buffer_dtype, positive=True), 1e-5)
 
 
 def all_samples(dtype, requires_grad):

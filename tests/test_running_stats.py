@@ -1,6 +1,8 @@
 """fused_mbconv::update_running_stats advances BatchNorm's running buffers as nn.BatchNorm2d does
 in training, on every backend: checked against nn.BatchNorm2d itself (fp32) and against the
-formula in fp64 (low-precision buffers, non-contiguous buffers), and it rejects bad input."""
+formula in fp64 (low-precision buffers, non-contiguous buffers), and it rejects bad input.
+fused_mbconv::fold_batch_norm gives the affine map of nn.BatchNorm2d in eval(): checked against
+nn.BatchNorm2d itself, the fp64 formula and autograd's gradients of it."""
 
 from __future__ import annotations
 
@@ -77,3 +79,91 @@ def test_bad_input(change, error, pattern):
     args.update(change)
     with pytest.raises(error, match=pattern):
         ops.update_running_stats(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# fold
+
+
+def _eval_bn(affine: bool, dtype=torch.float32, seed=3) -> torch.nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(C, eps=1e-3, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=g) * 2)
+        bn.running_var.copy_(torch.rand(C, generator=g) * 3 + 0.01)
+        if affine:
+            bn.weight.copy_(torch.randn(C, generator=g))
+            bn.bias.copy_(torch.randn(C, generator=g))
+    return bn.to(DEVICE, dtype).eval()
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_fold_is_batch_norm_in_eval(backend, affine):
+    """scale * x + shift is nn.BatchNorm2d's eval output, to fp32 rounding (the two associate
+    the same terms differently)."""
+    bn = _eval_bn(affine)
+    x, *_ = _stats()
+    scale, shift = ops.fold_batch_norm(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    assert scale.dtype == shift.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(scale[:, None, None] * x + shift[:, None, None], bn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_fold_of_low_precision_parameters(backend, dtype):
+    """A bf16 / fp16 model's BN folds in fp32 (fp64 statistics in fp64), within a few of the
+    fold's dtype's ulps of the fp64 formula of the same stored values."""
+    bn = _eval_bn(True, dtype)
+    scale, shift = ops.fold_batch_norm(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert scale.dtype == shift.dtype == acc
+    w, b, m, v = (t.double() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    exact_scale = w / torch.sqrt(v + bn.eps)
+    exact_shift = b - m * exact_scale
+    ulps = 4 * torch.finfo(acc).eps
+    for got, exact, magnitude in ((scale, exact_scale, exact_scale.abs()), (shift, exact_shift, (m * exact_scale).abs() + b.abs())):
+        assert ((got.double() - exact).abs() <= ulps * magnitude.clamp_min(1e-6)).all(), (got, exact)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_fold_gradients(backend, affine):
+    """The registered backward against autograd through the formula, fp32, every input."""
+    bn = _eval_bn(affine)
+    inputs = [None if t is None else t.detach().clone().requires_grad_(True)
+              for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    dscale, dshift = (torch.randn(C, generator=g).to(DEVICE) for _ in range(2))
+    scale, shift = ops.fold_batch_norm(*inputs, bn.eps)
+    got = torch.autograd.grad((scale * dscale + shift * dshift).sum(), [t for t in inputs if t is not None])
+    w, b, m, v = inputs
+    invstd = torch.rsqrt(v + bn.eps)
+    ref_scale = invstd if w is None else w * invstd
+    ref_shift = -m * ref_scale + (0 if b is None else b)
+    expected = torch.autograd.grad((ref_scale * dscale + ref_shift * dshift).sum(), [t for t in inputs if t is not None])
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_gradcheck_fp64():
+    inputs = [(torch.randn(C, dtype=torch.float64, device=DEVICE) + (2 if i == 3 else 0)).abs().requires_grad_(True)
+              for i in range(4)]  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: ops.fold_batch_norm(*t, 1e-3), inputs)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (dict(running_var=torch.ones(C + 1)), ValueError, r"running_var: expected shape \(20\), got \(21,\)"),
+        (dict(weight=torch.ones(C, dtype=torch.int64)), TypeError, "weight: expected dtype"),
+        (dict(bias=torch.ones(2, C)), ValueError, r"bias: expected shape \(20\), got \(2, 20\)"),
+        (dict(eps=-1.0), ValueError, r"eps: expected a value >= 0, got -1.0"),
+        (dict(running_mean=torch.zeros(1, C)), ValueError, "running_mean: expected a 1-D tensor"),
+    ],
+    ids=["shape", "dtype", "bias-shape", "eps", "rank"],
+)
+def test_fold_bad_input(change, error, pattern):
+    args = dict(weight=torch.ones(C), bias=torch.zeros(C), running_mean=torch.zeros(C), running_var=torch.ones(C),
+                eps=1e-5)  # fmt: skip
+    args.update(change)
+    with pytest.raises(error, match=pattern):
+        ops.fold_batch_norm(**args)

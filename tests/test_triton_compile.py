@@ -114,6 +114,9 @@ def _plan() -> list[dict]:
         # the running statistics: fp32 batch statistics into buffers of the model's dtype
         dict(module="stats", kernel="_update_kernel", ptrs={"mean_ptr": F32, "var_ptr": F32},
              floats=("momentum", "unbias"), variants=[{"BLOCK": 256}]),
+        # the eval-mode fold: a bf16 model's parameters and buffers into fp32 scale and shift
+        dict(module="stats", kernel="_fold_kernel", ptrs={"scale_ptr": F32, "shift_ptr": F32}, floats=("eps",),
+             variants=[{"HAS_WEIGHT": a, "HAS_BIAS": a, "BLOCK": 256} for a in (True, False)]),
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
              floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),

@@ -1,6 +1,5 @@
 """The BatchNorm2d bookkeeping every fused module repeats around its op: which statistics a call
-uses and how it advances the running ones (exactly as nn.BatchNorm2d.forward), and the eval-mode
-fold of BN into (scale, shift), cached per module until a BN tensor changes."""
+uses and how it advances the running ones, exactly as nn.BatchNorm2d.forward."""
 
 from __future__ import annotations
 
@@ -9,9 +8,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-
-from fused_mbconv._derived import sources_key
-from fused_mbconv.nn import functional as F
 
 
 @dataclass
@@ -41,27 +37,3 @@ class BatchNormCall:
             bn.running_mean if keep_running else None,
             bn.running_var if keep_running else None,
         )
-
-
-def cached_fold(owner: nn.Module, bn: nn.BatchNorm2d) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The BN fold (scale, shift) for inference, computed once and kept on ``owner`` until a BN
-    tensor changes (``_derived.sources_key``: in-place updates by optimizer steps,
-    load_state_dict or running statistics, replaced tensors, and never kept from before a CUDA
-    graph capture). None, meaning "fold on this call", also while autograd records the BN
-    parameters (the fold must be in the graph) and under torch.compile (the compiler fuses the
-    fold into its own graph)."""
-    tensors = [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return None
-    sources = sources_key(*tensors)
-    if sources is None:
-        return None
-    # results made inside inference_mode cannot be saved for a backward outside it: key on it
-    key = (bn.eps, torch.is_inference_mode_enabled(), sources)
-    cache = owner.__dict__.get("_fold_cache")
-    if cache is None or cache[0] != key:
-        with torch.no_grad():
-            scale, shift = F.fold_batch_norm(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        cache = (key, [t.detach() for t in tensors], scale, shift)
-        owner.__dict__["_fold_cache"] = cache
-    return cache[2], cache[3]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fused_mbconv.nn import functional as F
-from fused_mbconv.nn.batch_norm import BatchNormCall, cached_fold
+from fused_mbconv.nn.batch_norm import BatchNormCall
 from fused_mbconv.ops.dwconv_bn_silu import KERNEL_SIZES, STRIDES
 
 PADDING_MODES = ("same", "tf")
@@ -91,7 +91,6 @@ class DWConvBNAct(nn.Sequential):
             x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
             training=call.batch_stats, momentum=call.momentum, eps=bn.eps,
             stride=self.stride, padding=self.padding_for(x), with_squeeze=with_squeeze,
-            folded=None if call.batch_stats else cached_fold(self, bn),
         )  # fmt: skip
         return (y, squeeze) if with_squeeze else y
 

@@ -42,14 +42,8 @@ def fold_batch_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with BN(c) = scale * c + shift, in fp32, or fp64 for fp64 statistics
-    (differentiable in gamma, beta)."""
-    acc = torch.float64 if running_var.dtype == torch.float64 else torch.float32
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
-    scale = invstd if gamma is None else gamma.to(acc) * invstd
-    shift = -running_mean.to(acc) * scale
-    if beta is not None:
-        shift = shift + beta.to(acc)
-    return scale, shift
+    (differentiable in gamma, beta): ``fused_mbconv::fold_batch_norm``."""
+    return call(ops.fold_batch_norm, gamma, beta, running_mean, running_var, eps)
 
 
 def _update_running_stats(running_mean, running_var, mean, var, y, momentum: float) -> None:
@@ -62,12 +56,13 @@ def _update_running_stats(running_mean, running_var, mean, var, y, momentum: flo
         call(ops.update_running_stats, running_mean, running_var, mean, var, momentum, count)
 
 
-def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float, folded) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference's (scale, shift): ``folded`` when the caller has it, else ``fold_batch_norm`` of
-    the running statistics, which must exist either way."""
+def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference's (scale, shift), folded from the running statistics on every call: a fold kept
+    between calls would miss the writes that bypass version counters (``p.data.mul_()``, CUDA
+    graph replays, the fused ops' own running-statistics kernel), and costs one small launch."""
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-    return folded or fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+    return fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
 
 
 def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
@@ -105,14 +100,13 @@ def dwconv_bn_silu(
     stride: int,
     padding: list[int],
     with_squeeze: bool = False,
-    folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """silu(BatchNorm2d(depthwise_conv(x))) with nn.BatchNorm2d's semantics.
 
     Arguments follow ``torch.nn.functional.batch_norm``: with ``training`` normalise with the
     batch's statistics and, when running buffers are given, update them in place with factor
     ``momentum`` (unbiased variance); otherwise normalise with the running statistics, folded
-    into (scale, shift) by ``fold_batch_norm`` unless ``folded`` already holds its result.
+    into (scale, shift) by ``fold_batch_norm``.
     Returns (y, squeeze): squeeze is the (N, C) mean of y over its spatial dims, or None.
     """
     x = _autocast_input(x)
@@ -123,7 +117,7 @@ def dwconv_bn_silu(
         y, squeeze, mean, var = call(op, x, weight, gamma, beta, eps, stride, padding, with_squeeze)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
     else:
-        scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
+        scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps)
         y, squeeze = call(ops.dwconv_bn_silu, x, weight, scale, shift, stride, padding, with_squeeze)
     return y, (squeeze if with_squeeze else None)
 
@@ -170,11 +164,10 @@ def project_bn(
     residual: Optional[torch.Tensor] = None,
     branch_scale: Optional[torch.Tensor] = None,
     silu: bool = False,
-    folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """branch_scale * act(BatchNorm2d(conv1x1(x * gate))) + residual, one fused op (act: SiLU with
     ``silu``, else none), with nn.BatchNorm2d's semantics (``training``, ``momentum``, running
-    buffers and ``folded`` as ``dwconv_bn_silu``).
+    buffers as ``dwconv_bn_silu``).
 
     x (N, C, H, W); weight (O, C, 1, 1); gate (N, C) (the SE's); residual (N, O, H, W) (the
     block's input); branch_scale (N,) (stochastic depth's per-sample factor). Returns (N, O, H, W).
@@ -187,5 +180,5 @@ def project_bn(
         y, _, mean, var = call(ops.project_bn_train, x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
         return y
-    scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps, folded)
+    scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps)
     return call(ops.project_bn, x, gate, weight, scale, shift, residual, branch_scale, silu)

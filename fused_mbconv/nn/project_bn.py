@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fused_mbconv.nn import functional as F
-from fused_mbconv.nn.batch_norm import BatchNormCall, cached_fold
+from fused_mbconv.nn.batch_norm import BatchNormCall
 
 
 class _PointwiseBN(nn.Sequential):
@@ -56,8 +56,7 @@ class _PointwiseBN(nn.Sequential):
         call = BatchNormCall.of(bn)
         return F.project_bn(
             x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
-            training=call.batch_stats, momentum=call.momentum, eps=bn.eps, silu=self.SILU,
-            folded=None if call.batch_stats else cached_fold(self, bn), **extras,
+            training=call.batch_stats, momentum=call.momentum, eps=bn.eps, silu=self.SILU, **extras,
         )  # fmt: skip
 
 

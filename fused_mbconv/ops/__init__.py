@@ -10,7 +10,7 @@ from fused_mbconv.ops.dwconv_bn_silu import (
     dwconv_bn_silu_train,
 )
 from fused_mbconv.ops.project_bn import project_bn, project_bn_backward, project_bn_train
-from fused_mbconv.ops.running_stats import update_running_stats
+from fused_mbconv.ops.running_stats import fold_batch_norm, update_running_stats
 from fused_mbconv.ops.squeeze_excite import (
     se_excite,
     se_excite_backward,
@@ -32,4 +32,5 @@ __all__ = [
     "project_bn_train",
     "project_bn_backward",
     "update_running_stats",
+    "fold_batch_norm",
 ]

@@ -37,10 +37,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from fused_mbconv._checks import empty_like_layout
-from fused_mbconv._derived import sources_key
 from fused_mbconv.ops import _triton
 from fused_mbconv.ops._launch import launcher
 from fused_mbconv.ops._triton import (
@@ -910,9 +908,6 @@ def _tile_grid(n: int, h: int, w: int):
 _triton_entry = triton_entry(reference)
 
 
-_TAPS = WeakTensorKeyDictionary()  # weight -> (sources_key, taps, the weight's storage kept alive)
-
-
 def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     """The (C, 1, k, k) weight as fp32 with the channels contiguous and each tap's row of channels
     padded to a multiple of 16 (strides (1, ., k Cp, Cp)): a tap's weights for a tile's channels
@@ -922,20 +917,12 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     as divisible by 16 only when C is, and at C = 40 the loads of tap 0 were per channel (a
     tl.multiple_of claim on an offset with nothing added to it is folded away).
 
-    Kept per weight tensor until it changes (``_derived.sources_key``), so the backward and later
-    inference calls skip the copy (a kernel launch; the host time of a launch is what the fused
-    layers wait on)."""
-    key = sources_key(weight)
-    if key is not None:
-        cached = _TAPS.get(weight)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    Made on every call (one small copy): a copy kept between calls would miss the writes to the
+    weight that bypass its version counter (``p.data.mul_()``, CUDA graph replays of an
+    optimizer step)."""
     c, _, k, _ = weight.shape
     padded = torch.empty((k, k, cdiv(c, 16) * 16), dtype=torch.float32, device=weight.device)
-    taps = padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
-    if key is not None:
-        _TAPS[weight] = (key, taps, weight.detach())
-    return taps
+    return padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
 
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):

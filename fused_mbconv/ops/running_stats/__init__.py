@@ -1,4 +1,5 @@
-"""The BatchNorm running-statistics update as one op:
+"""BatchNorm's running statistics as ops: their update in training, their fold for inference.
+
 ``fused_mbconv::update_running_stats(running_mean, running_var, mean, var, momentum, count)``
 advances the (C,) running buffers in place the way nn.BatchNorm2d does in training,
 
@@ -12,9 +13,22 @@ Why an op: in torch ops it was three to five kernel launches per BatchNorm (two 
 unbiasing product and the dtype conversions), on every training step of every fused layer; the
 "triton" backend does it in one launch. It mutates its first two arguments, so torch.compile
 sees it as the in-place update it is.
+
+``fused_mbconv::fold_batch_norm(weight, bias, running_mean, running_var, eps) -> (scale, shift)``
+folds an eval-mode BatchNorm into a per-channel affine map, BN(c) = scale * c + shift:
+
+    scale = weight / sqrt(running_var + eps),   shift = bias - running_mean * scale
+
+in fp32 (fp64 for fp64 statistics), weight and bias None for affine=False; differentiable.
+Why an op: in torch ops it was five to ten kernel launches (the dtype conversions of a bf16
+model's buffers, the add, rsqrt, products and sum), and every eval-mode call of a fused module
+folds anew (nn/functional.py: a fold kept between calls would miss writes that bypass version
+counters); the "triton" backend does it in one launch.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -23,8 +37,9 @@ from fused_mbconv._checks import check_same_device, check_tensor
 from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.running_stats import reference
 
-IMPLS = {"update": Implementations("update_running_stats")}
+IMPLS = {"update": Implementations("update_running_stats"), "fold": Implementations("fold_batch_norm")}
 IMPLS["update"].register("reference")(reference.update)
+IMPLS["fold"].register("reference")(reference.fold)
 
 
 def check_inputs(running_mean, running_var, mean, var, momentum: float, count: int) -> None:
@@ -55,6 +70,71 @@ def update_running_stats(
 @update_running_stats.register_fake
 def _(running_mean, running_var, mean, var, momentum, count):
     check_inputs(running_mean, running_var, mean, var, momentum, count)
+
+
+# ---------------------------------------------------------------------------------------------
+# fold
+
+
+def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dtype:
+    """Validate; returns the dtype of the fold (fp64 for fp64 statistics, else fp32)."""
+    check_tensor("running_mean", running_mean, ndim=1)
+    c = running_mean.shape[0]
+    check_tensor("running_var", running_var, shape=(c,))
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t, shape=(c,))
+    check_same_device(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    if not eps >= 0.0:
+        raise ValueError(f"eps: expected a value >= 0, got {eps}")
+    return torch.float64 if running_var.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fused_mbconv::fold_batch_norm", mutates_args=())
+def fold_batch_norm(
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_fold(weight, bias, running_mean, running_var, eps)
+    return IMPLS["fold"].pick(running_mean.device, running_mean)(weight, bias, running_mean, running_var, eps)
+
+
+@fold_batch_norm.register_fake
+def _(weight, bias, running_mean, running_var, eps):
+    acc = _check_fold(weight, bias, running_mean, running_var, eps)
+    return running_mean.new_empty(running_mean.shape, dtype=acc), running_mean.new_empty(running_mean.shape, dtype=acc)
+
+
+def _setup_fold(ctx, inputs, output):
+    weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(weight, running_mean, running_var)
+    ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _backward_fold(ctx, grad_scale, grad_shift):
+    weight, running_mean, running_var = ctx.saved_tensors
+    acc = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(running_mean.shape, dtype=acc, device=running_mean.device)
+    dshift = zeros if grad_shift is None else grad_shift.to(acc)
+    mean = running_mean.to(acc)
+    invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
+    gamma = invstd.new_ones(()) if weight is None else weight.to(acc)
+    # shift depends on scale: scale's total gradient is its own minus the shift's through it
+    dscale = (zeros if grad_scale is None else grad_scale.to(acc)) - dshift * mean
+    grads = [
+        None if weight is None else (dscale * invstd).to(weight.dtype),
+        None if ctx.bias_dtype is None else dshift.to(ctx.bias_dtype),
+        (-dshift * gamma * invstd).to(running_mean.dtype),
+        (dscale * gamma * -0.5 * invstd**3).to(running_var.dtype),
+    ]
+    return (*grads, None)
+
+
+fold_batch_norm.register_autograd(_backward_fold, setup_context=_setup_fold)
 
 
 if _backend.triton_importable():

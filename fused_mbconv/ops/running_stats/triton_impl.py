@@ -1,7 +1,9 @@
-"""The "triton" backend of the running-statistics update: both buffers in one launch, in fp32."""
+"""The "triton" backend of the running-statistics ops: the update of both buffers, and the fold, each
+one launch, in fp32."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,3 +40,34 @@ def update(running_mean, running_var, mean, var, momentum: float, count: int) ->
         running_mean, running_var, mean.contiguous(), var.contiguous(), c, float(momentum), count / (count - 1),
         BLOCK=_BLOCK,
     )  # fmt: skip
+
+
+@launcher
+@triton.jit
+def _fold_kernel(weight_ptr, bias_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, C, eps,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cs < C
+    var = tl.load(var_ptr + cs, mask=mask, other=1.0).to(tl.float32)
+    # correctly rounded, as torch's sqrt and division (an inference's every output goes through it)
+    scale = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    if HAS_WEIGHT:
+        scale *= tl.load(weight_ptr + cs, mask=mask, other=0.0).to(tl.float32)
+    shift = -tl.load(mean_ptr + cs, mask=mask, other=0.0).to(tl.float32) * scale
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + cs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + cs, scale, mask=mask)
+    tl.store(shift_ptr + cs, shift, mask=mask)
+
+
+@IMPLS["fold"].register("triton")
+@triton_entry(reference)
+def fold(weight, bias, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    c = running_mean.shape[0]
+    scale, shift = (torch.empty(c, dtype=torch.float32, device=running_mean.device) for _ in range(2))
+    mean, var = running_mean.contiguous(), running_var.contiguous()
+    _fold_kernel[(cdiv(c, _BLOCK),)](
+        mean if weight is None else weight.contiguous(), mean if bias is None else bias.contiguous(), mean, var,
+        scale, shift, c, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return scale, shift
