@@ -331,3 +331,24 @@ def test_gradient_through_the_squeeze_only(backend):
         grads.append(torch.autograd.grad(loss, (x, w, gamma, beta)))
     for only_squeeze, both in zip(*grads):
         torch.testing.assert_close(only_squeeze, both)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_deterministic_algorithms_squeeze_in_a_fixed_order(backend, training, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the squeeze is not summed with float atomics
+    (they add in any order: last-bit differences between runs) but taken from y by the
+    squeeze-excite's fixed-order kernel; parity holds as before."""
+    calls = []
+    if backend == "triton":
+        from fused_mbconv.ops.dwconv_bn_silu import triton_impl
+
+        squeeze = triton_impl.se_squeeze
+        monkeypatch.setattr(triton_impl, "se_squeeze", lambda y: calls.append(y.shape) or squeeze(y))
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn only: eager's cuBLAS needs no env setting
+    try:
+        check_parity((2, 16, 9, 7), 3, 1, False, torch.float32, "channels_last", training, True, backend)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    if backend == "triton":
+        assert calls == [(2, 16, 9, 7)]

@@ -26,20 +26,32 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
+def _atomic_squeeze(with_squeeze: bool) -> bool:
+    """Whether the kernel sums the squeeze (with float atomics, in any order); under
+    ``torch.use_deterministic_algorithms(True)`` the squeeze-excite's fixed-order squeeze kernel
+    takes it from y instead (``_squeeze``)."""
+    return with_squeeze and not torch.are_deterministic_algorithms_enabled()
+
+
 def _outputs(
     x: torch.Tensor, k: int, stride: int, padding: Sequence[int], with_squeeze: bool
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """y laid out like x, and the zeroed fp32 (N, C) buffer the kernel adds the squeeze sums to."""
+    """y laid out like x, and the zeroed fp32 (N, C) buffer the kernel adds the squeeze sums to
+    (None when it does not)."""
     n, c, h, w = x.shape
     top, bottom, left, right = padding
     y = empty_like_layout(x, (n, c, output_size(h, k, stride, top, bottom), output_size(w, k, stride, left, right)))
-    squeeze_sum = x.new_zeros((n, c), dtype=torch.float32) if with_squeeze else None
+    squeeze_sum = x.new_zeros((n, c), dtype=torch.float32) if _atomic_squeeze(with_squeeze) else None
     return y, squeeze_sum
 
 
-def _squeeze(x: torch.Tensor, y: torch.Tensor, squeeze_sum: Optional[torch.Tensor]) -> torch.Tensor:
-    if squeeze_sum is None:
+def _squeeze(x: torch.Tensor, y: torch.Tensor, squeeze_sum: Optional[torch.Tensor], with_squeeze: bool) -> torch.Tensor:
+    if not with_squeeze:
         return x.new_empty(0)
+    if squeeze_sum is None:
+        pooled = torch.empty((y.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
+        torch.ops.fused_mbconv_cuda.se_squeeze(y, pooled)
+        return pooled
     return (squeeze_sum / (y.shape[2] * y.shape[3])).to(x.dtype)
 
 
@@ -58,7 +70,7 @@ def forward_infer(
     torch.ops.fused_mbconv_cuda.dwconv_bn_silu_infer(
         x, _f32(weight), _f32(scale), _f32(shift), stride, list(padding), y, squeeze_sum
     )
-    return y, _squeeze(x, y, squeeze_sum)
+    return y, _squeeze(x, y, squeeze_sum, with_squeeze)
 
 
 @IMPLS["forward_train"].register("cuda")
@@ -79,7 +91,7 @@ def forward_train(
     torch.ops.fused_mbconv_cuda.dwconv_bn_silu_train(
         x, _f32(weight), _f32(gamma), _f32(beta), eps, stride, list(padding), y, squeeze_sum, mean, var
     )
-    return y, _squeeze(x, y, squeeze_sum), mean, var
+    return y, _squeeze(x, y, squeeze_sum, with_squeeze), mean, var
 
 
 @IMPLS["backward"].register("cuda")

@@ -22,7 +22,9 @@ Memory passes (x: input, y: output, dy: grad of y, dc: grad of the conv output):
 
 Reductions over positions are deterministic: the tiles are cut into ``groups`` chunks, each
 program loops over one chunk and writes one partial per channel, and a small kernel combines
-the partials. Only the squeeze is summed with atomics (fp32, one add per tile and channel).
+the partials. Only the squeeze is summed with atomics (fp32, one add per tile and channel);
+under ``torch.use_deterministic_algorithms(True)`` it is taken from y by the squeeze-excite's
+fixed-order squeeze kernel instead (a second read of y).
 
 Kernels run on the current CUDA stream and allocate through torch, so they can be captured in a
 CUDA graph once every shape has been autotuned (run the model once before capturing).
@@ -58,6 +60,7 @@ from fused_mbconv.ops._triton import (
     widen,
 )
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
+from fused_mbconv.ops.squeeze_excite.triton_impl import squeeze as se_squeeze
 
 # A reduction's program takes at least this many output positions on average.
 MIN_CHUNK = 256
@@ -927,6 +930,9 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
 
 def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
     """y = silu((conv(x) - center) * scale + shift) (center None: 0) and the squeeze."""
+    if with_squeeze and torch.are_deterministic_algorithms_enabled():
+        y, _ = _conv_bn_silu(x, weight, center, scale, shift, geo, False)
+        return y, se_squeeze(y)  # float atomics add in any order: run-to-run differences
     y = empty_like_layout(x, (geo.n, geo.c, geo.h_out, geo.w_out))
     f32 = {"dtype": torch.float32, "device": x.device}
     squeeze = torch.zeros((geo.n, geo.c), **f32) if with_squeeze else torch.empty(1, **f32)  # fp32 atomics
