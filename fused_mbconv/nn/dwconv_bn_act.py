@@ -73,11 +73,11 @@ class DWConvBNAct(nn.Sequential):
 
     @property
     def kernel_size(self) -> int:
-        return self[0].kernel_size[0]
+        return self._modules["0"].kernel_size[0]
 
     @property
     def stride(self) -> int:
-        return self[0].stride[0]
+        return self._modules["0"].stride[0]
 
     def padding_for(self, x: torch.Tensor) -> list[int]:
         if self.padding_mode == "tf":
@@ -85,7 +85,8 @@ class DWConvBNAct(nn.Sequential):
         return F.symmetric_padding(self.kernel_size)
 
     def forward(self, x: torch.Tensor, with_squeeze: bool = False):
-        conv, bn = self[0], self[1]
+        # by name: nn.Sequential's [i] walks its modules (~2 us a lookup, paid on every call)
+        conv, bn = self._modules["0"], self._modules["1"]
         call = BatchNormCall.of(bn)
         y, squeeze = F.dwconv_bn_silu(
             x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,

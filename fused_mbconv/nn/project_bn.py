@@ -52,7 +52,8 @@ class _PointwiseBN(nn.Sequential):
         return self
 
     def _fused(self, x: torch.Tensor, **extras: Optional[torch.Tensor]) -> torch.Tensor:
-        conv, bn = self[0], self[1]
+        # by name: nn.Sequential's [i] walks its modules (~2 us a lookup, paid on every call)
+        conv, bn = self._modules["0"], self._modules["1"]
         call = BatchNormCall.of(bn)
         return F.project_bn(
             x, conv.weight, bn.weight, bn.bias, call.running_mean, call.running_var,
