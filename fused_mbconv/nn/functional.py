@@ -34,18 +34,6 @@ def tf_same_padding(height: int, width: int, kernel_size: int, stride: int) -> l
     return [top, bottom, left, right]
 
 
-def fold_batch_norm(
-    gamma: Optional[torch.Tensor],
-    beta: Optional[torch.Tensor],
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with BN(c) = scale * c + shift, in fp32, or fp64 for fp64 statistics
-    (differentiable in gamma, beta): ``fused_mbconv::fold_batch_norm``."""
-    return call(ops.fold_batch_norm, gamma, beta, running_mean, running_var, eps)
-
-
 def _update_running_stats(running_mean, running_var, mean, var, y, momentum: float) -> None:
     """nn.BatchNorm2d's update from the batch ``mean`` and biased ``var`` of ``y``'s channels:
     a lerp by ``momentum``, the variance made unbiased."""
@@ -62,7 +50,7 @@ def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float) -> tup
     graph replays, the fused ops' own running-statistics kernel), and costs one small launch."""
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-    return fold_batch_norm(bn_weight, bn_bias, running_mean, running_var, eps)
+    return call(ops.fold_batch_norm, bn_weight, bn_bias, running_mean, running_var, eps)
 
 
 def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
@@ -106,7 +94,7 @@ def dwconv_bn_silu(
     Arguments follow ``torch.nn.functional.batch_norm``: with ``training`` normalise with the
     batch's statistics and, when running buffers are given, update them in place with factor
     ``momentum`` (unbiased variance); otherwise normalise with the running statistics, folded
-    into (scale, shift) by ``fold_batch_norm``.
+    into (scale, shift) by ``fused_mbconv::fold_batch_norm``.
     Returns (y, squeeze): squeeze is the (N, C) mean of y over its spatial dims, or None.
     """
     x = _autocast_input(x)
