@@ -62,6 +62,19 @@ def test_non_contiguous_buffers_update_in_place(backend):
     torch.testing.assert_close(running_var, 0.5 + 0.5 * var * count / (count - 1))
 
 
+def test_the_update_bumps_the_buffers_version_counters(backend):
+    """As nn.BatchNorm2d's in-place update does, through the op and through the modules' eager
+    fast path alike (a kernel's writes bump nothing by themselves)."""
+    from fused_mbconv.ops._eager import call
+
+    _, mean, var, count = _stats(seed=3)
+    running_mean, running_var = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    for update in (ops.update_running_stats, lambda *a: call(ops.update_running_stats, *a)):
+        versions = running_mean._version, running_var._version
+        update(running_mean, running_var, mean, var, 0.1, count)
+        assert running_mean._version > versions[0] and running_var._version > versions[1]
+
+
 @pytest.mark.parametrize(
     "change, error, pattern",
     [

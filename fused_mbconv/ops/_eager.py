@@ -61,6 +61,19 @@ def _autograd_function(op) -> type:
     return function
 
 
+_MUTATED: dict[Any, tuple[int, ...]] = {}
+
+
+def _mutated_positions(op) -> tuple[int, ...]:
+    """The positions of the arguments ``op`` writes in place (``mutates_args``)."""
+    positions = _MUTATED.get(op)
+    if positions is None:
+        arguments = op._opoverload._schema.arguments
+        positions = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
+        _MUTATED[op] = positions
+    return positions
+
+
 def call(op, *args: Any) -> Any:
     """``op(*args)`` for a fused_mbconv custom op (positional arguments), past the dispatcher in
     plain eager mode (see the module's docstring)."""
@@ -73,4 +86,9 @@ def call(op, *args: Any) -> Any:
         if getattr(op, "_backward_fn", None) is None:
             return op(*args)  # the op's own error: no autograd formula
         return _autograd_function(op).apply(*args)
-    return body(*args)
+    result = body(*args)
+    # as the dispatcher does for a mutated argument (a kernel's own writes bump nothing): code
+    # keyed on version counters must see the running statistics change
+    for i in _mutated_positions(op):
+        torch.autograd.graph.increment_version(args[i])
+    return result
