@@ -87,7 +87,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 # (~340 tests), and workers take tests in the order given (files, not the folder: pytest collects a
 # folder's files alphabetically). CPU-only files and the sweeps' are left out. TESTS="files or
 # -k ..." replaces the list.
-SUITE_FIRST="dwconv_bn_silu squeeze_excite project_bn efficientnet convert compile runtime memory opcheck errors"
+SUITE_FIRST="dwconv_bn_silu squeeze_excite project_bn efficientnet convert compile runtime eval_fold running_stats memory opcheck errors"
 NOT_HERE="triton_compile cuda_kernels_on_cpu cuda_index_math gpu_dwconv_shapes gpu_se_shapes gpu_pointwise_shapes"
 suite_files() {  # SUITE_FIRST's files, then every other test file that is not NOT_HERE
   local name files=""
