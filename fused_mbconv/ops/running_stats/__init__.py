@@ -77,7 +77,7 @@ def _(running_mean, running_var, mean, var, momentum, count):
 
 
 def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dtype:
-    """Validate; returns the dtype of the fold (fp64 for fp64 statistics, else fp32)."""
+    """Validate; returns the dtype of the fold."""
     check_tensor("running_mean", running_mean, ndim=1)
     c = running_mean.shape[0]
     check_tensor("running_var", running_var, shape=(c,))
@@ -87,7 +87,7 @@ def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dt
     check_same_device(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not eps >= 0.0:
         raise ValueError(f"eps: expected a value >= 0, got {eps}")
-    return torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    return reference.fold_dtype(running_var)
 
 
 @torch.library.custom_op("fused_mbconv::fold_batch_norm", mutates_args=())
@@ -117,7 +117,7 @@ def _setup_fold(ctx, inputs, output):
 
 def _backward_fold(ctx, grad_scale, grad_shift):
     weight, running_mean, running_var = ctx.saved_tensors
-    acc = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    acc = reference.fold_dtype(running_var)
     zeros = torch.zeros(running_mean.shape, dtype=acc, device=running_mean.device)
     dshift = zeros if grad_shift is None else grad_shift.to(acc)
     mean = running_mean.to(acc)

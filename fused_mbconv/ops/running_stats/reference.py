@@ -12,8 +12,13 @@ def update(running_mean, running_var, mean, var, momentum: float, count: int) ->
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
+def fold_dtype(running_var: torch.Tensor) -> torch.dtype:
+    """The fold's dtype: fp64 for fp64 statistics, else fp32."""
+    return torch.float64 if running_var.dtype == torch.float64 else torch.float32
+
+
 def fold(weight, bias, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    acc = fold_dtype(running_var)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     scale = invstd if weight is None else weight.to(acc) * invstd
     shift = -running_mean.to(acc) * scale
