@@ -69,7 +69,9 @@ def op_calls(v: dict) -> Iterator[tuple[str, object, tuple, torch.Tensor]]:
     """(op name, its Implementations, arguments, the tensor its shape class is read from)."""
     dw = (v["x"], v["w"])
     conv = (v["stride"], v["pad"])
-    yield "dwconv_bn_silu", DW["forward_infer"], (*dw, v["scale"], v["shift"], *conv, True), v["x"]
+    # inference as the modules call it: eval-mode BN's weight, bias and running statistics
+    yield "dwconv_bn_silu", DW["forward_infer"], (*dw, v["scale"], v["shift"], *conv, True, v["mean"], v["invstd"],
+                                                  EPS), v["x"]  # fmt: skip
     yield "dwconv_bn_silu_train", DW["forward_train"], (*dw, v["scale"], v["shift"], EPS, *conv, True), v["x"]
     yield "dwconv_bn_silu_backward", DW["backward"], (
         v["dy"], v["dsq"], *dw, v["scale"], v["shift"], v["mean"], v["invstd"], *conv, True), v["x"]  # fmt: skip
@@ -80,7 +82,8 @@ def op_calls(v: dict) -> Iterator[tuple[str, object, tuple, torch.Tensor]]:
     yield "se_scale", SE["scale"], (v["y"], v["gate"]), v["y"]
     yield "se_scale_backward", SE["scale_backward"], (v["y"], v["y"], v["gate"]), v["y"]
     project = (v["y"], v["gate"], v["wp"])
-    yield "project_bn", PROJECT["forward_infer"], (*project, v["gp"], v["bp"], v["res"], None, False), v["y"]
+    yield "project_bn", PROJECT["forward_infer"], (*project, v["gp"], v["bp"], v["res"], None, False, v["mp"], v["ip"],
+                                                   EPS), v["y"]  # fmt: skip
     yield "project_bn_train", PROJECT["forward_train"], (*project, v["gp"], v["bp"], EPS, v["res"], None, False), v["y"]
     yield "project_bn_backward", PROJECT["backward"], (
         v["dyp"], *project, v["z"], v["gp"], v["bp"], v["mp"], v["ip"], None, False, True), v["y"]  # fmt: skip

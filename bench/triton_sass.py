@@ -119,12 +119,13 @@ def depthwise_rows(channels: int, size: int, layout: str = "channels_last", quic
         out = (size + 2 * pad - k) // s + 1
         x, y = _activation(2, channels, size, size, layout=layout), _activation(2, channels, out, out, layout=layout)
         taps = dw._taps_by_channel(torch.empty(channels, 1, k, k, dtype=torch.bfloat16))
-        vec, squeeze = torch.empty(channels), torch.empty(2, channels)
+        # eval-mode BN as a bf16 model's module launches it: its weight, bias and running statistics
+        vec, squeeze = torch.empty(channels, dtype=torch.bfloat16), torch.empty(2, channels)
         for cfg in dw._TILE_CONFIGS[: 1 if quick else 2]:
             compiled = compile_as_launched(
-                dw._conv_bn_silu_kernel, x, taps, vec, vec, vec, y, squeeze, channels, size, size, out, out,
-                1.0 / out**2, pad, pad, x.stride(), taps.stride(), y.stride(), K=k, STRIDE=s, CENTERED=False,
-                WITH_SQUEEZE=True, ALIGN=vector_alignment(x, y), num_warps=cfg.num_warps, **cfg.kwargs,
+                dw._conv_bn_silu_kernel, x, taps, vec, vec, vec, vec, y, squeeze, channels, size, size, out, out,
+                1.0 / out**2, 1e-3, pad, pad, x.stride(), taps.stride(), y.stride(), K=k, STRIDE=s, CENTERED=True,
+                NORMALIZE=True, WITH_SQUEEZE=True, ALIGN=vector_alignment(x, y), num_warps=cfg.num_warps, **cfg.kwargs,
             )  # fmt: skip
             info = sass_summary(compiled)
             outputs = cfg.kwargs["BLOCK_P"] * cfg.kwargs["BLOCK_C"] // (32 * cfg.num_warps)  # per thread
@@ -174,11 +175,13 @@ def projection_rows(size: int) -> list[str]:
     for name, c, o, gated in shapes:
         x, y = _activation(2, c, size, size), _activation(2, o, size, size)
         res = y if gated else None
-        gate, wm, vec = torch.empty(2, c, dtype=torch.bfloat16), torch.empty(o, c, dtype=torch.bfloat16), torch.empty(o)
+        gate, wm = torch.empty(2, c, dtype=torch.bfloat16), torch.empty(o, c, dtype=torch.bfloat16)
+        vec = torch.empty(o, dtype=torch.bfloat16)  # eval-mode BN's weight, bias and running statistics
         compiled = compile_as_launched(
-            pj._project_kernel, x, gate, wm, vec, vec, y, y, y, y, y, y, c, o, size * size,
+            pj._project_kernel, x, gate, wm, vec, vec, vec, vec, y, y, y, y, y, y, c, o, size * size, 1e-3,
             *pj._strides(x), *gate.stride(), *wm.stride(), *pj._strides(y), *pj._strides(y),
-            HAS_GATE=gated, AFFINE=True, ACT=not gated, HAS_RES=gated, HAS_BS=False, STATS=False, PRECISION="tf32",
+            HAS_GATE=gated, AFFINE=True, NORMALIZE=True, ACT=not gated, HAS_RES=gated, HAS_BS=False, STATS=False,
+            PRECISION="tf32",
             ALIGN=vector_alignment(x, wm, res, y), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
         )  # fmt: skip
         info = sass_summary(compiled)

@@ -37,6 +37,13 @@ def dw_args(**over):
         (dict(padding=[3, 0, 0, 0]), ValueError, r"padding: expected 4 values .* in \[0, 2\]"),
         (dict(x=torch.randn(2, C, 1, 1), padding=[0, 0, 0, 0]), ValueError, r"x: spatial size \(1, 1\) is too small"),
         (dict(scale=torch.rand(C, device="meta")), ValueError, r"scale: expected a tensor on cpu \(the device of x\), got meta"),
+        # eval-mode BN's running statistics: both or neither, one per channel, eps >= 0
+        (dict(running_mean=torch.randn(C)), ValueError, r"running_var: expected a tensor when running_mean is given"),
+        (dict(running_var=torch.rand(C)), ValueError, r"running_mean: expected a tensor when running_var is given"),
+        (dict(running_mean=torch.randn(C), running_var=torch.rand(C + 1)), ValueError,
+         r"running_var: expected shape \(4\), got \(5,\)"),
+        (dict(running_mean=torch.randn(C), running_var=torch.rand(C), eps=-1.0), ValueError,
+         r"eps: expected a value >= 0, got -1.0"),
     ],
 )
 def test_dwconv_bad_input(over, error, pattern):
@@ -129,6 +136,11 @@ def project_args(**over):
         (dict(shift=torch.randn(4)), ValueError, r"shift: expected shape \(3\), got \(4,\)"),
         (dict(x=torch.randn(2, C, 5, 5).int()), TypeError, r"x: expected dtype in .*got int32"),
         (dict(gate=torch.rand(2, C, device="meta")), ValueError, r"gate: expected a tensor on cpu \(the device of x\), got meta"),
+        (dict(running_var=torch.rand(3)), ValueError, r"running_mean: expected a tensor when running_var is given"),
+        (dict(running_mean=torch.randn(4), running_var=torch.rand(3)), ValueError,
+         r"running_mean: expected shape \(3\), got \(4,\)"),
+        (dict(running_mean=torch.randn(3, device="meta"), running_var=torch.rand(3)), ValueError,
+         r"running_mean: expected a tensor on cpu \(the device of x\), got meta"),
     ],
 )
 def test_project_bad_input(over, error, pattern):

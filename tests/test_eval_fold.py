@@ -1,8 +1,9 @@
-"""DWConvBNAct and ProjectBN in eval() fold BatchNorm into a per-channel scale and shift: every way
-the BN tensors can change must be seen, as eager BatchNorm sees it, including writes that bypass
-version counters (so nothing derived from them is kept between calls), and autograd must see the
-fold. The Triton depthwise kernels read a copy of the conv weight (its taps by channel), which
-must follow the weight the same way."""
+"""DWConvBNAct and ProjectBN in eval() fold BatchNorm into a per-channel scale and shift inside the
+op (its kernel reads the BN's weight, bias and running statistics): every way the BN tensors can
+change must be seen, as eager BatchNorm sees it, including writes that bypass version counters
+(so nothing derived from them is kept between calls), and autograd must see the fold. The Triton
+depthwise kernels read a copy of the conv weight (its taps by channel), which must follow the
+weight the same way."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from eager import EagerDWConvBNAct, randomize_
 from torch import nn
 
 import fused_mbconv
+from fused_mbconv import ops
 from fused_mbconv.nn import DWConvBNAct, ProjectBN
 
 
@@ -85,8 +87,8 @@ def test_dtype_conversion_refreshes_the_fold(kind):
 
 
 def test_gradients_reach_bn_parameters_in_eval(kind):
-    """Through fused_mbconv::fold_batch_norm's registered backward (frozen statistics, trainable
-    affine: detection fine-tuning)."""
+    """Through the inference ops' registered backward, which chains the fold's (frozen
+    statistics, trainable affine: detection fine-tuning)."""
     fused, eager = pair(kind)
     same(fused, eager)  # a fold made without autograd first
     for m in (fused, eager):
@@ -128,3 +130,36 @@ def test_depthwise_taps_follow_the_weight(change):
             change(weight)
         eager[0].weight.data.copy_(weight)
         same(fused, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_running_statistics_in_the_op_equal_the_fold_then_the_op(kind, backend, dtype):
+    """The inference ops given BN's weight, bias and running statistics (folded in the kernel)
+    compute what fold_batch_norm followed by the op with the folded (scale, shift) computes: the
+    same math, differently rounded (the kernels subtract the mean before scaling). Parameters and
+    buffers in the activations' dtype, as in a model converted with .to(dtype)."""
+    g = torch.Generator().manual_seed(3)
+    c = 8 if kind == "depthwise" else 6
+
+    def t(*shape, positive=False):
+        v = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
+        return v.to(dtype)
+
+    x = t(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
+    gamma, beta, mean, var = t(c, positive=True), t(c), 3 * t(c), t(c, positive=True)
+    with fused_mbconv.backend(backend):
+        scale, shift = ops.fold_batch_norm(gamma, beta, mean, var, 1e-3)
+        if kind == "depthwise":
+            w = t(8, 1, 3, 3)
+            got = ops.dwconv_bn_silu(x, w, gamma, beta, 1, [1, 1, 1, 1], True, mean, var, 1e-3)
+            want = ops.dwconv_bn_silu(x, w, scale, shift, 1, [1, 1, 1, 1], True)
+        else:
+            w, gate, residual = t(6, 8, 1, 1), t(2, 8, positive=True), t(2, 6, 7, 9)
+            got = ops.project_bn(x, gate, w, gamma, beta, residual, None, True, mean, var, 1e-3)
+            want = ops.project_bn(x, gate, w, scale, shift, residual, None, True)
+    # fp32: a few ulps of the outputs (|y| ~ 10); bf16: one rounding of the output (2^-8 relative)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, **tol)

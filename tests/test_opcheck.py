@@ -30,6 +30,9 @@ def dw_samples(dtype, requires_grad):
         w = _t(C, 1, k, k, requires_grad=requires_grad)
         scale, shift = _t(C, positive=True, requires_grad=requires_grad), _t(C, requires_grad=requires_grad)
         yield ops.dwconv_bn_silu, (x, w, scale, shift, stride, padding, squeeze)
+        # eval-mode BN folded in the kernel: the running statistics in the activations' dtype
+        running = (_t(C, dtype=dtype), _t(C, dtype=dtype, positive=True))
+        yield ops.dwconv_bn_silu, (x, w, scale, shift, stride, padding, squeeze, *running, 1e-3)
         yield ops.dwconv_bn_silu_train, (x, w, scale, shift, 1e-3, stride, padding, squeeze)
         ho, wo = (7 + padding[0] + padding[1] - k) // stride + 1, (9 + padding[2] + padding[3] - k) // stride + 1
         mean, invstd = _t(C), _t(C, positive=True)
@@ -65,6 +68,8 @@ def project_samples(dtype, requires_grad):
         g, r, bs = extras
         silu = g is None  # the expansion's form: no gate, SiLU
         yield ops.project_bn, (x, g, weight, gamma, beta, r, bs, silu)
+        running = (_t(o, dtype=dtype), _t(o, dtype=dtype, positive=True))
+        yield ops.project_bn, (x, g, weight, gamma, beta, r, bs, silu, *running, 1e-3)
         yield ops.project_bn_train, (x, g, weight, gamma, beta, 1e-3, r, bs, silu)
         z, mean, invstd = _t(2, o, 4, 3, dtype=dtype), _t(o), _t(o, positive=True)
         for training in (True, False):
@@ -122,8 +127,26 @@ def test_gradcheck_dwconv_fp64():
         def infer(x, w, g, b, stride=stride, padding=padding):
             return ops.dwconv_bn_silu(x, w, g, b, stride, padding, True)
 
+        def infer_running(x, w, g, b, mean, var, stride=stride, padding=padding):
+            return ops.dwconv_bn_silu(x, w, g, b, stride, padding, True, mean, var, 1e-3)
+
         assert torch.autograd.gradcheck(train, (x, w, g, b))
         assert torch.autograd.gradcheck(infer, (x, w, g, b))
+        mean = _t(3, dtype=torch.float64, requires_grad=True)
+        var = _t(3, dtype=torch.float64, positive=True, requires_grad=True)
+        assert torch.autograd.gradcheck(infer_running, (x, w, g, b, mean, var))
+
+
+def test_gradcheck_project_bn_with_running_statistics_fp64():
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    x, gate, weight = _t(2, C, 4, 3, **f64), _t(2, C, **f64), _t(5, C, 1, 1, **f64)
+    gamma, beta, mean, var = _t(5, positive=True, **f64), _t(5, **f64), _t(5, **f64), _t(5, positive=True, **f64)
+    residual = _t(2, 5, 4, 3, **f64)
+
+    def infer(x, gate, weight, gamma, beta, residual, mean, var):
+        return ops.project_bn(x, gate, weight, gamma, beta, residual, None, True, mean, var, 1e-3)
+
+    assert torch.autograd.gradcheck(infer, (x, gate, weight, gamma, beta, residual, mean, var))
 
 
 def test_gradcheck_squeeze_excite_fp64():

@@ -89,15 +89,20 @@ def _plan() -> list[dict]:
     def dw_shapes(flags: list[dict]) -> list[dict]:
         return [{**f, **shapes[0]} for f in flags] + [{**flags[0], **s} for s in shapes[1:]]
 
-    # training passes the batch mean as the center and an fp32 scale; inference the folded BN
-    centered = [{"CENTERED": True, "center_ptr": F32, "scale_ptr": F32}, {"CENTERED": False}]
+    # eval mode passes BN's weight, bias and running statistics (the model's dtype); training the
+    # batch mean as the center and an fp32 scale; the raw inference op any (scale, shift)
+    centered = [{"CENTERED": True, "NORMALIZE": True},
+                {"CENTERED": True, "NORMALIZE": False, "center_ptr": F32, "scale_ptr": F32, "var_ptr": F32},
+                {"CENTERED": False, "NORMALIZE": False}]  # fmt: skip
     # inference: any gate / residual / branch scale, SiLU for the expansion; training: the GEMM
     # with statistics (then _normalize_kernel)
     project = [
-        *[{**v, "AFFINE": True, "STATS": False}
+        *[{**v, "AFFINE": True, "NORMALIZE": True, "STATS": False}
           for v in _grid(HAS_GATE=(True, False), HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))],
-        *[{"HAS_GATE": g, "AFFINE": False, "ACT": False, "HAS_RES": False, "HAS_BS": False, "STATS": True,
-           "count_part_ptr": F32, "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
+        {"HAS_GATE": True, "AFFINE": True, "NORMALIZE": False, "ACT": False, "HAS_RES": True, "HAS_BS": True,
+         "STATS": False},  # the raw op with a folded (scale, shift)
+        *[{"HAS_GATE": g, "AFFINE": False, "NORMALIZE": False, "ACT": False, "HAS_RES": False, "HAS_BS": False,
+           "STATS": True, "count_part_ptr": F32, "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
     ]  # fmt: skip
     bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr"], F32)  # gamma and beta: the parameters' dtype
     dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
@@ -119,7 +124,7 @@ def _plan() -> list[dict]:
              variants=[{"HAS_WEIGHT": a, "HAS_BIAS": a, "BLOCK": 256} for a in (True, False)]),
         # depthwise conv + BN + SiLU
         dict(module="dwconv", kernel="_conv_bn_silu_kernel", ptrs={"sq_ptr": F32, "w_ptr": F32}, tuples=("sx", "sw", "sy"),
-             floats=("inv_p_out",), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
+             floats=("inv_p_out", "eps"), variants=dw_shapes(_times(centered, _grid(WITH_SQUEEZE=(True, False))))),
         dict(module="dwconv", kernel="_conv_stats_kernel",
              ptrs=dict.fromkeys(["w_ptr", "count_part_ptr", "mean_part_ptr", "m2_part_ptr"], F32),
              tuples=("sx", "sw"), variants=dw_shapes([{}])),
@@ -148,7 +153,8 @@ def _plan() -> list[dict]:
         dict(module="se", kernel="_excite_dh_kernel", ptrs=excite_scratch, dot=True),
         dict(module="se", kernel="_excite_backward_columns_kernel", ptrs=excite_scratch, dot=True),
         # projection: a GEMM (tf32 / ieee for fp32 by torch's flag, added per dtype) and BN passes
-        dict(module="project", kernel="_project_kernel", variants=project, dot=True, optional=("ACT",)),
+        dict(module="project", kernel="_project_kernel", variants=project, floats=("eps",), dot=True,
+             optional=("ACT",)),
         dict(module="project", kernel="_normalize_kernel", ptrs={"a_ptr": F32, "b_ptr": F32}, optional=("ACT",),
              variants=_grid(HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))),
         dict(module="project", kernel="_dy_sums_kernel", ptrs={**bn_per_channel, "part_ptr": F32}, optional=("ACT",),

@@ -44,13 +44,14 @@ def _update_running_stats(running_mean, running_var, mean, var, y, momentum: flo
         call(ops.update_running_stats, running_mean, running_var, mean, var, momentum, count)
 
 
-def _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference's (scale, shift), folded from the running statistics on every call: a fold kept
-    between calls would miss the writes that bypass version counters (``p.data.mul_()``, CUDA
-    graph replays, the fused ops' own running-statistics kernel), and costs one small launch."""
+def _running_stats(running_mean, running_var) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval mode's statistics. They are folded with the BN's weight and bias inside the op's
+    kernel on every call: a fold kept between calls would miss the writes that bypass version
+    counters (``p.data.mul_()``, CUDA graph replays, the fused ops' own running-statistics
+    kernel), and a fold of its own would be one more launch a call."""
     if running_mean is None or running_var is None:
         raise ValueError("running_mean, running_var: expected tensors when training is False, got None")
-    return call(ops.fold_batch_norm, bn_weight, bn_bias, running_mean, running_var, eps)
+    return running_mean, running_var
 
 
 def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
@@ -93,20 +94,19 @@ def dwconv_bn_silu(
 
     Arguments follow ``torch.nn.functional.batch_norm``: with ``training`` normalise with the
     batch's statistics and, when running buffers are given, update them in place with factor
-    ``momentum`` (unbiased variance); otherwise normalise with the running statistics, folded
-    into (scale, shift) by ``fused_mbconv::fold_batch_norm``.
+    ``momentum`` (unbiased variance); otherwise normalise with the running statistics (folded
+    with weight and bias inside the op's kernel).
     Returns (y, squeeze): squeeze is the (N, C) mean of y over its spatial dims, or None.
     """
     x = _autocast_input(x)
-    channels = x.shape[1]
+    gamma, beta = _batch_norm_affine(bn_weight, bn_bias, x.shape[1], x)
     if training:
-        gamma, beta = _batch_norm_affine(bn_weight, bn_bias, channels, x)
         op = ops.dwconv_bn_silu_train
         y, squeeze, mean, var = call(op, x, weight, gamma, beta, eps, stride, padding, with_squeeze)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
     else:
-        scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps)
-        y, squeeze = call(ops.dwconv_bn_silu, x, weight, scale, shift, stride, padding, with_squeeze)
+        stats = _running_stats(running_mean, running_var)
+        y, squeeze = call(ops.dwconv_bn_silu, x, weight, gamma, beta, stride, padding, with_squeeze, *stats, eps)
     return y, (squeeze if with_squeeze else None)
 
 
@@ -163,10 +163,10 @@ def project_bn(
     x = _autocast_input(x)
     if gate is not None:
         gate = gate.to(x.dtype)
+    gamma, beta = _batch_norm_affine(bn_weight, bn_bias, weight.shape[0], x)
     if training:
-        gamma, beta = _batch_norm_affine(bn_weight, bn_bias, weight.shape[0], x)
         y, _, mean, var = call(ops.project_bn_train, x, gate, weight, gamma, beta, eps, residual, branch_scale, silu)
         _update_running_stats(running_mean, running_var, mean, var, y, momentum)
         return y
-    scale, shift = _eval_fold(bn_weight, bn_bias, running_mean, running_var, eps)
-    return call(ops.project_bn, x, gate, weight, scale, shift, residual, branch_scale, silu)
+    stats = _running_stats(running_mean, running_var)
+    return call(ops.project_bn, x, gate, weight, gamma, beta, residual, branch_scale, silu, *stats, eps)

@@ -61,17 +61,19 @@ def _autograd_function(op) -> type:
     return function
 
 
-_MUTATED: dict[Any, tuple[int, ...]] = {}
+_SCHEMAS: dict[Any, tuple[tuple[int, ...], tuple]] = {}
 
 
-def _mutated_positions(op) -> tuple[int, ...]:
-    """The positions of the arguments ``op`` writes in place (``mutates_args``)."""
-    positions = _MUTATED.get(op)
-    if positions is None:
+def _schema_facts(op) -> tuple[tuple[int, ...], tuple]:
+    """From ``op``'s schema: the positions of the arguments it writes in place (``mutates_args``),
+    and every argument's default (the autograd path's setup and backward see all the arguments,
+    as through the dispatcher, which fills in the defaults)."""
+    facts = _SCHEMAS.get(op)
+    if facts is None:
         arguments = op._opoverload._schema.arguments
-        positions = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
-        _MUTATED[op] = positions
-    return positions
+        mutated = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
+        facts = _SCHEMAS[op] = (mutated, tuple(a.default_value for a in arguments))
+    return facts
 
 
 def call(op, *args: Any) -> Any:
@@ -85,10 +87,11 @@ def call(op, *args: Any) -> Any:
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         if getattr(op, "_backward_fn", None) is None:
             return op(*args)  # the op's own error: no autograd formula
-        return _autograd_function(op).apply(*args)
+        defaults = _schema_facts(op)[1]
+        return _autograd_function(op).apply(*args, *defaults[len(args) :])
     result = body(*args)
     # as the dispatcher does for a mutated argument (a kernel's own writes bump nothing): code
     # keyed on version counters must see the running statistics change
-    for i in _mutated_positions(op):
+    for i in _schema_facts(op)[0]:
         torch.autograd.graph.increment_version(args[i])
     return result

@@ -250,6 +250,14 @@ def aligned(n, ALIGN: tl.constexpr):
     return n
 
 
+@triton.jit
+def running_invstd(var_ptr, cs, mask, eps):
+    """1 / sqrt(running_var + eps) of channels cs, correctly rounded as torch's sqrt and division
+    (every eval-mode output goes through it; the fast approximations differ from eager by an ulp)."""
+    var = tl.load(var_ptr + cs, mask=mask, other=1.0).to(tl.float32)
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+
+
 # Partial statistics are merged _STATS_BLOCK_G rows at a time, _STATS_BLOCK_C channels per program.
 _STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
 

@@ -3,9 +3,12 @@
 Three ops share one contract (x (N, C, H, W), weight (C, 1, k, k), k in {3, 5}, stride 1 or 2,
 padding (top, bottom, left, right), any float dtype, NCHW or channels_last):
 
-- ``fused_mbconv::dwconv_bn_silu``: inference; BN folded into per-channel ``scale``/``shift``,
-  y = silu(scale * conv(x) + shift). Returns (y, squeeze), squeeze = mean of y over (Ho, Wo)
-  as (N, C) when ``with_squeeze``, else an empty tensor.
+- ``fused_mbconv::dwconv_bn_silu``: inference, y = silu(scale * conv(x) + shift) with BN folded
+  into per-channel ``scale``/``shift``; or, given ``running_mean`` and ``running_var``, eval-mode
+  BN unfolded (``scale``, ``shift`` its weight and bias), y = silu(scale * (conv(x) -
+  running_mean) / sqrt(running_var + eps) + shift), folded inside the kernel: a fold of its own
+  would be a launch per call. Returns (y, squeeze), squeeze = mean of y over (Ho, Wo) as (N, C)
+  when ``with_squeeze``, else an empty tensor.
 - ``fused_mbconv::dwconv_bn_silu_train``: training; batch statistics of conv(x) computed inside,
   y = silu(gamma * (conv(x) - mean) / sqrt(var + eps) + beta). Returns (y, squeeze, mean, var)
   with the biased batch variance; running statistics are updated by the caller from these
@@ -28,6 +31,7 @@ from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_
 from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference
+from fused_mbconv.ops.running_stats import check_running_stats, running_fold, running_fold_backward
 
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
@@ -106,35 +110,48 @@ def dwconv_bn_silu(
     stride: int,
     padding: Sequence[int],
     with_squeeze: bool,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(x, weight, stride, padding, scale=scale, shift=shift)
+    _check_infer(x, weight, scale, shift, stride, padding, running_mean, running_var, eps)
     impl = IMPLS["forward_infer"].pick(x.device, x)
-    return impl(x, weight, scale, shift, stride, padding, with_squeeze)
+    return impl(x, weight, scale, shift, stride, padding, with_squeeze, running_mean, running_var, eps)
+
+
+def _check_infer(x, weight, scale, shift, stride, padding, running_mean, running_var, eps):
+    out_hw = check_inputs(x, weight, stride, padding, scale=scale, shift=shift, running_mean=running_mean,
+                          running_var=running_var)  # fmt: skip
+    check_running_stats(running_mean, running_var, eps)
+    return out_hw
 
 
 @dwconv_bn_silu.register_fake
-def _(x, weight, scale, shift, stride, padding, with_squeeze):
-    out_h, out_w = check_inputs(x, weight, stride, padding, scale=scale, shift=shift)
+def _(x, weight, scale, shift, stride, padding, with_squeeze, running_mean=None, running_var=None, eps=0.0):
+    out_h, out_w = _check_infer(x, weight, scale, shift, stride, padding, running_mean, running_var, eps)
     y = empty_like_layout(x, (x.shape[0], x.shape[1], out_h, out_w))
     squeeze = x.new_empty((x.shape[0], x.shape[1]) if with_squeeze else (0,))
     return y, squeeze
 
 
 def _setup_infer(ctx, inputs, output):
-    x, weight, scale, shift, stride, padding, with_squeeze = inputs
-    ctx.save_for_backward(x, weight, scale, shift)
-    ctx.stride, ctx.padding, ctx.with_squeeze = stride, padding, with_squeeze
+    x, weight, scale, shift, stride, padding, with_squeeze, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, weight, scale, shift, running_mean, running_var)
+    ctx.stride, ctx.padding, ctx.with_squeeze, ctx.eps = stride, padding, with_squeeze, eps
 
 
 def _backward_infer(ctx, grad_y, grad_squeeze):
-    x, weight, scale, shift = ctx.saved_tensors
-    stats = scale.new_zeros(scale.shape, dtype=_stats_dtype(x))
+    x, weight, scale, shift, running_mean, running_var = ctx.saved_tensors
+    bn = (scale, shift, running_mean, running_var, ctx.eps)
+    folded_scale, folded_shift = running_fold(*bn)
+    stats = folded_scale.new_zeros(folded_scale.shape, dtype=_stats_dtype(x))
     dx, dweight, dscale, dshift = _eager.call(
         dwconv_bn_silu_backward,
-        grad_y, grad_squeeze if ctx.with_squeeze else None, x, weight, scale, shift,
+        grad_y, grad_squeeze if ctx.with_squeeze else None, x, weight, folded_scale, folded_shift,
         stats, stats + 1, ctx.stride, ctx.padding, False,
     )  # fmt: skip
-    return dx, dweight, dscale, dshift, None, None, None
+    dscale, dshift, dmean, dvar = running_fold_backward(*bn, dscale, dshift)
+    return dx, dweight, dscale, dshift, None, None, None, dmean, dvar, None
 
 
 dwconv_bn_silu.register_autograd(_backward_infer, setup_context=_setup_infer)

@@ -20,6 +20,7 @@ import torch
 from fused_mbconv._checks import empty_like_layout
 from fused_mbconv.ops._registry import reference_fallback
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS, output_size, reference
+from fused_mbconv.ops.running_stats import running_fold
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,11 @@ def forward_infer(
     stride: int,
     padding: Sequence[int],
     with_squeeze: bool,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = running_fold(scale, shift, running_mean, running_var, eps)  # the kernel takes the fold
     y, squeeze_sum = _outputs(x, weight.shape[-1], stride, padding, with_squeeze)
     torch.ops.fused_mbconv_cuda.dwconv_bn_silu_infer(
         x, _f32(weight), _f32(scale), _f32(shift), stride, list(padding), y, squeeze_sum

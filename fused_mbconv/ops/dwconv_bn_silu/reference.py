@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops.running_stats import running_fold
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,7 +50,11 @@ def forward_infer(
     stride: int,
     padding: Sequence[int],
     with_squeeze: bool,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = running_fold(scale, shift, running_mean, running_var, eps, by_op=False)
     c = conv(x, weight, stride, padding)
     y = F.silu(c * _per_channel(scale, c.dtype) + _per_channel(shift, c.dtype))
     return _outputs(x, y, with_squeeze)

@@ -53,6 +53,7 @@ from fused_mbconv.ops._triton import (
     combine_stats,
     merge_rows,
     next_power_of_2,
+    running_invstd,
     sigmoid,
     sum_rows,
     triton_entry,
@@ -418,16 +419,19 @@ def _bn_silu_store(c, j: tl.constexpr, n, oh, ow0, ok_h, cs, mask_c, W_OUT, cent
 @_autotune(reset_to_zero=["sq_ptr"])
 @triton.jit(do_not_specialize=_PLANE)
 def _conv_bn_silu_kernel(
-    x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, y_ptr, sq_ptr,
-    C, H, W, H_OUT, W_OUT, inv_p_out, pad_t, pad_l, sx, sw, sy,
-    K: tl.constexpr, STRIDE: tl.constexpr, CENTERED: tl.constexpr, WITH_SQUEEZE: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
+    x_ptr, w_ptr, center_ptr, scale_ptr, shift_ptr, var_ptr, y_ptr, sq_ptr,
+    C, H, W, H_OUT, W_OUT, inv_p_out, eps, pad_t, pad_l, sx, sw, sy,
+    K: tl.constexpr, STRIDE: tl.constexpr, CENTERED: tl.constexpr, NORMALIZE: tl.constexpr,
+    WITH_SQUEEZE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE_W: tl.constexpr,
 ):  # fmt: skip
-    """y = silu((conv(x) - center) * scale + shift) and squeeze += mean of y over (Ho, Wo).
+    """y = silu((conv(x) - center) * scale + shift) and squeeze += mean of y over (Ho, Wo); with
+    NORMALIZE, scale is multiplied by 1 / sqrt(var + eps) first.
 
-    Inference (center = 0, BN folded into scale/shift) and training pass 2 (center = batch mean,
-    scale = gamma * invstd, shift = beta: subtracting the mean first keeps fp32 exact when the
-    mean is large). A tile lies within one sample, so its squeeze partial is one row of (N, C).
+    Inference with BN folded (center = 0, scale/shift), eval-mode BN (center = running mean,
+    scale = gamma, var = running variance, shift = beta) and training pass 2 (center = batch mean,
+    scale = gamma * invstd, shift = beta). Subtracting the mean first keeps fp32 exact when the
+    mean is large. A tile lies within one sample, so its squeeze partial is one row of (N, C).
     """
     t = tl.program_id(0)
     n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
@@ -438,6 +442,8 @@ def _conv_bn_silu_kernel(
                            K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
     center = _load_channels(center_ptr, cs, mask_c)
     scale = _load_channels(scale_ptr, cs, mask_c)
+    if NORMALIZE:
+        scale *= running_invstd(var_ptr, cs, mask_c, eps)
     shift = _load_channels(shift_ptr, cs, mask_c)
     y = _bn_silu_store(c0, 0, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
     y += _bn_silu_store(c1, 1, n, oh, ow0, ok_h, cs, mask_c, W_OUT, center, scale, shift, y_ptr, sy, CENTERED, ALIGN)
@@ -928,19 +934,21 @@ def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
     return padded[:, :, :c].permute(2, 0, 1).unsqueeze(1).copy_(weight.detach())
 
 
-def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool):
-    """y = silu((conv(x) - center) * scale + shift) (center None: 0) and the squeeze."""
+def _conv_bn_silu(x, weight, center, scale, shift, geo: _Geometry, with_squeeze: bool, var=None, eps: float = 0.0):
+    """y = silu((conv(x) - center) * scale + shift) (center None: 0; var given: scale / sqrt(var +
+    eps)) and the squeeze."""
     if with_squeeze and torch.are_deterministic_algorithms_enabled():
-        y, _ = _conv_bn_silu(x, weight, center, scale, shift, geo, False)
+        y, _ = _conv_bn_silu(x, weight, center, scale, shift, geo, False, var, eps)
         return y, se_squeeze(y)  # float atomics add in any order: run-to-run differences
     y = empty_like_layout(x, (geo.n, geo.c, geo.h_out, geo.w_out))
     f32 = {"dtype": torch.float32, "device": x.device}
     squeeze = torch.zeros((geo.n, geo.c), **f32) if with_squeeze else torch.empty(1, **f32)  # fp32 atomics
     scale = scale.contiguous()
     _conv_bn_silu_kernel[_tile_grid(geo.n, geo.h_out, geo.w_out)](
-        x, weight, scale if center is None else center.contiguous(), scale, shift.contiguous(), y, squeeze,
-        inv_p_out=1.0 / (geo.h_out * geo.w_out), sx=x.stride(), sw=weight.stride(), sy=y.stride(),
-        CENTERED=center is not None, WITH_SQUEEZE=with_squeeze, ALIGN=vector_alignment(x, y), **geo.conv_args(),
+        x, weight, scale if center is None else center.contiguous(), scale, shift.contiguous(),
+        scale if var is None else var.contiguous(), y, squeeze, inv_p_out=1.0 / (geo.h_out * geo.w_out), eps=eps,
+        sx=x.stride(), sw=weight.stride(), sy=y.stride(), CENTERED=center is not None, NORMALIZE=var is not None,
+        WITH_SQUEEZE=with_squeeze, ALIGN=vector_alignment(x, y), **geo.conv_args(),
     )  # fmt: skip
     return y, (squeeze.to(x.dtype) if with_squeeze else x.new_empty(0))
 
@@ -955,9 +963,13 @@ def forward_infer(
     stride: int,
     padding: Sequence[int],
     with_squeeze: bool,
+    running_mean: torch.Tensor | None = None,  # (C,)
+    running_var: torch.Tensor | None = None,  # (C,)
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geo = _Geometry.of(x, weight, stride, padding)
-    return _conv_bn_silu(x, _taps_by_channel(weight), None, scale, shift, geo, with_squeeze)
+    taps = _taps_by_channel(weight)
+    return _conv_bn_silu(x, taps, running_mean, scale, shift, geo, with_squeeze, running_var, float(eps))
 
 
 def _batch_statistics(x, weight, gamma, eps: float, geo: _Geometry):

@@ -10,7 +10,10 @@ gate (N, C) the SE gate or None; weight (O, C) or (O, C, 1, 1), the 1x1 conv; re
 With z = weight @ (x * gate) over C:
 
 - ``fused_mbconv::project_bn``: inference, BN folded into (scale, shift):
-  y = branch_scale * act(scale * z + shift) + residual.
+  y = branch_scale * act(scale * z + shift) + residual; or, given ``running_mean`` and
+  ``running_var``, eval-mode BN unfolded (``scale``, ``shift`` its weight and bias), folded in the
+  GEMM's epilogue: y = branch_scale * act(scale * (z - running_mean) / sqrt(running_var + eps) +
+  shift) + residual.
 - ``fused_mbconv::project_bn_train``: training, batch statistics of z inside:
   y = branch_scale * act(gamma * (z - mean) / sqrt(var + eps) + beta) + residual.
   Returns (y, z, mean, var), var biased. z is kept for the backward, which then needs no GEMM to
@@ -34,6 +37,7 @@ from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_
 from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
 from fused_mbconv.ops.project_bn import reference
+from fused_mbconv.ops.running_stats import check_running_stats, running_fold, running_fold_backward
 
 IMPLS = {
     "forward_infer": Implementations("project_bn"),
@@ -50,7 +54,7 @@ def check_inputs(
     weight: torch.Tensor,
     residual: Optional[torch.Tensor],
     branch_scale: Optional[torch.Tensor],
-    **per_channel: torch.Tensor,
+    **per_channel: Optional[torch.Tensor],
 ) -> tuple[int, int, int, int]:
     """Validate the shared contract; returns the output shape (N, O, H, W)."""
     check_tensor("x", x, ndim=4)
@@ -71,7 +75,8 @@ def check_inputs(
     if branch_scale is not None:
         check_tensor("branch_scale", branch_scale, shape=(n,))
     for name, v in per_channel.items():
-        check_tensor(name, v, shape=(weight.shape[0],))
+        if v is not None:
+            check_tensor(name, v, shape=(weight.shape[0],))
     check_same_device(x=x, gate=gate, weight=weight, residual=residual, branch_scale=branch_scale, **per_channel)
     return out_shape
 
@@ -94,34 +99,50 @@ def project_bn(
     residual: Optional[torch.Tensor],
     branch_scale: Optional[torch.Tensor],
     silu: bool,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift)
-    return IMPLS["forward_infer"].pick(x.device, x)(x, gate, weight, scale, shift, residual, branch_scale, silu)
+    _check_infer(x, gate, weight, scale, shift, residual, branch_scale, running_mean, running_var, eps)
+    impl = IMPLS["forward_infer"].pick(x.device, x)
+    return impl(x, gate, weight, scale, shift, residual, branch_scale, silu, running_mean, running_var, eps)
+
+
+def _check_infer(x, gate, weight, scale, shift, residual, branch_scale, running_mean, running_var, eps):
+    out_shape = check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift,
+                             running_mean=running_mean, running_var=running_var)  # fmt: skip
+    check_running_stats(running_mean, running_var, eps)
+    return out_shape
 
 
 @project_bn.register_fake
-def _(x, gate, weight, scale, shift, residual, branch_scale, silu):
-    return empty_like_layout(x, check_inputs(x, gate, weight, residual, branch_scale, scale=scale, shift=shift))
+def _(x, gate, weight, scale, shift, residual, branch_scale, silu, running_mean=None, running_var=None, eps=0.0):
+    return empty_like_layout(
+        x, _check_infer(x, gate, weight, scale, shift, residual, branch_scale, running_mean, running_var, eps)
+    )
 
 
 def _setup_infer(ctx, inputs, output):
-    x, gate, weight, scale, shift, residual, branch_scale, silu = inputs
-    ctx.save_for_backward(x, gate, weight, scale, shift, branch_scale)
-    ctx.has_residual, ctx.silu = residual is not None, silu
+    x, gate, weight, scale, shift, residual, branch_scale, silu, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, gate, weight, scale, shift, branch_scale, running_mean, running_var)
+    ctx.has_residual, ctx.silu, ctx.eps = residual is not None, silu, eps
 
 
 def _backward_infer(ctx, grad_y):
-    x, gate, weight, scale, shift, branch_scale = ctx.saved_tensors
+    x, gate, weight, scale, shift, branch_scale, running_mean, running_var = ctx.saved_tensors
+    bn = (scale, shift, running_mean, running_var, ctx.eps)
+    folded_scale, folded_shift = running_fold(*bn)
     # z is recomputed (one GEMM) rather than kept: the inference op is also what frozen-BN
     # fine-tuning runs, and there memory is the point
-    zeros = scale.new_zeros(scale.shape)
-    z = _eager.call(project_bn, x, gate, weight, zeros + 1, zeros, None, None, False)
+    zeros = folded_scale.new_zeros(folded_scale.shape)
+    z = _eager.call(project_bn, x, gate, weight, zeros + 1, zeros, None, None, False, None, None, 0.0)
     dx, dgate, dweight, dscale, dshift = _eager.call(
         project_bn_backward,
-        grad_y, x, gate, weight, z, scale, shift, zeros, zeros + 1, branch_scale, ctx.silu, False
+        grad_y, x, gate, weight, z, folded_scale, folded_shift, zeros, zeros + 1, branch_scale, ctx.silu, False
     )
+    dscale, dshift, dmean, dvar = running_fold_backward(*bn, dscale, dshift)
     return (dx, dgate if gate is not None else None, dweight, dscale, dshift,
-            grad_y if ctx.has_residual else None, None, None)  # fmt: skip
+            grad_y if ctx.has_residual else None, None, None, dmean, dvar, None)  # fmt: skip
 
 
 project_bn.register_autograd(_backward_infer, setup_context=_setup_infer)

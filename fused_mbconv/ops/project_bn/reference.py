@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_mbconv._checks import empty_like_layout
+from fused_mbconv.ops.running_stats import running_fold
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -58,7 +59,9 @@ def _epilogue(x, normalized, residual, branch_scale, silu: bool) -> torch.Tensor
     return out.copy_(y)
 
 
-def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu) -> torch.Tensor:
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu, running_mean=None, running_var=None,
+                  eps=0.0) -> torch.Tensor:  # fmt: skip
+    scale, shift = running_fold(scale, shift, running_mean, running_var, eps, by_op=False)
     z = _project(x, gate, weight)
     normalized = z * _per_channel(scale, z.dtype) + _per_channel(shift, z.dtype)
     return _epilogue(x, normalized, residual, branch_scale, silu)

@@ -157,16 +157,17 @@ def _silu_grad(u):
 @_gemm_autotune(["C", "N_COLS", "HW", "s_xc"])
 @triton.jit(do_not_specialize=["HW"])
 def _project_kernel(
-    x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, bs_ptr, y_ptr, count_part_ptr, mean_part_ptr, m2_part_ptr,
-    C, N_COLS, HW,
+    x_ptr, gate_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, res_ptr, bs_ptr, y_ptr, count_part_ptr,
+    mean_part_ptr, m2_part_ptr, C, N_COLS, HW, eps,
     s_xn, s_xc, s_xp, s_gn, s_gc, s_wo, s_wc, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
-    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, NORMALIZE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_BS: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N * cdiv(HW, BLOCK_M) * cdiv(O, BLOCK_N),); O is N_COLS.
     #   acc[p, o] = sum_k x[n, k, p] * gate[n, k] * w[o, k]                  (fp32)
     #   AFFINE: y = bs[n] * act(scale[o] * acc + shift[o]) + res[n, o, p]  else y = acc
+    #   NORMALIZE (eval-mode BN): scale[o] / sqrt(var[o] + eps) and shift[o] - mean[o] * that
     #   (act: SiLU with ACT, else the identity)
     #   STATS: the tile's (mean, M2) of acc per o, for the batch statistics (Chan's merge later)
     # The output-channel blocks of one position tile are consecutive programs, so they run side
@@ -205,6 +206,16 @@ def _project_kernel(
     if AFFINE:
         scale = tl.load(scale_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + o, mask=mask_o, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            # Folded per column as fold_batch_norm does, but with the approximate rsqrt (within
+            # 2 ulp; the GEMM's own rounding is far larger): IEEE sqrt and division are
+            # subroutines whose register saves, beside the accumulators, spilled (ptxas, sm_90,
+            # bf16, unspecialized, 64x128 tiles: 96 bytes of stack without the fold, 144 with
+            # them, 96 with rsqrt). Subtracting the mean from the tile instead (the depthwise
+            # kernel's way) kept a third per-column vector live there: 704.
+            var = tl.load(var_ptr + o, mask=mask_o, other=1.0).to(tl.float32)
+            scale *= tl.math.rsqrt(var + eps)
+            shift -= tl.load(mean_ptr + o, mask=mask_o, other=0.0).to(tl.float32) * scale
         acc = acc * scale[None, :] + shift[None, :]
     _activate_and_store(acc, n64, p, o, mask, bs_ptr, res_ptr, y_ptr, s_rn, s_rc, s_rp, s_yn, s_yc, s_yp,
                         ACT, HAS_BS, HAS_RES, ALIGN)  # fmt: skip
@@ -418,9 +429,11 @@ def _tiles(n: int, hw: int, block: int) -> int:
     return n * cdiv(hw, block)
 
 
-def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool, act: bool = False):
+def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: bool, act: bool = False,
+             running_mean=None, running_var=None, eps: float = 0.0):  # fmt: skip
     """Launch ``_project_kernel`` into ``out``; with ``stats`` returns the per-tile (count, mean,
-    M2) partials and the tile height they were made with."""
+    M2) partials and the tile height they were made with. With running statistics, ``scale`` and
+    ``shift`` are the eval-mode BN's weight and bias."""
     n, c, h, w = x.shape
     o = weight.shape[0]
     wm = _matrix(weight)
@@ -439,11 +452,13 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
     _project_kernel[grid](
         x, placeholder if gate is None else gate, wm,
         placeholder if scale is None else scale, placeholder if shift is None else shift,
+        placeholder if running_mean is None else running_mean, placeholder if running_var is None else running_var,
         placeholder if res is None else res, placeholder if branch_scale is None else branch_scale,
-        out, *parts, c, o, h * w,
+        out, *parts, c, o, h * w, float(eps),
         *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
         *(_strides(res) if res is not None else (0, 0, 0)), *_strides(out),
-        HAS_GATE=gate is not None, AFFINE=scale is not None, ACT=act, HAS_RES=res is not None,
+        HAS_GATE=gate is not None, AFFINE=scale is not None, NORMALIZE=running_var is not None, ACT=act,
+        HAS_RES=res is not None,
         HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x), ALIGN=vector_alignment(x, wm, res, out),
     )  # fmt: skip
     return (parts, launch["rows"]) if stats else None
@@ -451,10 +466,13 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
 
 @IMPLS["forward_infer"].register("triton")
 @_triton.triton_entry(reference)
-def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu) -> torch.Tensor:
+def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu, running_mean=None, running_var=None,
+                  eps=0.0) -> torch.Tensor:  # fmt: skip
     x = _layout(x)
     y = empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:]))
-    _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False, act=silu)
+    running = (None, None) if running_mean is None else (running_mean.contiguous(), running_var.contiguous())
+    _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False, act=silu,
+             running_mean=running[0], running_var=running[1], eps=eps)  # fmt: skip
     return y
 
 

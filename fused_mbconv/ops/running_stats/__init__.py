@@ -21,9 +21,10 @@ folds an eval-mode BatchNorm into a per-channel affine map, BN(c) = scale * c + 
 
 in fp32 (fp64 for fp64 statistics), weight and bias None for affine=False; differentiable.
 Why an op: in torch ops it was five to ten kernel launches (the dtype conversions of a bf16
-model's buffers, the add, rsqrt, products and sum), and every eval-mode call of a fused module
-folds anew (nn/functional.py: a fold kept between calls would miss writes that bypass version
-counters); the "triton" backend does it in one launch.
+model's buffers, the add, rsqrt, products and sum); the "triton" backend does it in one launch.
+The fused modules' eval mode does not call it: the inference ops take the running statistics and
+fold inside their kernels (no launch at all); their "cuda" depthwise kernel, the backward of
+their eval mode and users' own folds do.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_same_device, check_tensor
+from fused_mbconv.ops import _eager
 from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.running_stats import reference
 
@@ -76,6 +78,37 @@ def _(running_mean, running_var, mean, var, momentum, count):
 # fold
 
 
+def check_running_stats(running_mean, running_var, eps: float) -> None:
+    """The optional running statistics of the inference ops (shapes are the op's check): both or
+    neither, and eps >= 0."""
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"{missing}: expected a tensor when {given} is given, got None")
+    if not eps >= 0.0:
+        raise ValueError(f"eps: expected a value >= 0, got {eps}")
+
+
+def running_fold(scale, shift, running_mean, running_var, eps: float, *, by_op: bool = True):
+    """The (scale, shift) an inference op applies to its conv output: as given, or with running
+    statistics given, the fold of the BatchNorm (scale, shift, running_mean, running_var, eps),
+    by ``fold_batch_norm`` (one launch on "triton"; traceable, as a backward must be) or, without
+    ``by_op``, the reference's torch ops."""
+    if running_mean is None:
+        return scale, shift
+    if not by_op:
+        return reference.fold(scale, shift, running_mean, running_var, eps)
+    return _eager.call(fold_batch_norm, scale, shift, running_mean, running_var, eps)
+
+
+def running_fold_backward(scale, shift, running_mean, running_var, eps: float, grad_scale, grad_shift):
+    """(dscale, dshift, drunning_mean, drunning_var) from the gradients of ``running_fold``'s
+    output."""
+    if running_mean is None:
+        return grad_scale, grad_shift, None, None
+    return tuple(reference.fold_backward(scale, shift, running_mean, running_var, eps, grad_scale, grad_shift))
+
+
+
 def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dtype:
     """Validate; returns the dtype of the fold."""
     check_tensor("running_mean", running_mean, ndim=1)
@@ -85,8 +118,7 @@ def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dt
         if t is not None:
             check_tensor(name, t, shape=(c,))
     check_same_device(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if not eps >= 0.0:
-        raise ValueError(f"eps: expected a value >= 0, got {eps}")
+    check_running_stats(running_mean, running_var, eps)
     return reference.fold_dtype(running_var)
 
 
@@ -110,28 +142,13 @@ def _(weight, bias, running_mean, running_var, eps):
 
 def _setup_fold(ctx, inputs, output):
     weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(weight, running_mean, running_var)
-    ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+    ctx.save_for_backward(weight, bias, running_mean, running_var)
+    ctx.eps = eps
     ctx.set_materialize_grads(False)
 
 
 def _backward_fold(ctx, grad_scale, grad_shift):
-    weight, running_mean, running_var = ctx.saved_tensors
-    acc = reference.fold_dtype(running_var)
-    zeros = torch.zeros(running_mean.shape, dtype=acc, device=running_mean.device)
-    dshift = zeros if grad_shift is None else grad_shift.to(acc)
-    mean = running_mean.to(acc)
-    invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
-    gamma = invstd.new_ones(()) if weight is None else weight.to(acc)
-    # shift depends on scale: scale's total gradient is its own minus the shift's through it
-    dscale = (zeros if grad_scale is None else grad_scale.to(acc)) - dshift * mean
-    grads = [
-        None if weight is None else (dscale * invstd).to(weight.dtype),
-        None if ctx.bias_dtype is None else dshift.to(ctx.bias_dtype),
-        (-dshift * gamma * invstd).to(running_mean.dtype),
-        (dscale * gamma * -0.5 * invstd**3).to(running_var.dtype),
-    ]
-    return (*grads, None)
+    return (*reference.fold_backward(*ctx.saved_tensors, ctx.eps, grad_scale, grad_shift), None)
 
 
 fold_batch_norm.register_autograd(_backward_fold, setup_context=_setup_fold)

@@ -25,3 +25,22 @@ def fold(weight, bias, running_mean, running_var, eps: float) -> tuple[torch.Ten
     if bias is not None:
         shift = shift + bias.to(acc)
     return scale, shift
+
+
+def fold_backward(weight, bias, running_mean, running_var, eps: float, grad_scale, grad_shift) -> list:
+    """Gradients of ``fold`` for (weight, bias, running_mean, running_var) from those of (scale,
+    shift), either None when it got none; None for an absent weight or bias."""
+    acc = fold_dtype(running_var)
+    zeros = torch.zeros(running_mean.shape, dtype=acc, device=running_mean.device)
+    dshift = zeros if grad_shift is None else grad_shift.to(acc)
+    mean = running_mean.to(acc)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    gamma = invstd.new_ones(()) if weight is None else weight.to(acc)
+    # shift depends on scale: scale's total gradient is its own minus the shift's through it
+    dscale = (zeros if grad_scale is None else grad_scale.to(acc)) - dshift * mean
+    return [
+        None if weight is None else (dscale * invstd).to(weight.dtype),
+        None if bias is None else dshift.to(bias.dtype),
+        (-dshift * gamma * invstd).to(running_mean.dtype),
+        (dscale * gamma * -0.5 * invstd**3).to(running_var.dtype),
+    ]

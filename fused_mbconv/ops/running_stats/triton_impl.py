@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv.ops._launch import launcher
-from fused_mbconv.ops._triton import cast, cdiv, triton_entry
+from fused_mbconv.ops._triton import cast, cdiv, running_invstd, triton_entry
 from fused_mbconv.ops.running_stats import IMPLS, reference
 
 _BLOCK = 256
@@ -48,9 +48,7 @@ def _fold_kernel(weight_ptr, bias_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, 
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cs < C
-    var = tl.load(var_ptr + cs, mask=mask, other=1.0).to(tl.float32)
-    # correctly rounded, as torch's sqrt and division (an inference's every output goes through it)
-    scale = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    scale = running_invstd(var_ptr, cs, mask, eps)
     if HAS_WEIGHT:
         scale *= tl.load(weight_ptr + cs, mask=mask, other=0.0).to(tl.float32)
     shift = -tl.load(mean_ptr + cs, mask=mask, other=0.0).to(tl.float32) * scale
