@@ -13,9 +13,8 @@ unpacks it to; and packs that directory with a stamp of the versions and triton_
 bench/gpu_check.sh unpacks it there after its build step when the device's triton_key, ptxas
 and cache-relevant environment match the stamp's.
 
-    /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/v312      # any Python 3.12
-    /tmp/v312/bin/pip install torch==2.11.0 triton==3.6.0 numpy    # ~4 GB with torch's CUDA libraries
-    /tmp/v312/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks   # all of it
+    make test-oldest     # makes .venv-oldest (Python 3.12, torch 2.11, triton 3.6; ~4 GB) and tests on it
+    .venv-oldest/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks   # all of it
     bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must

@@ -46,3 +46,21 @@ def test_compile_fullgraph_matches_eager(training):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled_block.dw[1].running_var, block.dw[1].running_var)
         assert compiled_block.dw[1].num_batches_tracked.item() == block.dw[1].num_batches_tracked.item() == 2
+
+
+def test_autocast_lookup_on_cuda_and_cpu_stays_traceable(monkeypatch):
+    """The modules ask which dtype autocast casts to without torch.amp.is_autocast_available on
+    CUDA and CPU: torch 2.11's dynamo cannot trace that call, and fullgraph compiles of every
+    fused module failed there (seen with the GPU image's torch 2.11; this CI's 2.14 traces it)."""
+    from fused_mbconv.nn.functional import autocast_dtype
+
+    def untraceable(device_type):
+        raise AssertionError(f"torch.amp.is_autocast_available({device_type!r}) was called")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    for device_type in ("cpu", "cuda"):
+        assert autocast_dtype(device_type) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.undo()
+    assert autocast_dtype("meta") is None  # no autocast there: torch would raise if asked

@@ -135,6 +135,25 @@ def test_autotune_prunes_then_keeps_the_first_when_disabled(monkeypatch, enabled
     assert compiled == ([configs[1:]] if enabled else [])
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_autotune_times_configs_only_when_there_is_a_choice(monkeypatch, enabled):
+    """The autotuner's timer runs the kernel only when the prune left more than one config:
+    triton 3.6 times a lone config too (3.8 does not), which ran each new shape's kernels for
+    ~25 ms more on a first call, with tuning off as well (seen with the stand-in driver and
+    triton 3.6: every first launch twice)."""
+    monkeypatch.setenv("FUSED_MBCONV_TRITON_AUTOTUNE", "1" if enabled else "0")
+    monkeypatch.setattr(_triton, "precompile", lambda *args: None)
+    timed = []
+    monkeypatch.setattr(_triton, "_quick_bench", lambda fn, quantiles=None: timed.append(fn) or [1.0, 1.0, 1.0])
+    ran = []
+    for keep in (1, 2):
+        kernel, configs = _autotuned(monkeypatch, prune=lambda configs, named_args, keep=keep, **kwargs: configs[:keep])
+        kernel.prune_configs({})
+        assert kernel.do_bench(lambda keep=keep: ran.append(keep), quantiles=(0.5, 0.2, 0.8)) is not None
+    # only a tuned call with two configs left reaches the timer (which would run the kernel)
+    assert len(timed) == (1 if enabled else 0) and not ran
+
+
 def test_precompile_compiles_the_configs_side_by_side(monkeypatch):
     """precompile hands each config's compilation to triton's asynchronous compile mode with a
     thread pool: the compilations overlap, each finished kernel is kept (finalized), and a config

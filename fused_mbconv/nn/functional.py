@@ -64,7 +64,10 @@ def _batch_norm_affine(bn_weight, bn_bias, channels: int, like: torch.Tensor):
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast casts to on ``device_type``, or None when autocast is off there (or,
     as on "meta", does not exist: asking torch would raise)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # cuda and cpu have autocast: asking torch.amp.is_autocast_available about them broke
+    # torch.compile(fullgraph=True) on torch 2.11, whose dynamo cannot trace it
+    available = device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
