@@ -262,7 +262,8 @@ def aligned(n, ALIGN: tl.constexpr):
 @triton.jit
 def running_invstd(var_ptr, cs, mask, eps):
     """1 / sqrt(running_var + eps) of channels cs, correctly rounded as torch's sqrt and division
-    (every eval-mode output goes through it; the fast approximations differ from eager by an ulp)."""
+    (the fold op's and the depthwise kernel's eval-mode BN; the GEMM's epilogue, where these
+    subroutine calls spilled, takes the approximate rsqrt)."""
     var = tl.load(var_ptr + cs, mask=mask, other=1.0).to(tl.float32)
     return tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
 
