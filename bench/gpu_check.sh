@@ -13,7 +13,8 @@
 # and on), auto_table (the measured "auto" choice), sweeps (every layer shape of B0-B7
 # through each fused op), sanitizer (compute-sanitizer memcheck over a subset), racecheck (shared-memory hazards of the
 # CUDA depthwise kernels' halo tiles), profile (B5's training step kernel by kernel), main (python
-# -m fused_mbconv). Only when named: models (python -m fused_mbconv for every variant at its
+# -m fused_mbconv), counters (Nsight Compute's hardware counters of one B5 layer's kernels).
+# Only when named: models (python -m fused_mbconv for every variant at its
 # native resolution, fp32 and bf16: parity with torchvision in eval and one training step, and
 # timings). A step is skipped when less than half its time limit is left in the budget (with at
 # least half, it runs cut short); a failing step does not stop the later ones.
@@ -33,7 +34,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model hostprof hostcost auto_table sweeps sanitizer racecheck profile main"
+ALL_STEPS="smoke tests bench_dw bench_se kprofile bench_model hostprof hostcost auto_table sweeps sanitizer racecheck profile main counters"
 STEPS=${*:-$ALL_STEPS}
 
 step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
@@ -157,6 +158,15 @@ racecheck() {
 }
 main() {
   step main 45 "$LOG" $PY -m fused_mbconv --device cuda
+}
+# hardware counters of one B5 layer's kernels, fused and eager (NCU_OP dwconv or se_project,
+# NCU_SHAPE, NCU_PROVIDERS, NCU_MODES): throughput against the GPU's peaks, memory traffic,
+# occupancy, where warps stall. --clock-control none: the device notes say to leave clocks alone
+counters() {
+  step counters 120 "$LOG" ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+    $PY bench/profile_layer.py --ncu --op "${NCU_OP:-dwconv}" ${NCU_SHAPE:+--shape "$NCU_SHAPE"} \
+    --providers "${NCU_PROVIDERS:-triton,eager}" --modes "${NCU_MODES:-infer,train}"
 }
 # the variants most important first (the smallest, the largest, then the rest), batch sized to
 # the resolution

@@ -255,6 +255,16 @@ def test_profile_names_where_each_provider_spends_its_step(capsys):
     assert "fused_mbconv::project_bn_backward" in fused and "fused_mbconv::dwconv_bn_silu" in fused
 
 
+def test_layer_profile_for_nsight_compute_needs_a_gpu(capsys):
+    """--ncu brackets a step with cudaProfilerStart/Stop for Nsight Compute: without a CUDA
+    device it says so instead of running."""
+    from bench import profile_layer
+
+    with pytest.raises(SystemExit):
+        profile_layer.main(["--smoke", "--ncu"])
+    assert "--ncu: needs a CUDA device" in capsys.readouterr().err
+
+
 def test_layer_profile_names_each_pass_of_the_fused_op(capsys):
     """bench/profile_layer.py on the CPU, one small depthwise layer: per mode a table per
     provider, the fused op's passes in the fused provider's and cuDNN-style convolution in eager's."""
