@@ -18,8 +18,8 @@
 # native resolution, fp32 and bf16: parity with torchvision in eval and one training step, and
 # timings). A step is skipped when less than half its time limit is left in the budget (with at
 # least half, it runs cut short); a failing step does not stop the later ones.
-# With a Triton cache built ahead (bench/precompile_triton.py, no GPU needed), name
-# .triton-cache.tar.gz in the device tool's `carry`: its kernels load instead of compiling.
+# With a Triton cache built ahead (`make gpu-prep` or bench/precompile_triton.py, no GPU needed),
+# name .triton-cache.tar.gz in the device tool's `carry`: its kernels load instead of compiling.
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
