@@ -452,7 +452,8 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
     _project_kernel[grid](
         x, placeholder if gate is None else gate, wm,
         placeholder if scale is None else scale, placeholder if shift is None else shift,
-        placeholder if running_mean is None else running_mean, placeholder if running_var is None else running_var,
+        placeholder if running_mean is None else running_mean.contiguous(),
+        placeholder if running_var is None else running_var.contiguous(),
         placeholder if res is None else res, placeholder if branch_scale is None else branch_scale,
         out, *parts, c, o, h * w, float(eps),
         *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
@@ -470,9 +471,8 @@ def forward_infer(x, gate, weight, scale, shift, residual, branch_scale, silu, r
                   eps=0.0) -> torch.Tensor:  # fmt: skip
     x = _layout(x)
     y = empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:]))
-    running = (None, None) if running_mean is None else (running_mean.contiguous(), running_var.contiguous())
     _project(x, gate, weight, scale.contiguous(), shift.contiguous(), residual, branch_scale, y, stats=False, act=silu,
-             running_mean=running[0], running_var=running[1], eps=eps)  # fmt: skip
+             running_mean=running_mean, running_var=running_var, eps=eps)  # fmt: skip
     return y
 
 

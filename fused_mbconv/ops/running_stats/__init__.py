@@ -108,7 +108,6 @@ def running_fold_backward(scale, shift, running_mean, running_var, eps: float, g
     return tuple(reference.fold_backward(scale, shift, running_mean, running_var, eps, grad_scale, grad_shift))
 
 
-
 def _check_fold(weight, bias, running_mean, running_var, eps: float) -> torch.dtype:
     """Validate; returns the dtype of the fold."""
     check_tensor("running_mean", running_mean, ndim=1)
