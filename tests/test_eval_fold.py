@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, DEVICE
 from eager import EagerDWConvBNAct, randomize_
 from torch import nn
 
@@ -24,18 +24,18 @@ def kind(request):
 
 
 def pair(kind, seed=0):
-    """(fused, eager) in eval() with the same random weights and statistics: DWConvBNAct or
-    ProjectBN (8 -> 6 channels) and their unfused modules."""
+    """(fused, eager) in eval() on the test device with the same random weights and statistics:
+    DWConvBNAct or ProjectBN (8 -> 6 channels) and their unfused modules."""
     if kind == "depthwise":
         eager, fused = EagerDWConvBNAct(8, 3, 1), DWConvBNAct(8, 3, 1)
     else:
         eager, fused = nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)), ProjectBN(8, 6)
     eager = randomize_(eager, torch.Generator().manual_seed(seed)).eval()
     fused.load_state_dict(eager.state_dict())
-    return fused.eval(), eager
+    return fused.to(DEVICE).eval(), eager.to(DEVICE)
 
 
-X = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(1))
+X = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 def same(fused, eager, x=X):
@@ -72,7 +72,7 @@ def test_a_training_step_refreshes_the_fold(kind, backend):
     fused, eager = pair(kind)
     with fused_mbconv.backend(backend):
         same(fused, eager)
-        x = torch.randn(4, 8, 9, 9)
+        x = torch.randn(4, 8, 9, 9, device=DEVICE)
         fused.train()(x)  # new running statistics
         eager.train()(x)
         same(fused.eval(), eager.eval())
@@ -144,7 +144,7 @@ def test_running_statistics_in_the_op_equal_the_fold_then_the_op(kind, backend, 
 
     def t(*shape, positive=False):
         v = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
-        return v.to(dtype)
+        return v.to(DEVICE, dtype)
 
     x = t(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
     gamma, beta, mean, var = t(c, positive=True), t(c), 3 * t(c), t(c, positive=True)
