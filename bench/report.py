@@ -105,7 +105,9 @@ def write_report(csv_path: str | Path, report_path: str | Path | None = None) ->
         "",
         f"torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, {first['date']}. "
         "img/s is the median over repeats after warm-up, on random data; speedups are ratios of img/s "
-        "measured in the same run.",
+        "measured in the same run. Peak memory: torch.cuda.max_memory_allocated, except for \"+graph\" "
+        "rows: max_memory_reserved, which holds the CUDA graph's pool (reports before 2026-11-28 "
+        "give their allocated peak, which leaves the pool out).",
         "",
     ]
     for (mode, dtype, layout), by_model in sorted(_groups(rows).items()):
