@@ -113,13 +113,18 @@ sanitizer() {
     "test_channels_last_vector_width or (test_parity and float32 and strided) or interior_tiles or (cuda and (test_weight_forms or test_broadcast_upstream_gradient or (test_odd_sizes and 72)))"
 }
 # --host-share: each provider also timed replayed from a CUDA graph and by the host's issue time.
-# DW_PROVIDERS=triton,cuda,eager, SE_PROVIDERS=triton,eager: leave torch.compile out (its
-# max-autotune takes ~40 s a shape)
+# DW_PROVIDERS=triton,cuda,eager, SE_PROVIDERS=triton,eager: leave torch.compile out (with it,
+# 2026-11-27, each step finished one shape in its limit). Its conv autotuning is kept to cuDNN
+# (Triton's conv templates ran 33-68 ms against cuDNN's 0.21 ms on B5's first depthwise conv, and
+# timing them took ~10 s a conv)
+COMPILE_ARGS=(--compile-conv-backends ATEN)
 bench_dw() {
-  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --host-share --out "$OUT/dwconv.csv" ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
+  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/dwconv.csv" \
+    ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
 }
 bench_se() {
-  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share --out "$OUT/se_project.csv" ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
+  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/se_project.csv" \
+    ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
 kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel: which pass takes the time
   step kprofile 60 "$LOG" $PY bench/profile_layer.py --op "${KPROFILE_OP:-dwconv}" ${KPROFILE_SHAPE:+--shape "$KPROFILE_SHAPE"} \
