@@ -46,7 +46,7 @@ test-oldest:
 # Before a GPU session's first device call (no GPU needed, ~17 min here): the suite on the GPU
 # image's versions, then their Triton kernels compiled ahead into .triton-cache.tar.gz (carry it).
 gpu-prep: test-oldest
-	$(OLDEST)/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks
+	$(OLDEST)/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks --gpu-sweeps
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only

@@ -14,7 +14,7 @@ bench/gpu_check.sh unpacks it there after its build step when the device's trito
 and cache-relevant environment match the stamp's.
 
     make test-oldest     # makes .venv-oldest (Python 3.12, torch 2.11, triton 3.6; ~4 GB) and tests on it
-    .venv-oldest/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks   # all of it
+    .venv-oldest/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks --gpu-sweeps   # all of it
     bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
@@ -99,6 +99,45 @@ def _prune(cache_dir: str) -> None:
         group_path.write_text(json.dumps({"child_paths": kept}))
 
 
+def _gpu_sweeps() -> None:
+    """The Triton calls of tests/test_gpu_{dwconv,se,pointwise}_shapes.py, made through the
+    tests' own helpers so that the specializations are the ones the GPU launches (on the H200,
+    2026-11-27, the sweeps compiled their kernels there and reached 734 of 885 depthwise and 146
+    of 384 SE cases in 120 s). Untuned, as the sweeps run; the fused calls only, not the eager
+    references they are compared with."""
+    import torch
+
+    os.environ["FUSED_MBCONV_TRITON_AUTOTUNE"] = "0"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_gpu_dwconv_shapes as dw
+    import test_gpu_pointwise_shapes as pointwise
+    import test_gpu_se_shapes as se
+    import test_project_bn as project
+    import test_squeeze_excite as squeeze_excite
+
+    import fused_mbconv
+
+    dtypes = (torch.bfloat16, torch.float32)
+    for shape in dw.all_depthwise_shapes():
+        for dtype in dtypes:
+            for training in (False, True):
+                block = fused_mbconv.nn.DWConvBNAct(shape.channels, shape.kernel, shape.stride).to(dtype)
+                x = torch.randn(dw.BATCH, shape.channels, shape.size, shape.size, dtype=dtype)
+                dw._forward_backward(block.train(training), x.contiguous(memory_format=torch.channels_last), "triton")
+    with fused_mbconv.backend("triton"):
+        for channels, reduced, size in se.SHAPES:  # as check_functional calls the fused op
+            for dtype in dtypes:
+                x = squeeze_excite.make_input((2, channels, size, size), dtype, "channels_last")
+                weights = squeeze_excite.weights_as(squeeze_excite.make_weights(channels, reduced), dtype, "4d")
+                squeeze_excite.forward_backward(fused_mbconv.nn.functional.squeeze_excite, x, *weights)
+        for training in (True, False):  # as test_project_bn.check calls the fused module
+            cases = [((pointwise.BATCH, c, o, size, size), True, False) for c, o, size in pointwise.projection_shapes()]
+            cases += [((pointwise.BATCH, c, e, size, size), False, True) for c, e, size in pointwise.expansion_shapes()]
+            for shape, with_extras, silu in cases:
+                x, *case = project.make_case(torch.bfloat16, "channels_last", with_extras, shape=shape)
+                project.run("fused", torch.bfloat16, x, *case, training, silu)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="b5")
@@ -110,6 +149,8 @@ def main(argv=None) -> None:
     p.add_argument("--kernel-benchmarks", action="store_true",
                    help="also the triton rows of bench_dwconv.py and bench_se_project.py --quick")
     p.add_argument("--blocks", action="store_true", help="also the blocks of gpu_smoke.py and host_cost.py")
+    p.add_argument("--gpu-sweeps", action="store_true",
+                   help="also the GPU shape sweeps' kernels (tests/test_gpu_*_shapes.py: untuned, batch 2)")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
@@ -145,7 +186,7 @@ def main(argv=None) -> None:
     knobs.compilation.listener = count
     torch.manual_seed(0)
     with fused_mbconv.backend("triton"):
-        for variant in args.variants.split(","):
+        for variant in filter(None, args.variants.split(",")):  # --variants "": none
             resolution = args.resolution or VARIANTS[variant].resolution
             for mode in args.modes.split(","):
                 batch = args.batch or GPU_BATCH[variant][0 if mode == "infer" else 1]
@@ -173,6 +214,9 @@ def main(argv=None) -> None:
                 for training in (True, False):
                     gpu_smoke.run_block(block, state, x, dy, training)
                     gpu_smoke.run_block(hc_block, hc_block.state_dict(), hc_x, torch.randn_like(hc_x), training)
+        if args.gpu_sweeps:
+            with reported("GPU shape sweeps (tests/test_gpu_*_shapes.py), untuned"):
+                _gpu_sweeps()
     _prune(args.cache_dir)
     built = stamp()
     (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
