@@ -43,8 +43,9 @@ test-oldest:
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests \
 		--deselect tests/test_extension.py
 
-# Before a GPU session's first device call (no GPU needed, ~17 min here): the suite on the GPU
-# image's versions, then their Triton kernels compiled ahead into .triton-cache.tar.gz (carry it).
+# Before a GPU session's first device call (no GPU needed, ~30 min here): the suite on the GPU
+# image's versions, then their Triton kernels (B5's, the benches', the shape sweeps') compiled ahead
+# into .triton-cache.tar.gz (~21 MiB; carry it).
 gpu-prep: test-oldest
 	$(OLDEST)/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks --gpu-sweeps
 
