@@ -256,19 +256,22 @@ def test_kernel_benchmark_smoke_run_on_cpu(script, tmp_path, capsys):
     assert f"| {bench.SMOKE_SHAPES[0].name} | train |" in capsys.readouterr().out
 
 
-def test_compile_conv_backends_reach_inductor(monkeypatch):
+def test_compile_conv_backends_reach_inductor():
     """--compile-conv-backends sets Inductor's conv autotuning backends for the compile provider;
-    without it Inductor's default stays."""
+    without it Inductor's default stays. (Inductor's own patch() restores the setting: pytest's
+    monkeypatch deletes a config it did not find in the module's __dict__, which hides it from
+    every later torch.compile.)"""
     import torch._inductor.config as inductor
 
     from bench import common
 
-    monkeypatch.setattr(inductor, "max_autotune_conv_backends", "ATEN,TRITON")
     parser = common.kernel_bench_parser("doc", ("compile",), "out")
-    common.KernelSetting.from_args(parser.parse_args(["--smoke"]), 2, torch.float32)
-    assert inductor.max_autotune_conv_backends == "ATEN,TRITON"
-    common.KernelSetting.from_args(parser.parse_args(["--smoke", "--compile-conv-backends", "ATEN"]), 2, torch.float32)
-    assert inductor.max_autotune_conv_backends == "ATEN"
+    with inductor.patch(max_autotune_conv_backends="ATEN,TRITON"):
+        common.KernelSetting.from_args(parser.parse_args(["--smoke"]), 2, torch.float32)
+        assert inductor.max_autotune_conv_backends == "ATEN,TRITON"
+        args = parser.parse_args(["--smoke", "--compile-conv-backends", "ATEN"])
+        common.KernelSetting.from_args(args, 2, torch.float32)
+        assert inductor.max_autotune_conv_backends == "ATEN"
 
 
 def test_profile_names_where_each_provider_spends_its_step(capsys):
