@@ -80,7 +80,9 @@ def _tile_autotune(key):
     return _triton.autotune(_TILE_CONFIGS, key, interpreted=_TILE_INTERPRETED)
 
 
-def _precision(x: torch.Tensor) -> str:
+def gemm_precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision for activations ``x``: TF32 for fp32 on a GPU when torch allows
+    it for convolutions (as eager's 1x1 conv), else IEEE fp32 (fp16/bf16 ignore it)."""
     if x.dtype == torch.float32 and not (torch.backends.cudnn.allow_tf32 and x.is_cuda):
         return "ieee"
     return "tf32"  # the default: TF32 for fp32 operands, ignored for fp16/bf16
@@ -459,8 +461,8 @@ def _project(x, gate, weight, scale, shift, residual, branch_scale, out, stats: 
         *_strides(x), *(gate.stride() if gate is not None else (0, 0)), *wm.stride(),
         *(_strides(res) if res is not None else (0, 0, 0)), *_strides(out),
         HAS_GATE=gate is not None, AFFINE=scale is not None, NORMALIZE=running_var is not None, ACT=act,
-        HAS_RES=res is not None,
-        HAS_BS=branch_scale is not None, STATS=stats, PRECISION=_precision(x), ALIGN=vector_alignment(x, wm, res, out),
+        HAS_RES=res is not None, HAS_BS=branch_scale is not None, STATS=stats, PRECISION=gemm_precision(x),
+        ALIGN=vector_alignment(x, wm, res, out),
     )  # fmt: skip
     return (parts, launch["rows"]) if stats else None
 
@@ -523,7 +525,7 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
     bs = dy if branch_scale is None else branch_scale  # a placeholder pointer when absent
     has_bs, has_gate = branch_scale is not None, gate is not None
     gate_arg, gate_strides = (gate, gate.stride()) if has_gate else (x, (0, 0))
-    precision = _precision(x)
+    precision = gemm_precision(x)
     # the BN backward's two sums, then dz = its per-element formula
     chunk, splits = _hw_splits(n, o, hw, x.device)
     part = torch.empty((n * splits, 2 * o), **f32)
