@@ -68,6 +68,35 @@ def test_chan_merge_matches_the_pooled_moments():
     )
 
 
+@pytest.mark.parametrize("rows, channels", [(1, 24), (37, 24), (37, 200), (3000, 24)])
+def test_combine_stats_matches_fp64_pooled_moments(rows, channels):
+    """Partials of groups of positions (some empty) with a mean large against the spread, merged
+    against the same fp32 partials merged in fp64. 37 rows take the two-level merge interpreted,
+    3000 on the GPU (8 steps of rows a first-level program)."""
+    gen = torch.Generator().manual_seed(rows)
+    counts = torch.randint(0, 5, (rows,), generator=gen).double()
+    counts[0] = 3.0  # never all empty
+    mean_part = (1000 + torch.randn(rows, channels, generator=gen, dtype=torch.float64)).float()
+    m2_part = (counts[:, None] * torch.rand(rows, channels, generator=gen, dtype=torch.float64)).float()
+    mean_part[counts == 0], m2_part[counts == 0] = 0.0, 0.0
+    gamma, beta = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    # the pooled moments of the fp32 partials, exactly: sum n_r mean_r / n; sum M2_r + n_r (mean_r - mean)^2
+    n = counts.sum()
+    mean = (counts[:, None] * mean_part.double()).sum(0) / n
+    var = (m2_part.double() + counts[:, None] * (mean_part.double() - mean) ** 2).sum(0) / n
+    scale = gamma.double() / (var + 1e-3).sqrt()
+
+    # one spare row past ``rows``, of nonsense, that the merge must leave out
+    pad = lambda t, v: torch.cat([t, torch.full_like(t[:1], v)]).to(DEVICE)  # noqa: E731
+    got = _triton.combine_stats(pad(counts.float(), 7.0), pad(mean_part, -5.0), pad(m2_part, 9.0), rows=rows,
+                                gamma=gamma.to(DEVICE), beta=beta.to(DEVICE), eps=1e-3)  # fmt: skip
+    # fp32 holds a mean of 1000 to ~6e-5, which is 6e-5 of the spread: the merge's deviations
+    # from the running mean, and so the variance, scale and shift, are good to ~1e-4 relative
+    want = (mean, var, scale, beta.double() - mean * scale)
+    for g, w, tol in zip(got, want, (1e-6, 1e-4, 1e-4, 1e-4)):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sum_rows(dtype):
     # integer values: every order of the fp32 sum is exact, so only the final rounding differs

@@ -268,8 +268,51 @@ def running_invstd(var_ptr, cs, mask, eps):
     return tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
 
 
-# Partial statistics are merged _STATS_BLOCK_G rows at a time, _STATS_BLOCK_C channels per program.
-_STATS_BLOCK_G, _STATS_BLOCK_C = 32, 128
+# A stats-merge program reads this many partial elements (BLOCK_G rows x BLOCK_C channels) a step.
+_STATS_BLOCK = 4096
+# Partial rows per first-level merge program; 0: 8 steps' worth. Interpreted, 4 rows, so that
+# the CPU tests' few partial rows go through both levels.
+_STATS_ROWS_PER_PROGRAM = 4 if INTERPRETED else 0
+
+
+@triton.jit
+def _merge_row_range(count_part_ptr, mean_part_ptr, m2_part_ptr, cs, mask_c, C, first, end,
+                     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """(count, mean, M2) of channels cs merged over the partial rows first <= row < end,
+    BLOCK_G rows a step in a fixed order (rows of count 0 drop out)."""
+    count = 0.0
+    mean = tl.zeros((BLOCK_C,), tl.float32)
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for g0 in range(first, end, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        ok_g = gs < end
+        n_g = tl.load(count_part_ptr + gs, mask=ok_g, other=0.0)
+        mask = ok_g[:, None] & mask_c[None, :]
+        offs = gs.to(tl.int64)[:, None] * C + cs[None, :]
+        mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
+        m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
+        count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
+    return count, mean, m2
+
+
+@launcher
+@triton.jit
+def _merge_stats_kernel(
+    count_part_ptr, mean_part_ptr, m2_part_ptr, count_out_ptr, mean_out_ptr, m2_out_ptr, C, rows, chunk,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The first level of a two-level merge: grid (cdiv(C, BLOCK_C), cdiv(rows, chunk)), program
+    (j, s) merges rows [s * chunk, (s + 1) * chunk) of channel block j into output row s."""
+    split = tl.program_id(1)
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cs < C
+    first = split * chunk
+    count, mean, m2 = _merge_row_range(count_part_ptr, mean_part_ptr, m2_part_ptr, cs, mask_c, C, first,
+                                       tl.minimum(first + chunk, rows), BLOCK_G, BLOCK_C)  # fmt: skip
+    tl.store(mean_out_ptr + split * C + cs, mean, mask=mask_c)
+    tl.store(m2_out_ptr + split * C + cs, m2, mask=mask_c)
+    if tl.program_id(0) == 0:
+        tl.store(count_out_ptr + split, count)
 
 
 @launcher
@@ -279,22 +322,12 @@ def _combine_stats_kernel(
     eps, C, rows, AFFINE: tl.constexpr, SHIFT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Merge per-row (count, mean, M2) partials into the mean and the biased variance M2 / count
-    of every channel, BLOCK_G rows at a time (rows of count 0 drop out). With AFFINE also the
-    BN's scale = gamma / sqrt(var + eps), with SHIFT its shift = beta - mean * scale."""
+    of every channel. With AFFINE also the BN's scale = gamma / sqrt(var + eps), with SHIFT its
+    shift = beta - mean * scale."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = cs < C
-    count = 0.0
-    mean = tl.zeros((BLOCK_C,), tl.float32)
-    m2 = tl.zeros((BLOCK_C,), tl.float32)
-    for g0 in range(0, rows, BLOCK_G):
-        gs = g0 + tl.arange(0, BLOCK_G)
-        ok_g = gs < rows
-        n_g = tl.load(count_part_ptr + gs, mask=ok_g, other=0.0)
-        mask = ok_g[:, None] & mask_c[None, :]
-        offs = gs.to(tl.int64)[:, None] * C + cs[None, :]
-        mean_g = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
-        m2_g = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-        count, mean, m2 = chan_merge(count, mean, m2, *merge_rows(n_g, mean_g, m2_g))
+    count, mean, m2 = _merge_row_range(count_part_ptr, mean_part_ptr, m2_part_ptr, cs, mask_c, C, 0, rows,
+                                       BLOCK_G, BLOCK_C)  # fmt: skip
     var = m2 / count
     tl.store(mean_ptr + cs, mean, mask=mask_c)
     tl.store(var_ptr + cs, var, mask=mask_c)
@@ -410,14 +443,26 @@ def combine_stats(
     rows = count_part.shape[0] if rows is None else rows
     c = mean_part.shape[1]
     f32 = {"dtype": torch.float32, "device": mean_part.device}
+    block_c = min(128, max(16, next_power_of_2(c)))
+    block_g = _STATS_BLOCK // block_c
+    chunk = _STATS_ROWS_PER_PROGRAM or 8 * block_g
+    if rows > chunk:
+        # one program merging all rows took 407 serial steps (13024 rows of a B5 projection's
+        # GEMM tiles): two levels take a few each
+        splits = cdiv(rows, chunk)
+        merged = torch.empty(splits, **f32), torch.empty((splits, c), **f32), torch.empty((splits, c), **f32)
+        _merge_stats_kernel[(cdiv(c, block_c), splits)](
+            count_part, mean_part, m2_part, *merged, c, rows, chunk, BLOCK_G=block_g, BLOCK_C=block_c
+        )
+        (count_part, mean_part, m2_part), rows = merged, splits
     mean, var = torch.empty(c, **f32), torch.empty(c, **f32)
     scale = torch.empty(c, **f32) if gamma is not None else None
     shift = torch.empty(c, **f32) if gamma is not None and beta is not None else None
-    _combine_stats_kernel[(cdiv(c, _STATS_BLOCK_C),)](
+    _combine_stats_kernel[(cdiv(c, block_c),)](
         count_part, mean_part, m2_part, mean, var,
         mean if gamma is None else gamma.contiguous(), mean if beta is None else beta.contiguous(),
         mean if scale is None else scale, mean if shift is None else shift, float(eps), c, rows,
-        AFFINE=scale is not None, SHIFT=shift is not None, BLOCK_G=_STATS_BLOCK_G, BLOCK_C=_STATS_BLOCK_C,
+        AFFINE=scale is not None, SHIFT=shift is not None, BLOCK_G=block_g, BLOCK_C=block_c,
     )  # fmt: skip
     return mean, var, scale, shift
 
