@@ -108,7 +108,7 @@ def _plan() -> list[dict]:
     dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
     excite_scratch = {"h_ptr": F32, "dl_ptr": F32, "dh_ptr": F32}
     # the stats merge's channel blocks, 16 to 128 wide, as combine_stats picks them
-    stats_blocks = [{"BLOCK_G": common._STATS_BLOCK // bc, "BLOCK_C": bc} for bc in (16, 32, 64, 128)]
+    stats_blocks = [{"BLOCK_G": common._STATS_BLOCK // bc, "BLOCK_C": bc} for bc in (128, 64, 32, 16)]
     return [
         # fused_mbconv.ops._triton: out is fp32 sums, or the dtype of dweight / squeeze / dgate
         dict(module="common", kernel="_sum_rows_kernel", ptrs={"part_ptr": F32},
@@ -116,8 +116,8 @@ def _plan() -> list[dict]:
         dict(module="common", kernel="_combine_stats_kernel", floats=("eps",),
              ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr",
                                  "scale_ptr", "shift_ptr"], F32),
-             variants=[{"AFFINE": a, "SHIFT": b, **stats_blocks[-1]} for a, b in ((True, False), (False, False))]
-             + [{"AFFINE": True, "SHIFT": True, **blocks} for blocks in stats_blocks]),
+             variants=[{"AFFINE": True, "SHIFT": True, **blocks} for blocks in stats_blocks]
+             + [{"AFFINE": a, "SHIFT": False, **stats_blocks[0]} for a in (True, False)]),
         dict(module="common", kernel="_merge_stats_kernel",
              ptrs=dict.fromkeys(["count_part_ptr", "mean_part_ptr", "m2_part_ptr", "count_out_ptr", "mean_out_ptr",
                                  "m2_out_ptr"], F32), variants=stats_blocks),
