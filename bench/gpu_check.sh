@@ -16,10 +16,11 @@
 # (shared-memory hazards of the CUDA depthwise kernels' halo tiles), profile (B5's training step
 # kernel by kernel), main (python -m fused_mbconv), counters (Nsight Compute's hardware counters
 # of one B5 layer's kernels).
-# Only when named: models (python -m fused_mbconv for every variant at its
-# native resolution, fp32 and bf16: parity with torchvision in eval and one training step, and
-# timings). A step is skipped when less than half its time limit is left in the budget (with at
-# least half, it runs cut short); a failing step does not stop the later ones.
+# Only when named: models (python -m fused_mbconv for every variant at its native resolution,
+# fp32 and bf16, backend triton: parity with torchvision in eval and one training step, and
+# untuned timings), model_sweep (python -m bench over B0-B7: issue 8's report).
+# A step is skipped when less than half its time limit is left in the budget (with at least
+# half, it runs cut short); a failing step does not stop the later ones.
 # With a Triton cache built ahead (`make gpu-prep` or bench/precompile_triton.py, no GPU needed),
 # name .triton-cache.tar.gz in the device tool's `carry`: its kernels load instead of compiling.
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
@@ -145,6 +146,14 @@ bench_model() {
   step bench_model "$limit" "$LOG" $PY -m bench --variants b5 --time-budget $((limit - 20)) --out "$OUT/model.csv" --report /tmp/model.md \
     --providers "${MODEL_PROVIDERS:-eager,eager+graph,fused-triton,fused-triton+graph}" --modes "${MODEL_MODES:-infer}"
 }
+# issue 8's sweep: python -m bench with its GPU defaults (B5, then B0-B4, B6, B7 at native
+# resolution; eager, eager+graph, fused-triton+graph, fused, compile; inference and training
+# steps), rows past its time budget recorded as skipped. SWEEP_PROVIDERS, SWEEP_LIMIT_S (480)
+model_sweep() {
+  local limit=${SWEEP_LIMIT_S:-480}
+  step model_sweep "$limit" "$LOG" $PY -m bench --time-budget $((limit - 60)) --out "$OUT/model.csv" \
+    --report /tmp/model.md ${SWEEP_PROVIDERS:+--providers $SWEEP_PROVIDERS}
+}
 hostprof() {  # where the host's time goes when it issues one triton depthwise / SE + projection layer
   step hostprof 60 "$OUT/hostprof.log" bash -c "$PY bench/profile_host.py --op dwconv --providers triton,eager --calls 30 \
     && $PY bench/profile_host.py --op se_project --providers triton,eager --calls 30"
@@ -177,19 +186,23 @@ counters() {
     $PY bench/profile_layer.py --ncu --op "${NCU_OP:-dwconv}" ${NCU_SHAPE:+--shape "$NCU_SHAPE"} \
     --providers "${NCU_PROVIDERS:-triton,eager}" --modes "${NCU_MODES:-infer,train}"
 }
-# the variants most important first (the smallest, the largest, then the rest), batch sized to
-# the resolution
+# issue 7's parity of every variant with torchvision at its native resolution, eval and a training
+# step, float32 and bfloat16, on the fused Triton kernels (the default "auto" trains on the
+# reference ops), untuned: the variants and batches of bench/precompile_triton.py's MODELS_STEP,
+# whose kernels `make gpu-prep` compiles ahead
 models() {
-  for run in "b0 8" "b7 2" "b4 4" "b1 8" "b2 8" "b3 8" "b5 4" "b6 2"; do
-    set -- $run
-    for dtype in float32 bfloat16; do
-      step "models:$1-$dtype" 60 "$OUT/models.log" $PY -m fused_mbconv --variant "$1" --batch "$2" --dtype "$dtype" --steps 5
-    done
+  local runs
+  runs=$($PY -c 'from bench.precompile_triton import MODELS_STEP as M, MODELS_STEP_DTYPES as D
+print(" ".join(f"{v}:{b}:{d}" for v, b in M for d in D))')
+  for run in $runs; do
+    IFS=: read -r variant batch dtype <<<"$run"
+    step "models:$variant-$dtype" 60 "$OUT/models.log" env FUSED_MBCONV_TRITON_AUTOTUNE=0 \
+      $PY -m fused_mbconv --variant "$variant" --batch "$batch" --dtype "$dtype" --backend triton --steps 5
   done
 }
 for name in $STEPS; do
-  if [[ " $ALL_STEPS models " != *" $name "* ]]; then
-    echo "$name: unknown step (steps: $ALL_STEPS models)" | tee -a "$SUMMARY"
+  if [[ " $ALL_STEPS models model_sweep " != *" $name "* ]]; then
+    echo "$name: unknown step (steps: $ALL_STEPS models model_sweep)" | tee -a "$SUMMARY"
     continue
   fi
   "$name"

@@ -14,7 +14,7 @@ bench/gpu_check.sh unpacks it there after its build step when the device's trito
 and cache-relevant environment match the stamp's.
 
     make test-oldest     # makes .venv-oldest (Python 3.12, torch 2.11, triton 3.6; ~4 GB) and tests on it
-    .venv-oldest/bin/python bench/precompile_triton.py --fresh --kernel-benchmarks --blocks --gpu-sweeps   # all of it
+    make gpu-prep        # then all of it: B0-B7, the kernel benchmarks, the blocks, the sweeps, the models step
     bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
@@ -60,6 +60,11 @@ def stamp() -> dict:
 
 
 MUST_MATCH = ("triton_key", "ptxas", "environment")
+# gpu_check.sh's models step (issue 7's parity at native resolution): `python -m fused_mbconv`
+# per (variant, batch), most important first (the smallest, the largest, then the rest), batch
+# sized to the resolution; float32 and bfloat16 (autocast) each, backend triton, untuned
+MODELS_STEP = (("b0", 8), ("b7", 2), ("b4", 4), ("b1", 8), ("b2", 8), ("b3", 8), ("b5", 4), ("b6", 2))
+MODELS_STEP_DTYPES = ("float32", "bfloat16")
 
 
 def _kernels(cache_dir: str) -> int:
@@ -138,6 +143,26 @@ def _gpu_sweeps() -> None:
                 project.run("fused", torch.bfloat16, x, *case, training, silu)
 
 
+def _models_step() -> None:
+    """The fused model's calls of the models step (``MODELS_STEP``): its eval logits and training
+    step as ``python -m fused_mbconv`` makes them (fp32 parameters, autocast for bfloat16,
+    channels_last, native resolution), untuned; not the eager and float64 references."""
+    import torch
+
+    from fused_mbconv.__main__ import DTYPES, Runner
+    from fused_mbconv.models import VARIANTS, create_efficientnet
+
+    os.environ["FUSED_MBCONV_TRITON_AUTOTUNE"] = "0"
+    for variant, batch in MODELS_STEP:
+        model = create_efficientnet(variant).to(memory_format=torch.channels_last)
+        size = VARIANTS[variant].resolution
+        x, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+        for name in MODELS_STEP_DTYPES:
+            runner = Runner(torch.device("cpu"), DTYPES[name], channels_last=True)
+            runner.logits(model, x, runner.dtype)
+            runner.train_step(model, x, labels, runner.dtype)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="b5")
@@ -151,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--blocks", action="store_true", help="also the blocks of gpu_smoke.py and host_cost.py")
     p.add_argument("--gpu-sweeps", action="store_true",
                    help="also the GPU shape sweeps' kernels (tests/test_gpu_*_shapes.py: untuned, batch 2)")
+    p.add_argument("--models-step", action="store_true",
+                   help="also gpu_check.sh's models step (python -m fused_mbconv, every variant, fp32 and bf16)")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
@@ -217,6 +244,9 @@ def main(argv=None) -> None:
         if args.gpu_sweeps:
             with reported("GPU shape sweeps (tests/test_gpu_*_shapes.py), untuned"):
                 _gpu_sweeps()
+        if args.models_step:
+            with reported("models step (python -m fused_mbconv), untuned"):
+                _models_step()
     _prune(args.cache_dir)
     built = stamp()
     (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))

@@ -409,3 +409,25 @@ def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     assert steps[2].startswith("kprofile: rc=1 in"), steps
     assert steps[3].startswith("nosuch: unknown step"), steps
     assert "bench/profile_layer.py" in (tmp_path / "steps.log").read_text()
+
+
+def test_gpu_check_models_step_runs_every_variant_on_the_triton_kernels(tmp_path):
+    """The models step (issue 7's parity at native resolution) runs python -m fused_mbconv once per
+    (variant, batch) of precompile_triton.MODELS_STEP and dtype, backend triton, untuned: the
+    calls whose kernels `make gpu-prep` compiles ahead. A stand-in python records the calls."""
+    from bench.precompile_triton import MODELS_STEP, MODELS_STEP_DTYPES
+
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
+if [[ "$1 $2" == "-m fused_mbconv" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": ""}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "models"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    expected = [f"autotune=0 --variant {v} --batch {b} --dtype {d} --backend triton --steps 5"
+                for v, b in MODELS_STEP for d in MODELS_STEP_DTYPES]  # fmt: skip
+    assert (tmp_path / "calls").read_text().splitlines() == expected
+    assert len(expected) == 16 and {v for v, _ in MODELS_STEP} == {f"b{i}" for i in range(8)}
