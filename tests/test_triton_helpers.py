@@ -72,7 +72,7 @@ def test_chan_merge_matches_the_pooled_moments():
 def test_combine_stats_matches_fp64_pooled_moments(rows, channels):
     """Partials of groups of positions (some empty) with a mean large against the spread, merged
     against the same fp32 partials merged in fp64. 37 rows take the two-level merge interpreted,
-    3000 on the GPU (8 steps of rows a first-level program)."""
+    3000 on the GPU (24 first-level programs of 128 rows at 24 channels)."""
     gen = torch.Generator().manual_seed(rows)
     counts = torch.randint(0, 5, (rows,), generator=gen).double()
     counts[0] = 3.0  # never all empty

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -268,11 +269,9 @@ def running_invstd(var_ptr, cs, mask, eps):
     return tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
 
 
-# A stats-merge program reads this many partial elements (BLOCK_G rows x BLOCK_C channels) a step.
-_STATS_BLOCK = 4096
-# Partial rows per first-level merge program; 0: 8 steps' worth. Interpreted, 4 rows, so that
-# the CPU tests' few partial rows go through both levels.
-_STATS_ROWS_PER_PROGRAM = 4 if INTERPRETED else 0
+# A stats-merge program reads _STATS_BLOCK partial elements (BLOCK_G rows x BLOCK_C channels) a
+# step; past _STATS_SERIAL_STEPS steps in one program the merge takes two levels (another launch).
+_STATS_BLOCK, _STATS_SERIAL_STEPS = 4096, 8
 
 
 @triton.jit
@@ -424,6 +423,19 @@ def sum_rows(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _first_level_rows(rows: int, block_g: int) -> int:
+    """Rows per program of a two-level merge's first level, or 0 for one level. Its steps p and
+    the second level's, about rows / (p * block_g^2), are balanced: p ~ sqrt(steps / block_g)
+    (13024 rows of 32: 3 and 5 steps; of 128: 1 and 1). Interpreted, 4 rows from 5 rows on, so
+    that the CPU tests' few partial rows go through both levels."""
+    if INTERPRETED:
+        return 4 if rows > 4 else 0
+    steps = cdiv(rows, block_g)
+    if steps <= _STATS_SERIAL_STEPS:
+        return 0
+    return max(1, math.isqrt(steps // block_g)) * block_g
+
+
 def combine_stats(
     count_part: torch.Tensor,
     mean_part: torch.Tensor,
@@ -445,8 +457,8 @@ def combine_stats(
     f32 = {"dtype": torch.float32, "device": mean_part.device}
     block_c = min(128, max(16, next_power_of_2(c)))
     block_g = _STATS_BLOCK // block_c
-    chunk = _STATS_ROWS_PER_PROGRAM or 8 * block_g
-    if rows > chunk:
+    chunk = _first_level_rows(rows, block_g)
+    if chunk:
         # one program merging all rows took 407 serial steps (13024 rows of a B5 projection's
         # GEMM tiles): two levels take a few each
         splits = cdiv(rows, chunk)
