@@ -167,7 +167,9 @@ def test_se_project_benchmark_paths_agree_on_cpu():
 @pytest.mark.skipif(not INTERPRETED, reason="the smoke run's fused backend is Triton's interpreter")
 def test_auto_table_smoke_run_chooses_for_every_op(tmp_path):
     """The GPU table script's whole path on one tiny shape: every op with a fused backend gets a
-    choice per shape class, from samples whose outputs matched the reference."""
+    choice per shape class, from samples whose outputs matched the reference. The training ops'
+    candidates include the reference ("auto"'s choice for them without a table), the inference
+    ops' are the fused backends only (Triton's interpreter here)."""
     from bench import bench_auto_table
 
     out = tmp_path / "table.json"
@@ -175,7 +177,12 @@ def test_auto_table_smoke_run_chooses_for_every_op(tmp_path):
     table = json.loads(out.read_text())
     ops = {s["op"] for s in table["samples"]}
     assert len(ops) == 11 and set(table["choices"]) == ops
-    assert all(choice == "triton" for classes in table["choices"].values() for choice in classes.values())
+    training = {"dwconv_bn_silu_train", "dwconv_bn_silu_backward", "se_excite_backward", "se_scale_backward",
+                "project_bn_train", "project_bn_backward"}  # fmt: skip
+    for s in table["samples"]:
+        assert set(s["ms"]) == ({"triton", "reference"} if s["op"] in training else {"triton"}), s
+    for op, classes in table["choices"].items():
+        assert set(classes.values()) <= ({"triton", "reference"} if op in training else {"triton"}), (op, classes)
     assert table["gpu"].startswith("cpu") and table["date"]
 
 

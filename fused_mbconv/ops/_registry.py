@@ -20,7 +20,8 @@ AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 # 2026-11-26_h200_host_share.md) the fused training forward + backward called eagerly was slower
 # than eager on B5's shapes: its kernels take less GPU time (1.04-1.85x eager, but 0.62x at the
 # last SE block), and the host takes ~2 ms to issue a call, longer than they run. Asking for
-# "triton" (best under CUDA graphs) or "cuda" still runs them.
+# "triton" (best under CUDA graphs) or "cuda" still runs them; so does a measured table entry
+# (bench/bench_auto_table.py times these ops' reference beside their fused kernels).
 AUTO_ORDER_CUDA_TRAINING = ("reference",)
 # An op that the requested backend does not implement runs on the first of these that it has and
 # that can run: the C++/CUDA extension has no GEMM (the expansion and projection ops), so a model
