@@ -103,6 +103,27 @@ def test_cli_time_budget_records_what_it_skips(tmp_path):
     assert len(rows) == 4 and all(r["status"] == "skipped: time budget" for r in rows)  # 2 providers x 2 modes
 
 
+def test_cli_runs_torch_compile_after_every_variants_other_providers(tmp_path):
+    """A time budget cuts compilations (minutes a variant) before it cuts variants: the sweep
+    takes every variant's uncompiled providers first. With the budget spent, the rows come in
+    that order, all recorded as skipped."""
+    from bench.__main__ import _passes
+
+    plan = [("b5", 456, False), ("b0", 224, False)]
+    assert _passes(plan, ["eager", "compile", "fused", "fused+compile"]) == [
+        (plan[0], ["eager", "fused"]), (plan[1], ["eager", "fused"]),
+        (plan[0], ["compile", "fused+compile"]), (plan[1], ["compile", "fused+compile"])]  # fmt: skip
+    assert _passes(plan, ["compile-max-autotune"]) == [(plan[0], ["compile-max-autotune"]),
+                                                       (plan[1], ["compile-max-autotune"])]  # fmt: skip
+    csv_path = tmp_path / "models.csv"
+    args = ["--variants", "b0,b1", "--providers", "compile,eager", "--modes", "infer", "--resolution", "32",
+            "--batch", "1", "--time-budget", "0", "--out", str(csv_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    order = [(r["name"], r["provider"]) for r in read_rows(csv_path)]
+    assert order == [("efficientnet_b0", "eager"), ("efficientnet_b1", "eager"),
+                     ("efficientnet_b0", "compile"), ("efficientnet_b1", "compile")]  # fmt: skip
+
 def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
     from bench import bench_dwconv
 
