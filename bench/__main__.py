@@ -24,7 +24,15 @@ import torch
 
 import fused_mbconv
 from bench import report
-from bench.common import DTYPES, environment, measure, slug, write_rows
+from bench.common import (
+    COMPILE_CONV_BACKENDS_HELP,
+    DTYPES,
+    environment,
+    measure,
+    set_compile_conv_backends,
+    slug,
+    write_rows,
+)
 from fused_mbconv.models import VARIANTS
 
 GRAPHED = "cuda-graph"  # PROVIDERS' "compile mode" of the CUDA-graph providers (not torch.compile)
@@ -183,7 +191,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     # B5 first: the issue's targets are on B5, and the time budget may cut the sweep short
     p.add_argument("--variants", default="b5,b0,b1,b2,b3,b4,b6,b7" if on_gpu else "b0")
-    gpu_providers = "eager,eager+graph,fused-triton+graph,fused,compile"
+    gpu_providers = "eager,eager+graph,fused-triton+graph,fused,compile,compile-max-autotune"
     p.add_argument("--providers", default=gpu_providers if on_gpu else "eager,fused")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=sorted(DTYPES))
@@ -195,6 +203,8 @@ def parse_args(argv):
                    help="timed steps per row (default: 10 on GPU, 5 for b6/b7; 3 on CPU)")
     p.add_argument("--time-budget", type=float, default=420 if on_gpu else None, metavar="SECONDS",
                    help="rows not started within this time are recorded as skipped (default: 420 on GPU)")
+    p.add_argument("--compile-conv-backends", metavar="BACKENDS",
+                   help=COMPILE_CONV_BACKENDS_HELP.replace("\n", " "))
     p.add_argument("--out", default=None, help="CSV to append to (default bench/results/models_<gpu>.csv)")
     p.add_argument("--report", default=None, help="markdown report path (default: next to the CSV)")
     p.add_argument("--report-only", metavar="CSV", help="only (re)write the report of an existing CSV")
@@ -216,6 +226,8 @@ def main(argv=None) -> int:
         print(report.write_report(args.report_only, args.report))
         return 0
     from tqdm import tqdm
+
+    set_compile_conv_backends(args.compile_conv_backends)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)

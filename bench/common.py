@@ -120,6 +120,22 @@ def read_rows(path: str | Path) -> list[dict]:
 KERNEL_QUANTILES = [0.5, 0.2, 0.8]
 
 
+COMPILE_CONV_BACKENDS_HELP = (
+    "Inductor's max_autotune_conv_backends (its default ATEN,TRITON). ATEN leaves out\n"
+    "Triton's conv templates: on B5's depthwise convs they ran 33-68 ms against cuDNN's\n"
+    "0.21 ms, and timing them took ~10 s a conv (H200, 2026-11-27)"
+)
+
+
+def set_compile_conv_backends(backends: str | None) -> None:
+    """Inductor's max_autotune_conv_backends for the compile providers (None: its default), read
+    when they compile."""
+    if backends:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.max_autotune_conv_backends = backends
+
+
 @dataclass(frozen=True)
 class KernelSetting:
     """Where and how a per-op benchmark runs: on the GPU, the issue's batch and dtype; with
@@ -135,10 +151,7 @@ class KernelSetting:
     @classmethod
     def from_args(cls, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> KernelSetting:
         host_share = getattr(args, "host_share", False)
-        if getattr(args, "compile_conv_backends", None):  # read by Inductor when the compile provider compiles
-            from torch._inductor import config as inductor_config
-
-            inductor_config.max_autotune_conv_backends = args.compile_conv_backends
+        set_compile_conv_backends(getattr(args, "compile_conv_backends", None))
         if args.smoke:
             return cls(torch.device("cpu"), 2, torch.float32, 2, args.compile_mode)
         if not torch.cuda.is_available():
@@ -254,10 +267,7 @@ def kernel_bench_parser(doc: str, providers: tuple[str, ...], out_help: str) -> 
     p.add_argument("--smoke", action="store_true", help="CPU, one small shape, no torch.compile: the code path only")
     p.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
-    p.add_argument("--compile-conv-backends", metavar="BACKENDS",
-                   help="Inductor's max_autotune_conv_backends (its default ATEN,TRITON). ATEN leaves out\n"
-                        "Triton's conv templates: on B5's depthwise convs they ran 33-68 ms against cuDNN's\n"
-                        "0.21 ms, and timing them took ~10 s a conv (H200, 2026-11-27)")
+    p.add_argument("--compile-conv-backends", metavar="BACKENDS", help=COMPILE_CONV_BACKENDS_HELP)
     p.add_argument("--host-share", action="store_true",
                    help='also time each provider replayed from a CUDA graph ("<provider>+graph": without the\n'
                         'host\'s work) and the host\'s time to issue a call ("<provider>+host")')

@@ -147,12 +147,13 @@ bench_model() {
     --providers "${MODEL_PROVIDERS:-eager,eager+graph,fused-triton,fused-triton+graph}" --modes "${MODEL_MODES:-infer}"
 }
 # issue 8's sweep: python -m bench with its GPU defaults (B5, then B0-B4, B6, B7 at native
-# resolution; eager, eager+graph, fused-triton+graph, fused, compile; inference and training
-# steps), rows past its time budget recorded as skipped. SWEEP_PROVIDERS, SWEEP_LIMIT_S (480)
+# resolution; eager, eager+graph, fused-triton+graph, fused, then torch.compile default and
+# max-autotune, its conv autotuning kept to cuDNN as in the kernel benches; inference and
+# training steps), rows past its time budget recorded as skipped. SWEEP_PROVIDERS, SWEEP_LIMIT_S
 model_sweep() {
   local limit=${SWEEP_LIMIT_S:-480}
   step model_sweep "$limit" "$LOG" $PY -m bench --time-budget $((limit - 60)) --out "$OUT/model.csv" \
-    --report /tmp/model.md ${SWEEP_PROVIDERS:+--providers $SWEEP_PROVIDERS}
+    --report /tmp/model.md "${COMPILE_ARGS[@]}" ${SWEEP_PROVIDERS:+--providers $SWEEP_PROVIDERS}
 }
 hostprof() {  # where the host's time goes when it issues one triton depthwise / SE + projection layer
   step hostprof 60 "$OUT/hostprof.log" bash -c "$PY bench/profile_host.py --op dwconv --providers triton,eager --calls 30 \

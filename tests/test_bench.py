@@ -288,14 +288,15 @@ def test_kernel_benchmark_smoke_run_on_cpu(script, tmp_path, capsys):
     assert f"| {bench.SMOKE_SHAPES[0].name} | train |" in capsys.readouterr().out
 
 
-def test_compile_conv_backends_reach_inductor():
-    """--compile-conv-backends sets Inductor's conv autotuning backends for the compile provider;
-    without it Inductor's default stays. (Inductor's own patch() restores the setting: pytest's
-    monkeypatch deletes a config it did not find in the module's __dict__, which hides it from
-    every later torch.compile.)"""
+def test_compile_conv_backends_reach_inductor(tmp_path):
+    """--compile-conv-backends sets Inductor's conv autotuning backends for the compile providers
+    of the kernel benches and of the model CLI; without it Inductor's default stays. (Inductor's
+    own patch() restores the setting: pytest's monkeypatch deletes a config it did not find in
+    the module's __dict__, which hides it from every later torch.compile.)"""
     import torch._inductor.config as inductor
 
     from bench import common
+    from bench.__main__ import main as model_cli
 
     parser = common.kernel_bench_parser("doc", ("compile",), "out")
     with inductor.patch(max_autotune_conv_backends="ATEN,TRITON"):
@@ -303,6 +304,10 @@ def test_compile_conv_backends_reach_inductor():
         assert inductor.max_autotune_conv_backends == "ATEN,TRITON"
         args = parser.parse_args(["--smoke", "--compile-conv-backends", "ATEN"])
         common.KernelSetting.from_args(args, 2, torch.float32)
+        assert inductor.max_autotune_conv_backends == "ATEN"
+    with inductor.patch(max_autotune_conv_backends="ATEN,TRITON"):
+        model_cli(["--providers", "compile-max-autotune", "--time-budget", "0", "--out", str(tmp_path / "m.csv"),
+                   "--compile-conv-backends", "ATEN"])  # fmt: skip
         assert inductor.max_autotune_conv_backends == "ATEN"
 
 
