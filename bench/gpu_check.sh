@@ -27,9 +27,10 @@
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
-# $OUT gets (8 files come back at most): summary.txt, tests.log, steps.log (every other step's
-# output), dwconv.csv, se_project.csv, model.csv, auto_table.json (commit it as
-# fused_mbconv/ops/auto_table.json), models.log, hostprof.log.
+# $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
+# se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
+# fused_mbconv/ops/auto_table.json), models.log, hostprof.log: 8 files come back at most, so a
+# call that writes all nine loses one (the default steps write all but models.log).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-450}
