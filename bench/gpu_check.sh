@@ -191,14 +191,15 @@ counters() {
 # issue 7's parity of every variant with torchvision at its native resolution, eval and a training
 # step, float32 and bfloat16, on the fused Triton kernels (the default "auto" trains on the
 # reference ops), untuned: the variants and batches of bench/precompile_triton.py's MODELS_STEP,
-# whose kernels `make gpu-prep` compiles ahead
+# whose kernels `make gpu-prep` compiles ahead. Not yet timed on a GPU: 90 s a run leaves room
+# for B7's float64 reference at 600x600 (a run cut short checks nothing)
 models() {
   local runs
   runs=$($PY -c 'from bench.precompile_triton import MODELS_STEP as M, MODELS_STEP_DTYPES as D
 print(" ".join(f"{v}:{b}:{d}" for v, b in M for d in D))')
   for run in $runs; do
     IFS=: read -r variant batch dtype <<<"$run"
-    step "models:$variant-$dtype" 60 "$OUT/models.log" env FUSED_MBCONV_TRITON_AUTOTUNE=0 \
+    step "models:$variant-$dtype" 90 "$OUT/models.log" env FUSED_MBCONV_TRITON_AUTOTUNE=0 \
       $PY -m fused_mbconv --variant "$variant" --batch "$batch" --dtype "$dtype" --backend triton --steps 5
   done
 }
