@@ -203,8 +203,7 @@ def parse_args(argv):
                    help="timed steps per row (default: 10 on GPU, 5 for b6/b7; 3 on CPU)")
     p.add_argument("--time-budget", type=float, default=420 if on_gpu else None, metavar="SECONDS",
                    help="rows not started within this time are recorded as skipped (default: 420 on GPU)")
-    p.add_argument("--compile-conv-backends", metavar="BACKENDS",
-                   help=COMPILE_CONV_BACKENDS_HELP.replace("\n", " "))
+    p.add_argument("--compile-conv-backends", metavar="BACKENDS", help=COMPILE_CONV_BACKENDS_HELP)
     p.add_argument("--out", default=None, help="CSV to append to (default bench/results/models_<gpu>.csv)")
     p.add_argument("--report", default=None, help="markdown report path (default: next to the CSV)")
     p.add_argument("--report-only", metavar="CSV", help="only (re)write the report of an existing CSV")

@@ -124,6 +124,7 @@ def test_cli_runs_torch_compile_after_every_variants_other_providers(tmp_path):
     assert order == [("efficientnet_b0", "eager"), ("efficientnet_b1", "eager"),
                      ("efficientnet_b0", "compile"), ("efficientnet_b1", "compile")]  # fmt: skip
 
+
 def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
     from bench import bench_dwconv
 
