@@ -4,11 +4,9 @@ For every op with a fused backend and a sample of EfficientNet block shapes (eac
 block of the chosen variants, so that every shape class appears), run each candidate backend,
 check its outputs against the reference implementation (a backend that disagrees is out for that
 sample), time it with triton.testing.do_bench, and pick per (op, shape class) the backend with
-the best geometric-mean time over the class's samples. The candidates are the fused backends,
-and for the training ops the reference too: without a table "auto" keeps those on the reference
-(called eagerly, the fused training ops were host-bound on the H200), so a table entry must not
-move them to a fused kernel that was not measured faster than it. The JSON keeps the per-sample
-timings beside the choices, so the table says what it was decided on.
+the best geometric-mean time over the class's samples. The candidates are the fused backends
+("auto" without an entry takes triton, then cuda). The JSON keeps the per-sample timings beside
+the choices, so the table says what it was decided on.
 
     python bench/bench_auto_table.py                      # GPU: writes fused_mbconv/ops/auto_table.json
     python bench/bench_auto_table.py --out table.json --variants b0 --time-budget 120
@@ -35,7 +33,6 @@ import fused_mbconv  # noqa: E402
 from bench.common import environment  # noqa: E402
 from fused_mbconv.models.config import VARIANTS, LayerShapes, layer_shapes  # noqa: E402
 from fused_mbconv.ops import auto_table  # noqa: E402
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING  # noqa: E402
 from fused_mbconv.ops.dwconv_bn_silu import IMPLS as DW  # noqa: E402
 from fused_mbconv.ops.project_bn import IMPLS as PROJECT  # noqa: E402
 from fused_mbconv.ops.squeeze_excite import IMPLS as SE  # noqa: E402
@@ -161,8 +158,7 @@ def measure(args) -> dict:
             for op, impls, call_args, like in op_calls(values):
                 expected = impls._by_backend["reference"](*call_args)
                 times = {}
-                candidates = fused + (["reference"] if impls.auto_order == AUTO_ORDER_CUDA_TRAINING else [])
-                for backend in [b for b in candidates if b in impls.backends()]:
+                for backend in [b for b in fused if b in impls.backends()]:
                     fn = impls._by_backend[backend]
                     try:
                         if not matches(fn(*call_args), expected, tolerance(op, like)):

@@ -189,8 +189,8 @@ counters() {
     --providers "${NCU_PROVIDERS:-triton,eager}" --modes "${NCU_MODES:-infer,train}"
 }
 # issue 7's parity of every variant with torchvision at its native resolution, eval and a training
-# step, float32 and bfloat16, on the fused Triton kernels (the default "auto" trains on the
-# reference ops), untuned: the variants and batches of bench/precompile_triton.py's MODELS_STEP,
+# step, float32 and bfloat16, on the fused Triton kernels (named: a measured "auto" table could
+# pick cuda for some), untuned: the variants and batches of bench/precompile_triton.py's MODELS_STEP,
 # whose kernels `make gpu-prep` compiles ahead. Not yet timed on a GPU: 90 s a run leaves room
 # for B7's float64 reference at 600x600 (a run cut short checks nothing)
 models() {

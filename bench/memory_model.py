@@ -33,11 +33,10 @@ MB = 2**20
 KINDS = ("Parameter", "Gradient", "Optstate", "Activation", "Temp")
 
 
-def training_peak(model_name: str, variant: str, batch: int, resolution: int, dtype=torch.bfloat16) -> dict[str, float]:
-    """Live bytes (MB) by kind at the peak of a training step's second iteration (the first
-    creates the gradients and the optimizer's state), ``model_name`` "eager" or "fused"."""
+def meta_model_and_input(model_name: str, variant: str, batch: int, resolution: int, dtype=torch.bfloat16):
+    """``model_name`` "eager" (torchvision's) or "fused" EfficientNet ``variant`` on the meta
+    device in ``dtype``, and a channels_last batch of images for it."""
     import torchvision
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the dtype: meta modules cannot be converted afterwards
@@ -49,9 +48,17 @@ def training_peak(model_name: str, variant: str, batch: int, resolution: int, dt
                 model = fused_mbconv.models.create_efficientnet(variant)
     finally:
         torch.set_default_dtype(previous)
-    model.train()
     x = torch.randn(batch, 3, resolution, resolution, device="meta", dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+    return model, x.contiguous(memory_format=torch.channels_last)
+
+
+def training_peak(model_name: str, variant: str, batch: int, resolution: int, dtype=torch.bfloat16) -> dict[str, float]:
+    """Live bytes (MB) by kind at the peak of a training step's second iteration (the first
+    creates the gradients and the optimizer's state), ``model_name`` "eager" or "fused"."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model, x = meta_model_and_input(model_name, variant, batch, resolution, dtype)
+    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     tracker = MemTracker()
     tracker.track_external(model, optimizer)

@@ -14,15 +14,15 @@ import torch
 from fused_mbconv import backends as _backend
 from fused_mbconv.ops import auto_table
 
-# "auto" preference on CUDA devices where the measured table (ops/auto_table.py) has no entry.
+# "auto" preference on CUDA devices where the measured table (ops/auto_table.py) has no entry, for
+# inference and training alike. Training once stayed on the reference here (called eagerly, the
+# fused training ops were host-bound on the H200: B5's step 135 ms against eager's 83), but the
+# reference is no eager PyTorch: it computes in fp32, so a bf16 step upcasts every wide tensor.
+# Counted on the meta device (bench/traffic_model.py), B5's bf16 training step on it moves 6.6x
+# the bytes of eager torchvision's and launches 5.5x its kernels (443 vs 67 GiB, 9047 vs 1647):
+# at least 117 ms of H200 time for its traffic, against the fused kernels' 43 ms from CUDA graphs
+# and 135 ms called eagerly (bench/results/2026-11-27_cpu_auto_training.md).
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
-# Training ops stay on the reference path under "auto": on the H200 (bench/results/
-# 2026-11-26_h200_host_share.md) the fused training forward + backward called eagerly was slower
-# than eager on B5's shapes: its kernels take less GPU time (1.04-1.85x eager, but 0.62x at the
-# last SE block), and the host takes ~2 ms to issue a call, longer than they run. Asking for
-# "triton" (best under CUDA graphs) or "cuda" still runs them; so does a measured table entry
-# (bench/bench_auto_table.py times these ops' reference beside their fused kernels).
-AUTO_ORDER_CUDA_TRAINING = ("reference",)
 # An op that the requested backend does not implement runs on the first of these that it has and
 # that can run: the C++/CUDA extension has no GEMM (the expansion and projection ops), so a model
 # under "cuda" runs those on Triton's GEMM, or on the reference's where Triton is missing.
@@ -47,12 +47,10 @@ def _below_autocast(fn: Callable) -> Callable:
 
 
 class Implementations:
-    """The implementations of one op, keyed by backend name; ``auto_order`` is the preference of
-    "auto" on CUDA devices."""
+    """The implementations of one op, keyed by backend name."""
 
-    def __init__(self, op_name: str, auto_order: tuple[str, ...] = AUTO_ORDER_CUDA) -> None:
+    def __init__(self, op_name: str) -> None:
         self.op_name = op_name
-        self.auto_order = auto_order
         self._by_backend: dict[str, Callable] = {}
 
     def register(self, backend_name: str) -> Callable[[Callable], Callable]:
@@ -68,14 +66,14 @@ class Implementations:
     def pick(self, device: torch.device, like: Optional[torch.Tensor] = None) -> Callable:
         """The implementation that runs on ``device`` under the backend in force; for "auto" on
         CUDA, the measured table's choice for tensors ``like`` the op's main input, if any, else
-        the first of ``auto_order`` that is available; for a backend without this op, its
+        the first of ``AUTO_ORDER_CUDA`` that is available; for a backend without this op, its
         ``FALLBACK``."""
         requested = _backend.get_backend()
         if requested == "auto":
             if device.type == "cuda":
                 available = _backend.available_backends()
                 measured = auto_table.choice(self.op_name, like) if like is not None else None
-                for name in ([measured] if measured else []) + list(self.auto_order):
+                for name in ([measured] if measured else []) + list(AUTO_ORDER_CUDA):
                     if name in self._by_backend and name in available:
                         return self._by_backend[name]
             return self._by_backend["reference"]

@@ -29,7 +29,7 @@ from fused_mbconv import _extension
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
 from fused_mbconv.ops import _eager
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
+from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.dwconv_bn_silu import reference
 from fused_mbconv.ops.running_stats import check_running_stats, running_fold, running_fold_backward
 
@@ -38,8 +38,8 @@ STRIDES = (1, 2)
 
 IMPLS = {
     "forward_infer": Implementations("dwconv_bn_silu"),
-    "forward_train": Implementations("dwconv_bn_silu_train", AUTO_ORDER_CUDA_TRAINING),
-    "backward": Implementations("dwconv_bn_silu_backward", AUTO_ORDER_CUDA_TRAINING),
+    "forward_train": Implementations("dwconv_bn_silu_train"),
+    "backward": Implementations("dwconv_bn_silu_backward"),
 }
 for _name, _impls in IMPLS.items():
     _impls.register("reference")(getattr(reference, _name))

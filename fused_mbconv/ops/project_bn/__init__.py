@@ -35,14 +35,14 @@ import torch
 from fused_mbconv import backends as _backend
 from fused_mbconv._checks import check_nonempty_batch, check_same_device, check_tensor, empty_like_layout
 from fused_mbconv.ops import _eager
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
+from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.project_bn import reference
 from fused_mbconv.ops.running_stats import check_running_stats, running_fold, running_fold_backward
 
 IMPLS = {
     "forward_infer": Implementations("project_bn"),
-    "forward_train": Implementations("project_bn_train", AUTO_ORDER_CUDA_TRAINING),
-    "backward": Implementations("project_bn_backward", AUTO_ORDER_CUDA_TRAINING),
+    "forward_train": Implementations("project_bn_train"),
+    "backward": Implementations("project_bn_backward"),
 }
 for _name, _impls in IMPLS.items():
     _impls.register("reference")(getattr(reference, _name))

@@ -24,15 +24,15 @@ from fused_mbconv._checks import (
     empty_like_layout,
 )
 from fused_mbconv.ops import _eager
-from fused_mbconv.ops._registry import AUTO_ORDER_CUDA_TRAINING, Implementations
+from fused_mbconv.ops._registry import Implementations
 from fused_mbconv.ops.squeeze_excite import reference
 
 IMPLS = {
     "squeeze": Implementations("se_squeeze"),
     "excite": Implementations("se_excite"),
-    "excite_backward": Implementations("se_excite_backward", AUTO_ORDER_CUDA_TRAINING),
+    "excite_backward": Implementations("se_excite_backward"),
     "scale": Implementations("se_scale"),
-    "scale_backward": Implementations("se_scale_backward", AUTO_ORDER_CUDA_TRAINING),
+    "scale_backward": Implementations("se_scale_backward"),
 }
 for _name, _impls in IMPLS.items():
     _impls.register("reference")(getattr(reference, _name))
