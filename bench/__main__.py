@@ -44,6 +44,9 @@ PROVIDERS = {
     "fused": (True, None, "auto"),
     "fused-triton": (True, None, "triton"),
     "fused-cuda": (True, None, "cuda"),
+    # the reference ops (fp32, a torch op per term; "auto" trained on them until 2026-11-27):
+    # bench/traffic_model.py counts 6.6x eager's traffic in B5's bf16 training step
+    "fused-reference": (True, None, "reference"),
     "fused+compile": (True, "default", "auto"),
     # "+graph": the step's forward (and backward) captured once in a CUDA graph and replayed
     # (GRAPHED), no compiler: the host's per-op work is gone, the kernels' time is left. On the
