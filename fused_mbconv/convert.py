@@ -121,9 +121,20 @@ def _report_left(model: nn.Module, summary: ConversionSummary, reasons: dict[str
             fused.update(id(se) for se in m.se.modules())
     for path, m in model.named_modules():
         if _is_depthwise(m) and id(m) not in fused:
-            summary.left.append((path, reasons.get(path) or _NOT_IN_KNOWN_FORM))
+            summary.left.append((path, _reason(path, reasons) or _NOT_IN_KNOWN_FORM))
         elif _looks_like_se(m) and id(m) not in fused and not isinstance(m, SqueezeExcite):
-            summary.left.append((path, reasons.get(path) or f"{type(m).__name__} is not a known squeeze-excite form"))
+            why = _reason(path, reasons) or f"{type(m).__name__} is not a known squeeze-excite form"
+            summary.left.append((path, why))
+
+
+def _reason(path: str, reasons: dict[str, str]) -> Optional[str]:
+    """The reason noted for ``path`` or its nearest ancestor (a left module's own parts: the
+    Conv2d's inside a MixedConv2d)."""
+    while path:
+        if path in reasons:
+            return reasons[path]
+        path = path.rpartition(".")[0]
+    return None
 
 
 _NOT_IN_KNOWN_FORM = (
@@ -238,6 +249,8 @@ def _timm_block_problem(m: nn.Module, conv: nn.Module, bn: nn.Module) -> Optiona
         return "the block starts with a space-to-depth conv"
     if not isinstance(getattr(m, "aa", None), nn.Identity):
         return "the block anti-aliases after the depthwise conv"
+    if not isinstance(conv, nn.Conv2d):  # e.g. MixNet's MixedConv2d: kernels of several sizes
+        return f"its depthwise stage is a {type(conv).__name__}, not an nn.Conv2d"
     if not is_fusable(conv, bn):
         return _conv_reason(conv)
     act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)

@@ -171,3 +171,20 @@ def test_timm_block_with_another_activation_is_left():
     why = "its BatchNorm applies Hardswish (and drop Identity); the fused op is SiLU"
     assert reasons["blocks.2.0.conv_dw"] == why
     assert reasons["blocks.2.0.se"] == f"its timm block is left as it is: {why}"
+
+
+def test_timm_block_whose_depthwise_stage_is_no_conv2d_is_left():
+    """MixNet's blocks convolve channel groups with kernels of several sizes (timm's MixedConv2d, a
+    module of Conv2d's): the block is left, its convs with the block's reason, and the model
+    computes as before."""
+    timm_model = timm.create_model("mixnet_s", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = timm_model(x)
+    model, summary = fused_mbconv.convert(timm_model)
+    reasons = dict(summary.left)
+    why = "its depthwise stage is a MixedConv2d, not an nn.Conv2d"
+    assert reasons["blocks.2.0.conv_dw.0"] == reasons["blocks.2.0.conv_dw.2"] == why
+    assert reasons["blocks.2.0.se"] == f"its timm block is left as it is: {why}"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
