@@ -65,6 +65,11 @@ MUST_MATCH = ("triton_key", "ptxas", "environment")
 # sized to the resolution; float32 and bfloat16 (autocast) each, backend triton, untuned
 MODELS_STEP = (("b0", 8), ("b7", 2), ("b4", 4), ("b1", 8), ("b2", 8), ("b3", 8), ("b5", 4), ("b6", 2))
 MODELS_STEP_DTYPES = ("float32", "bfloat16")
+# The test files of gpu_check.sh's tests step whose Triton kernels --suite compiles: those that
+# launch them here as on a GPU (not the subprocess-based main and ddp files, not Inductor's compile
+# tests, not the GPU-only ones that skip without CUDA).
+SUITE = ("eval_fold", "efficientnet", "convert", "opcheck", "eager_dispatch", "dwconv_bn_silu", "squeeze_excite",
+         "project_bn", "running_stats")  # fmt: skip
 
 
 def _kernels(cache_dir: str) -> int:
@@ -143,6 +148,22 @@ def _gpu_sweeps() -> None:
                 project.run("fused", torch.bfloat16, x, *case, training, silu)
 
 
+def _suite() -> None:
+    """The Triton calls of gpu_check.sh's tests step (``SUITE``'s files, untuned as it runs them):
+    the test files run here, with the stand-in driver making the Triton backend take CPU tensors
+    at the GPU's sizes (none too large for the interpreter: none is interpreted). Nothing is
+    computed, so their comparisons fail; each call compiles what the GPU's run launches. On the
+    H200 (2026-11-27) the step's 150 s ended in test_efficientnet: here its first four parity
+    files alone compiled 591 kernels in 21 min."""
+    import pytest
+
+    os.environ["FUSED_MBCONV_TRITON_AUTOTUNE"] = "0"
+    files = [str(Path(__file__).resolve().parents[1] / "tests" / f"test_{name}.py") for name in SUITE]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "-rN", *files])
+    print(f"  the suite's files: {out.getvalue().strip().splitlines()[-1]} (failures expected: nothing computed)")
+
+
 def _models_step() -> None:
     """The fused model's calls of the models step (``MODELS_STEP``): its eval logits and training
     step as ``python -m fused_mbconv`` makes them (fp32 parameters, autocast for bfloat16,
@@ -178,6 +199,8 @@ def main(argv=None) -> None:
                    help="also the GPU shape sweeps' kernels (tests/test_gpu_*_shapes.py: untuned, batch 2)")
     p.add_argument("--models-step", action="store_true",
                    help="also gpu_check.sh's models step (python -m fused_mbconv, every variant, fp32 and bf16)")
+    p.add_argument("--suite", action="store_true",
+                   help="also gpu_check.sh's tests step (SUITE's test files, untuned), run here on stood-in launches")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
@@ -247,6 +270,9 @@ def main(argv=None) -> None:
         if args.models_step:
             with reported("models step (python -m fused_mbconv), untuned"):
                 _models_step()
+    if args.suite:  # outside the "triton" backend: the tests choose their own
+        with reported("the tests step's files (tests/test_*.py), untuned"):
+            _suite()
     _prune(args.cache_dir)
     built = stamp()
     (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))

@@ -475,23 +475,41 @@ def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     assert "bench/profile_layer.py" in (tmp_path / "steps.log").read_text()
 
 
+def _gpu_check_module_calls(tmp_path, step: str, module: str) -> list[str]:
+    """gpu_check.sh's ``step`` with a stand-in python that records each ``python -m module`` call
+    (the autotuning switch, then the arguments) instead of running it; its other calls run."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
+if [[ "$1 $2" == "-m {module}" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": ""}
+    env.pop("TESTS", None)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", step], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return (tmp_path / "calls").read_text().splitlines()
+
+
 def test_gpu_check_models_step_runs_every_variant_on_the_triton_kernels(tmp_path):
     """The models step (issue 7's parity at native resolution) runs python -m fused_mbconv once per
     (variant, batch) of precompile_triton.MODELS_STEP and dtype, backend triton, untuned: the
     calls whose kernels `make gpu-prep` compiles ahead. A stand-in python records the calls."""
     from bench.precompile_triton import MODELS_STEP, MODELS_STEP_DTYPES
 
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/usr/bin/env bash
-if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
-if [[ "$1 $2" == "-m fused_mbconv" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": ""}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "models"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     expected = [f"autotune=0 --variant {v} --batch {b} --dtype {d} --backend triton --steps 5"
                 for v, b in MODELS_STEP for d in MODELS_STEP_DTYPES]  # fmt: skip
-    assert (tmp_path / "calls").read_text().splitlines() == expected
+    assert _gpu_check_module_calls(tmp_path, "models", "fused_mbconv") == expected
     assert len(expected) == 16 and {v for v, _ in MODELS_STEP} == {f"b{i}" for i in range(8)}
+
+
+def test_precompiled_suite_files_are_the_tests_steps(tmp_path):
+    """precompile_triton.py --suite compiles the Triton kernels of SUITE's test files, untuned:
+    gpu_check.sh's tests step runs each of them, untuned (a stand-in python records the call)."""
+    from bench.precompile_triton import SUITE
+
+    (call,) = _gpu_check_module_calls(tmp_path, "tests", "pytest")
+    assert call.startswith("autotune=0 "), call
+    assert all((ROOT / "tests" / f"test_{name}.py").is_file() for name in SUITE)
+    assert {f"tests/test_{name}.py" for name in SUITE} <= set(call.split()), call
