@@ -151,8 +151,8 @@ def _gpu_sweeps() -> None:
 def _suite() -> None:
     """The Triton calls of gpu_check.sh's tests step (``SUITE``'s files, untuned as it runs them):
     the test files run here, with the stand-in driver making the Triton backend take CPU tensors
-    at the GPU's sizes (none too large for the interpreter: none is interpreted). Nothing is
-    computed, so their comparisons fail; each call compiles what the GPU's run launches. On the
+    (compiled, not interpreted: the shapes the interpreter skips run too, as on the GPU). Nothing
+    is computed, so their comparisons fail; each call compiles what the GPU's run launches. On the
     H200 (2026-11-27) the step's 150 s ended in test_efficientnet; here four of SUITE's files
     (depthwise, projection, running statistics, eval fold) compiled 591 kernels in 21 min, the
     others 226 more in 6 min."""
