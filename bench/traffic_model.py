@@ -37,7 +37,7 @@ GiB = 2**30
 # ops that launch no kernel: views, allocations, metadata
 _NO_KERNEL = ("view", "reshape", "alias", "detach", "slice", "permute", "unsqueeze", "expand", "flatten",
               "as_strided", "aten.t.", "squeeze", "select", "empty", "transpose", "lift_fresh", "unbind",
-              "split", "zeros_like", "randn")  # fmt: skip
+              "split")  # fmt: skip
 
 
 def _nbytes(t: torch.Tensor) -> int:
