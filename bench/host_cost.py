@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -40,8 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench import standin_driver  # noqa: E402
 
-_NOT_KERNELS = ("view", "reshape", "alias", "detach", "slice", "permute", "unsqueeze", "expand", "flatten",
-                "as_strided", "aten.t.", "squeeze", "select", "empty")  # fmt: skip
+# aten ops that launch no kernel: views, allocations, metadata (shared with bench/traffic_model.py)
+NOT_KERNELS = ("view", "reshape", "alias", "detach", "slice", "permute", "unsqueeze", "expand", "flatten",
+               "as_strided", "aten.t.", "squeeze", "select", "empty", "transpose", "lift_fresh", "unbind",
+               "split")  # fmt: skip
+
+
+@contextlib.contextmanager
+def op_bodies():
+    """The fused ops' Python bodies run (their eager fast path) under a dispatch mode too, which
+    would otherwise see only the registered op: what they issue inside becomes visible."""
+    from fused_mbconv.ops import _eager  # not at import: the stand-in driver goes in first
+
+    plain = _eager._plain_eager
+    _eager._plain_eager = lambda args: True
+    try:
+        yield
+    finally:
+        _eager._plain_eager = plain
 
 
 class _CountKernels(TorchDispatchMode):
@@ -53,7 +70,7 @@ class _CountKernels(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not any(part in name for part in _NOT_KERNELS):
+        if not any(part in name for part in NOT_KERNELS):
             frame = sys._getframe(1)
             while frame is not None and "fused_mbconv" not in frame.f_code.co_filename:
                 frame = frame.f_back
@@ -71,7 +88,7 @@ def _torch_kernels(step) -> int:
     def launches(e) -> bool:
         if e.name in ("aten::to", "aten::contiguous", "aten::reshape"):  # a kernel only when they copy
             return any(child.name in ("aten::_to_copy", "aten::clone", "aten::copy_") for child in e.cpu_children)
-        return not any(part in e.name.replace("::", ".") for part in _NOT_KERNELS)
+        return not any(part in e.name.replace("::", ".") for part in NOT_KERNELS)
 
     top = [e for e in prof.events() if e.name.startswith("aten::") and not (
         e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]  # fmt: skip
@@ -139,7 +156,7 @@ def main(argv=None) -> None:
     if not on_gpu:
         standin_driver.install()
     import fused_mbconv
-    from fused_mbconv.ops import _eager, _launch
+    from fused_mbconv.ops import _launch
 
     fused_mbconv.set_backend("triton")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -168,13 +185,8 @@ def main(argv=None) -> None:
         us = _best_us(step, args.rounds, 50 if mode == "infer" else 20, on_gpu)
         print(f"{mode}: host {us:.0f} us, {launches} Triton launches, {torch_kernels} torch kernels")
         if args.list:
-            plain_eager = _eager._plain_eager
-            _eager._plain_eager = lambda a, plain=plain_eager: plain(a) or True  # the fast path under the mode too
-            try:
-                with _CountKernels() as sites:
-                    step()
-            finally:
-                _eager._plain_eager = plain_eager
+            with op_bodies(), _CountKernels() as sites:
+                step()
             for (op, where), n in sorted(sites.sites.items(), key=lambda kv: kv[0][1]):
                 print(f"    {n:3d} {op:32s} {where}")
 

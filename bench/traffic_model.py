@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import sys
 from pathlib import Path
 
@@ -30,14 +29,10 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `bench` importable
 
 import fused_mbconv  # noqa: E402
+from bench.host_cost import NOT_KERNELS, op_bodies  # noqa: E402
 from bench.memory_model import meta_model_and_input  # noqa: E402
-from fused_mbconv.ops import _eager  # noqa: E402
 
 GiB = 2**30
-# ops that launch no kernel: views, allocations, metadata
-_NO_KERNEL = ("view", "reshape", "alias", "detach", "slice", "permute", "unsqueeze", "expand", "flatten",
-              "as_strided", "aten.t.", "squeeze", "select", "empty", "transpose", "lift_fresh", "unbind",
-              "split")  # fmt: skip
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -56,7 +51,7 @@ class CountTraffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        if not any(part in name for part in _NO_KERNEL):
+        if not any(part in name for part in NOT_KERNELS):
             ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             outs = [a for a in tree_leaves(out) if isinstance(a, torch.Tensor)]
             if func is torch.ops.aten.copy_.default:
@@ -67,18 +62,6 @@ class CountTraffic(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
-def _op_bodies():
-    """The fused ops' Python bodies run under the counting mode (as in plain eager mode), not
-    the registered op, whose meta kernel would hide the reference's torch ops."""
-    plain = _eager._plain_eager
-    _eager._plain_eager = lambda args: True
-    try:
-        yield
-    finally:
-        _eager._plain_eager = plain
-
-
 def step_traffic(provider: str, variant: str, batch: int, resolution: int, dtype: torch.dtype,
                  mode: str) -> CountTraffic:  # fmt: skip
     """The counts of one step (``mode`` "infer": a forward without autograd; "train": forward and
@@ -86,7 +69,7 @@ def step_traffic(provider: str, variant: str, batch: int, resolution: int, dtype
     backend)."""
     model, x = meta_model_and_input("eager" if provider == "eager" else "fused", variant, batch, resolution, dtype)
     model.train(mode == "train")
-    with fused_mbconv.backend("reference"), _op_bodies(), CountTraffic() as counts:
+    with fused_mbconv.backend("reference"), op_bodies(), CountTraffic() as counts:
         if mode == "train":
             model(x).float().sum().backward()
         else:
