@@ -148,7 +148,7 @@ def batch_size(args: argparse.Namespace, variant: str, mode: str, device: torch.
 
 
 def _peak_memory_mb(device: torch.device, graphed: bool) -> float:
-    """Peak memory of the configuration since the last reset. A CUDA graph's private pool leaves
+    """Peak memory of the timed steps (reset after the first). A CUDA graph's private pool leaves
     the allocator's allocated statistics once captured (on the H200, 2026-11-27, eager B5's
     training step "peaked" at 676 MB replayed from graphs, 10485 MB called eagerly), so graph rows
     report the peak reserved memory, which holds the pool."""
@@ -160,12 +160,17 @@ def _peak_memory_mb(device: torch.device, graphed: bool) -> float:
     return peak / 2**20
 
 
-def run_one(variant, provider, model, mode, batch, resolution, dtype_name, device, channels_last, repeats) -> dict:
-    row = {
+def row_of(variant, provider, mode, batch, resolution, dtype_name, channels_last) -> dict:
+    """A CSV row's configuration columns."""
+    return {
         "kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,
         "dtype": dtype_name, "layout": "channels_last" if channels_last else "nchw",
         "batch": batch, "resolution": resolution,
     }  # fmt: skip
+
+
+def run_one(variant, provider, model, mode, batch, resolution, dtype_name, device, channels_last, repeats) -> dict:
+    row = row_of(variant, provider, mode, batch, resolution, dtype_name, channels_last)
     _, compile_mode, backend = PROVIDERS[provider]
     backend = backend or "auto"
     graphed = compile_mode == GRAPHED
@@ -179,13 +184,18 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
     labels = torch.randint(0, 1000, (batch,), device=device)
     try:
         with fused_mbconv.backend(backend):
+            step = step_function(model, mode, x, labels, graphed)
+            step()  # compiles, autotunes, warms up: one-time work whose scratch memory is not the step's
             if device.type == "cuda":
+                torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)  # this configuration's peak, not the sweep's
-            timing = measure(step_function(model, mode, x, labels, graphed), device, repeats=repeats, warmup=3)
+                torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak, not the sweep's
+            timing = measure(step, device, repeats=repeats, warmup=2)
             peak = _peak_memory_mb(device, graphed)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
+    finally:
+        model.zero_grad(set_to_none=True)  # the next rows' memory must not hold this one's gradients
     return {**row, **timing, "img_per_s": batch / (timing["median_ms"] * 1e-3), "peak_mem_mb": peak, "status": "ok"}
 
 
@@ -257,8 +267,8 @@ def main(argv=None) -> int:
                     batch = 1 if latency else batch_size(args, variant, mode, device)
                     progress.set_postfix_str(f"{variant} {provider} {mode} b{batch}")
                     if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-                        row = {"kind": "model", "name": f"efficientnet_{variant}", "provider": provider, "mode": mode,
-                               "batch": batch, "resolution": resolution, "status": "skipped: time budget"}  # fmt: skip
+                        row = {**row_of(variant, provider, mode, batch, resolution, args.dtype, channels_last),
+                               "status": "skipped: time budget"}  # fmt: skip
                     else:
                         row = run_one(variant, provider, model, mode, batch, resolution, args.dtype, device,
                                       channels_last, repeats)  # fmt: skip

@@ -1,7 +1,8 @@
 """Markdown report and PNG plots from a benchmark CSV (the columns of bench/common.py).
 
 Speedups are ratios of img/s measured side by side in the same run: the best fused provider
-(named in its cell) / eager and / the best torch.compile provider of that row group.
+(named in its cell) / eager, / eager replayed from CUDA graphs (where measured: the fair match
+for a fused provider that is replayed too) and / the best torch.compile provider of that row group.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from bench.common import read_rows, slug
 
 FUSED_PREFIX = "fused"
 COMPILED = ("compile", "compile-max-autotune")
+EAGER_GRAPHED = "eager+graph"
 
 
 def _float(value: str) -> float | None:
@@ -56,14 +58,19 @@ def _fastest(by_provider: dict[str, dict], names) -> dict | None:
 
 def _table(title: str, by_model: dict[str, dict[str, dict]], column: str, fmt: str, speedups: bool) -> list[str]:
     providers = sorted({p for by_provider in by_model.values() for p in by_provider})
-    header = ["model"] + providers + (["best fused / eager", "best fused / best compile"] if speedups else [])
+    graphed = EAGER_GRAPHED in providers
+    ratios = ["best fused / eager", f"best fused / {EAGER_GRAPHED}", "best fused / best compile"]
+    ratios = [r for r in ratios if graphed or EAGER_GRAPHED not in r]
+    header = ["model"] + providers + (ratios if speedups else [])
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, by_provider in by_model.items():
         cells = [model] + [_cell(by_provider.get(p), column, fmt) for p in providers]
         if speedups:
             fused = _fastest(by_provider, [p for p in by_provider if p.startswith(FUSED_PREFIX)])
             named = f" ({fused['provider']})" if fused else ""
-            cells += [_ratio(fused, by_provider.get("eager")) + named, _ratio(fused, _fastest(by_provider, COMPILED))]
+            cells += [_ratio(fused, by_provider.get("eager")) + named]
+            cells += [_ratio(fused, by_provider.get(EAGER_GRAPHED))] if graphed else []
+            cells += [_ratio(fused, _fastest(by_provider, COMPILED))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -105,9 +112,10 @@ def write_report(csv_path: str | Path, report_path: str | Path | None = None) ->
         "",
         f"torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, {first['date']}. "
         "img/s is the median over repeats after warm-up, on random data; speedups are ratios of img/s "
-        "measured in the same run. Peak memory: torch.cuda.max_memory_allocated, except for \"+graph\" "
-        "rows: max_memory_reserved, which holds the CUDA graph's pool (reports before 2026-11-28 "
-        "give their allocated peak, which leaves the pool out).",
+        "measured in the same run. Peak memory: over the timed steps, after an untimed first step "
+        "(compilation, autotuning, graph capture); torch.cuda.max_memory_allocated, except for \"+graph\" "
+        "rows: max_memory_reserved, which holds the CUDA graph's pool (see the run's notes in "
+        "bench/results for runs that measured otherwise).",
         "",
     ]
     for (mode, dtype, layout), by_model in sorted(_groups(rows).items()):

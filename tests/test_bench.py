@@ -45,6 +45,26 @@ def test_report_speedups_are_ratios_of_measured_throughput(tmp_path):
     assert "Test GPU" in text
 
 
+def test_report_compares_graph_replays_with_eager_replayed_too(tmp_path):
+    csv_path = tmp_path / "runs.csv"
+    write_rows(csv_path, [_row("eager", 100.0), _row("eager+graph", 160.0), _row("fused-triton+graph", 240.0)])
+    line = next(ln for ln in report.write_report(csv_path).splitlines() if ln.startswith("| efficientnet_b0"))
+    assert line.endswith("| 2.40x (fused-triton+graph) | 1.50x |  |"), line  # 240/100, 240/160, no compile
+
+
+def test_rows_past_the_time_budget_keep_their_configuration(tmp_path, monkeypatch):
+    """A skipped row is reported in its (mode, dtype, layout) table, beside the measured ones."""
+    from bench import __main__ as cli
+
+    csv_path = tmp_path / "models.csv"
+    monkeypatch.chdir(ROOT)
+    cli.main(["--variants", "b0", "--providers", "eager", "--modes", "infer", "--time-budget", "-1",
+              "--out", str(csv_path)])  # fmt: skip
+    (row,) = read_rows(csv_path)
+    assert (row["status"], row["dtype"], row["layout"], row["batch"]) == ("skipped: time budget", "fp32", "channels_last", "2")
+    assert "### infer, fp32, channels_last: img/s" in csv_path.with_suffix(".md").read_text()
+
+
 def test_cli_small_cpu_run(tmp_path):
     # as a user runs it: `python -m bench` from the repository root
     csv_path = tmp_path / "models.csv"

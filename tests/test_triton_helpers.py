@@ -36,6 +36,11 @@ if "triton" in BACKENDS:
         tl.store(out_ptr + 1, mean)
         tl.store(out_ptr + 2, m2)
 
+    @triton.jit
+    def _round_to_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, _triton.round_to_tf32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cast_rounds_to_nearest_even(dtype):
@@ -48,6 +53,37 @@ def test_cast_rounds_to_nearest_even(dtype):
     y = torch.empty_like(x, dtype=dtype)
     _cast_kernel[(1,)](x, y, x.numel(), BLOCK=64)
     torch.testing.assert_close(y, x.to(dtype), rtol=0, atol=0)
+
+
+def _tf32_nearest(v: float) -> float:
+    """The TF32 value nearest ``v`` (11 significant bits, so a quantum of 2^(e - 11) for
+    |v| = m 2^e with m in [0.5, 1), and fp32's subnormal quantum shifted by 13 bits below),
+    ties away from zero, in float64 arithmetic; infinities and NaN as they are."""
+    import math
+
+    if not math.isfinite(v) or v == 0:
+        return v
+    _, e = math.frexp(abs(v))
+    quantum = 2.0 ** (max(e, -125) - 11)
+    return math.copysign(math.floor(abs(v) / quantum + 0.5) * quantum, v)
+
+
+def test_round_to_tf32_is_round_to_nearest_ties_away():
+    # what cuDNN feeds its TF32 tensor cores (cvt.rna); tl.dot's own "tf32" truncates instead
+    unit = 2.0**-10  # one TF32 unit at 1
+    ties = [1 + unit / 2, 1 + 1.5 * unit, -(1 + unit / 2), 3 * (1 + unit / 2)]
+    near_ties = [1 + unit / 2 - 2.0**-23, 1 + unit / 2 + 2.0**-23, -(1 + unit / 2 - 2.0**-23)]
+    edges = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4028234663852886e38, -3.4e38,
+             1.17549435e-38, 1e-40, -3e-42, 2.0**-149]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(200, generator=gen) * torch.logspace(-30, 30, 200)
+    x = torch.cat([torch.tensor(ties + near_ties + edges), spread]).float()
+    y = torch.empty_like(x, device=DEVICE)
+    _round_to_tf32_kernel[(1,)](x.to(DEVICE), y, x.numel(), BLOCK=256)
+    want = torch.tensor([_tf32_nearest(v) for v in x.double().tolist()], dtype=torch.float64).float()
+    assert want[0] == 1 + unit and want[2] == -(1 + unit) and want[4] == 1 and want[12] == float("inf")
+    torch.testing.assert_close(y.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(y.cpu()), torch.signbit(want))  # -0.0 stays -0.0
 
 
 def test_chan_merge_matches_the_pooled_moments():

@@ -211,11 +211,32 @@ _DOT_IN_FP32: tl.constexpr = tl.constexpr(INTERPRETED)
 
 @triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation, ``PRECISION`` as tl.dot's input_precision."""
+    """acc + a @ b with fp32 accumulation, ``PRECISION`` as tl.dot's input_precision; with "tf32",
+    fp32 operands are first rounded to TF32 as cuDNN and cuBLAS round them."""
     if _DOT_IN_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
+        if PRECISION == "tf32":
+            if a.dtype == tl.float32:
+                a = round_to_tf32(a)
+            if b.dtype == tl.float32:
+                b = round_to_tf32(b)
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 ``x`` rounded to the nearest TF32 value (10 stored mantissa bits), ties away from zero
+    (PTX's cvt.rna.tf32.f32); infinities and NaNs unchanged. tl.dot's "tf32" hands the tensor
+    cores fp32 bits, which drop the low 13 (truncation): every product then comes out smaller in
+    magnitude, a bias that adds up along K instead of averaging out. On the H200 (2026-11-27)
+    that made the fused fp32 models' logits 2-5x further from float64 than eager's TF32 convs."""
+    bits = x.to(tl.int32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    # +half a TF32 unit on the magnitude bits, then clear the 13 low bits: a carry into the
+    # exponent is the correct round up (to infinity past the largest finite value)
+    rounded = (bits + 0x1000) & -8192
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
 
 
 # The interpreter runs no PTX: there sigmoid is tl.sigmoid (FUSED_MBCONV_PTX_SIGMOID=0: everywhere).
