@@ -109,6 +109,15 @@ def _prune(cache_dir: str) -> None:
         group_path.write_text(json.dumps({"child_paths": kept}))
 
 
+def _drop_unused(cache_dir: str, used: set[Path]) -> None:
+    """Delete the kernels of ``cache_dir`` outside ``used`` (an edited kernel's older builds,
+    which would only fill the archive), keeping the stamp and loose files."""
+    stale = [d for d in Path(cache_dir).iterdir() if d.is_dir() and any(d.glob("*.cubin")) and d not in used]
+    for directory in stale:
+        shutil.rmtree(directory)
+    print(f"dropped {len(stale)} kernels this run did not use", flush=True)
+
+
 def _gpu_sweeps() -> None:
     """The Triton calls of tests/test_gpu_{dwconv,se,pointwise}_shapes.py, made through the
     tests' own helpers so that the specializations are the ones the GPU launches (on the H200,
@@ -206,6 +215,8 @@ def main(argv=None) -> None:
     p.add_argument("--suite", action="store_true",
                    help="also gpu_check.sh's tests step (SUITE's test files, untuned), run here on stood-in launches")
     p.add_argument("--fresh", action="store_true", help="empty the cache directory first")
+    p.add_argument("--drop-unused", action="store_true",
+                   help="afterwards, delete the kernels this run neither compiled nor found (older sources)")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     args = p.parse_args(argv)
     if args.unpack:
@@ -226,8 +237,11 @@ def main(argv=None) -> None:
 
     compiles = {True: 0, False: 0}  # by cache hit
 
-    def count(*, cache_hit, **_):
+    used = set()  # the cache directories of the kernels compiled or found
+
+    def count(*, cache_hit, metadata_group, **_):
         compiles[cache_hit] += 1
+        used.update(Path(path).parent for path in metadata_group.values())
 
     @contextlib.contextmanager
     def reported(label: str):
@@ -277,6 +291,8 @@ def main(argv=None) -> None:
     if args.suite:
         with reported("the tests step's files (tests/test_*.py), untuned"):
             _suite()
+    if args.drop_unused:
+        _drop_unused(args.cache_dir, used)
     _prune(args.cache_dir)
     built = stamp()
     (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
