@@ -29,8 +29,9 @@
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
 # se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
-# fused_mbconv/ops/auto_table.json), models.log, hostprof.log: 8 files come back at most, so a
-# call that writes all nine loses one (the default steps write all but models.log).
+# fused_mbconv/ops/auto_table.json), models.log, hostprof.log, triton-cache-new.tar.gz (with a
+# carried cache): 8 files come back at most, so a call that writes more loses some (the default
+# steps write all but models.log).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-450}
@@ -225,7 +226,13 @@ for name in $STEPS; do
   fi
   "$name"
 done
+# what this run added to the cache (kernels the archive lacked, the autotuner's timings) comes back
+# as triton-cache-new.tar.gz: `bench/precompile_triton.py --merge` adds it to the archive, and the
+# next session neither compiles nor tunes those again
 if [[ -n ${TRITON_CACHE_DIR:-} ]]; then
   echo "triton cache: $(find "$CACHE_DIR" -name '*.cubin' -newer "$CACHE_DIR.unpacked" | wc -l) kernels compiled here" >>"$SUMMARY"
+  (cd "$(dirname "$CACHE_DIR")" && find "$(basename "$CACHE_DIR")" -type f -newer "$CACHE_DIR.unpacked" \
+    \( -name '*.cubin' -o -name '*.json' \) -print0 | tar czf "$OUT/triton-cache-new.tar.gz" --null -T -) \
+    && echo "triton cache: $(du -h "$OUT/triton-cache-new.tar.gz" | cut -f1) of new entries in triton-cache-new.tar.gz" >>"$SUMMARY"
 fi
 cat "$SUMMARY"

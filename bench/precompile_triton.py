@@ -37,6 +37,7 @@ from pathlib import Path
 
 CACHE_DIR = "/tmp/fused_mbconv_triton_cache"  # the same absolute path on both machines
 STAMP = "fused_mbconv_stamp.json"
+GPU_TUNED = "fused_mbconv_gpu_tuned.txt"  # the autotuner's choices made on a GPU (--merge), one path a line
 GPU_MULTIPROCESSORS = 132  # H100 SXM and H200
 
 
@@ -95,9 +96,12 @@ def _prune(cache_dir: str) -> None:
     """Leave in ``cache_dir`` only what a cache hit reads: each kernel's cubin, metadata and file
     group, the group rewritten to list just those (triton 3.8 takes a group with a missing file
     for a miss). Not the intermediate IRs (most of the bytes), and not the autotuner's remembered
-    choices: here every config "timed" alike (the stand-in), so the device must time them."""
+    choices made here: every config "timed" alike (the stand-in), so the device must time them;
+    those a GPU made (``--merge``, listed in GPU_TUNED) stay."""
+    measured = _gpu_tuned(cache_dir)
     for path in Path(cache_dir).glob("*/*.autotune.json"):
-        path.unlink()
+        if str(path.relative_to(cache_dir)) not in measured:
+            path.unlink()
     for group_path in Path(cache_dir).glob("*/__grp__*.json"):
         group = json.loads(group_path.read_text())
         kept = {}
@@ -107,6 +111,33 @@ def _prune(cache_dir: str) -> None:
             else:
                 kept[name] = path
         group_path.write_text(json.dumps({"child_paths": kept}))
+
+
+def _gpu_tuned(cache_dir: str) -> set[str]:
+    path = Path(cache_dir) / GPU_TUNED
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def merge(archive_path: str, cache_dir: str = CACHE_DIR) -> None:
+    """Add what a GPU session compiled and tuned (gpu_check.sh's triton-cache-new.tar.gz: the
+    cache files written after the archive was unpacked there) to ``cache_dir``: kernels the
+    stand-in runs did not reach, and the autotuner's timings, which then save the next session
+    the tuning (B0-B6's training rows of the 2026-11-27 sweep: ~25 s each, mostly that)."""
+    with tarfile.open(archive_path) as archive:
+        names = [m.name for m in archive.getmembers() if m.isfile()]
+        archive.extractall(Path(cache_dir).parent, filter="data")
+    root = Path(cache_dir).name
+    tuned = {str(Path(n).relative_to(root)) for n in names if n.endswith(".autotune.json")}
+    (Path(cache_dir) / GPU_TUNED).write_text("\n".join(sorted(_gpu_tuned(cache_dir) | tuned)) + "\n")
+    print(f"{archive_path}: {len(names)} files merged into {cache_dir}, {len(tuned)} of them the autotuner's timings")
+
+
+def _pack(cache_dir: str, out: str, built: dict) -> None:
+    _prune(cache_dir)
+    (Path(cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
+    with tarfile.open(out, "w:gz") as archive:
+        archive.add(cache_dir, arcname=Path(cache_dir).name)
+    print(f"{out}: {_kernels(cache_dir)} kernels, {Path(out).stat().st_size / 2**20:.1f} MiB; {built}")
 
 
 def _drop_unused(cache_dir: str, used: set[Path]) -> None:
@@ -218,9 +249,15 @@ def main(argv=None) -> None:
     p.add_argument("--drop-unused", action="store_true",
                    help="afterwards, delete the kernels this run neither compiled nor found (older sources)")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
+    p.add_argument("--merge", metavar="ARCHIVE",
+                   help="add a GPU session's triton-cache-new.tar.gz to the cache directory, then pack --out")
     args = p.parse_args(argv)
     if args.unpack:
         sys.exit(0 if unpack(args.unpack, args.cache_dir) else 1)
+    if args.merge:  # the stamp stays the one the cache was built with (this Python's triton may differ)
+        merge(args.merge, args.cache_dir)
+        _pack(args.cache_dir, args.out, json.loads((Path(args.cache_dir) / STAMP).read_text()))
+        return
     if args.fresh:
         shutil.rmtree(args.cache_dir, ignore_errors=True)
     os.environ["TRITON_CACHE_DIR"] = args.cache_dir
@@ -293,12 +330,7 @@ def main(argv=None) -> None:
             _suite()
     if args.drop_unused:
         _drop_unused(args.cache_dir, used)
-    _prune(args.cache_dir)
-    built = stamp()
-    (Path(args.cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
-    with tarfile.open(args.out, "w:gz") as archive:
-        archive.add(args.cache_dir, arcname=Path(args.cache_dir).name)
-    print(f"{args.out}: {_kernels(args.cache_dir)} kernels, {Path(args.out).stat().st_size / 2**20:.1f} MiB; {built}")
+    _pack(args.cache_dir, args.out, stamp())
 
 
 if __name__ == "__main__":

@@ -429,6 +429,36 @@ def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
     assert again.groups() == ("0", first.group(1)), (first.group(0), again.group(0))
 
 
+def test_merged_gpu_session_cache_keeps_its_autotuning(tmp_path):
+    """precompile_triton.py --merge: a GPU session's new cache entries (gpu_check.sh's
+    triton-cache-new.tar.gz) join the cache and the packed archive, the autotuner's timings made
+    there included, while those the stand-in made are still dropped; the stamp stays."""
+    import tarfile
+
+    from bench import precompile_triton as pre
+
+    cache = tmp_path / "fused_mbconv_triton_cache"
+    for name in ("K1/k.cubin", "K1/k.json", "A1/f.autotune.json"):
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_text("{}")
+    (cache / pre.STAMP).write_text('{"triton": "x"}')
+    gpu = tmp_path / "gpu" / cache.name
+    for name in ("K2/k.cubin", "A2/g.autotune.json"):
+        (gpu / name).parent.mkdir(parents=True, exist_ok=True)
+        (gpu / name).write_text("{}")
+    new = tmp_path / "triton-cache-new.tar.gz"
+    with tarfile.open(new, "w:gz") as archive:
+        archive.add(gpu, arcname=cache.name)
+    out = tmp_path / "out.tar.gz"
+    pre.main(["--merge", str(new), "--cache-dir", str(cache), "--out", str(out)])
+    with tarfile.open(out) as archive:
+        names = set(archive.getnames())
+    root = cache.name
+    assert {f"{root}/K1/k.cubin", f"{root}/K2/k.cubin", f"{root}/A2/g.autotune.json", f"{root}/{pre.STAMP}"} <= names
+    assert f"{root}/A1/f.autotune.json" not in names
+    assert json.loads((cache / pre.STAMP).read_text()) == {"triton": "x"}
+
+
 def test_memory_model_fused_step_keeps_about_half_of_eagers_activations():
     """bench/memory_model.py (meta device): a B0 training step, fused vs torchvision with the same
     batch. Of each block's expanded-width tensors, eager keeps for the backward those of its

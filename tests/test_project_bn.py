@@ -165,6 +165,45 @@ def test_batch_statistics_hold_when_the_mean_dwarfs_the_spread(backend):
     torch.testing.assert_close(mean.double(), z.mean(dim=(0, 2, 3)), rtol=1e-5, atol=0)
 
 
+def _eager_bf16_dweight(x, weight, gamma, extras, dy):
+    """The projection weight's gradient as eager PyTorch computes it on a GPU in bf16 (every
+    tensor between ops rounded to bf16, sums in fp32), emulated in fp64: x * gate, the conv
+    weight and output, the upstream gradient, its product with the noise, the BN backward's dz
+    and the weight gradient itself (autocast's bf16 copy of the weight). On the H200 eager's
+    error at the shape below was 4.01; this gives 4.007."""
+    bf = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    noise = extras["noise"].double()[:, None, None, None]
+    xg = bf(x.double() * extras["gate"].double()[:, :, None, None])
+    z = bf(torch.einsum("oc,nchw->nohw", bf(weight.float().double().flatten(1)), xg))
+    mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+    invstd = (var + EPS).rsqrt()[None, :, None, None]
+    zhat = (z - mean[None, :, None, None]) * invstd
+    du = bf(bf(dy) * noise)
+    dz = gamma.double()[None, :, None, None] * invstd * (du - du.mean((0, 2, 3), keepdim=True)
+                                                         - zhat * (du * zhat).mean((0, 2, 3), keepdim=True))  # fmt: skip
+    return bf(torch.einsum("nohw,nchw->oc", bf(dz), xg))
+
+
+@pytest.mark.skipif("triton" not in fused_mbconv.available_backends(), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_weight_gradient_where_stochastic_depth_drops_a_sample():
+    """bf16, training, one sample dropped (du = 0 there): dz on that sample is an affine function
+    of the bf16 z, and rounding it to bf16 again gives errors that follow z, so x, and add up over
+    the H*W positions in dweight = sum dz * x. The H200's sweep caught it at this shape (fused
+    8.83 from fp64, eager 4.01); the Triton backward keeps dz in fp32 (now 2.71)."""
+    shape = (2, 32, 16, 130, 130)  # a B5 projection's (C, O, size) from the GPU shape sweep
+    x, weight, gamma, beta, stats, extras = make_case(torch.bfloat16, "channels_last", True, shape=shape)
+    with fused_mbconv.backend("triton"):
+        fused, names = run("fused", torch.bfloat16, x, weight, gamma, beta, stats, extras, True)
+    extras64 = {k: v.double() for k, v in extras.items()}
+    exact, _ = run("eager", torch.float64, x.double(), weight, gamma, beta, stats, extras64, True)
+    dy = torch.randn(exact[0].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # run()'s
+    exact_dweight = exact[names.index("dweight")].cpu().double().flatten(1)
+    eager = _eager_bf16_dweight(x.cpu(), weight, gamma, {k: v.cpu() for k, v in extras.items()}, dy)
+    eager_error = (eager - exact_dweight).abs().max().item()
+    error = (fused[names.index("dweight")].cpu().double().flatten(1) - exact_dweight).abs().max().item()
+    assert error <= 2 * eager_error, f"dweight: max error {error:.3g}, eager's (emulated) {eager_error:.3g}"
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="TF32 is a GPU mode")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_tf32_follows_torch_flag(training, monkeypatch):

@@ -104,6 +104,7 @@ def _plan() -> list[dict]:
         *[{"HAS_GATE": g, "AFFINE": False, "NORMALIZE": False, "ACT": False, "HAS_RES": False, "HAS_BS": False,
            "STATS": True, "count_part_ptr": F32, "mean_part_ptr": F32, "m2_part_ptr": F32} for g in (True, False)],
     ]  # fmt: skip
+    fp32_dz = {"dz_ptr": F32, "ALIGN": 4}
     bn_per_channel = dict.fromkeys(["mean_ptr", "invstd_ptr"], F32)  # gamma and beta: the parameters' dtype
     dw_per_channel = {"mean_ptr": F32, "invstd_ptr": F32, "w_ptr": F32}  # w: the taps, fp32
     excite_scratch = {"h_ptr": F32, "dl_ptr": F32, "dh_ptr": F32}
@@ -164,13 +165,17 @@ def _plan() -> list[dict]:
              variants=_grid(HAS_RES=(True, False), HAS_BS=(True, False), ACT=(True, False))),
         dict(module="project", kernel="_dy_sums_kernel", ptrs={**bn_per_channel, "part_ptr": F32}, optional=("ACT",),
              variants=_grid(HAS_BS=(True, False), ACT=(True, False))),
+        # dz: fp32 for the projection (16-byte vectors then hold 4 channels), the activation's
+        # dtype for the expansion (ACT)
         dict(module="project", kernel="_dz_kernel", ptrs={**bn_per_channel, "sums_ptr": F32}, floats=("inv_count",),
-             optional=("ACT",), variants=_grid(HAS_BS=(True, False), ACT=(True, False), TRAINING=(True, False))),
+             optional=("ACT",), variants=[{**v, **({"dz_ptr": D} if v["ACT"] else fp32_dz)}
+                                          for v in _grid(HAS_BS=(True, False), ACT=(True, False), TRAINING=(True, False))]),
         # without a gate the host passes dx as the (unused) dgate partials
         dict(module="project", kernel="_dx_kernel", dot=True,
-             variants=[{"HAS_GATE": True, "dgate_part_ptr": F32}, {"HAS_GATE": False}]),
+             variants=[{"HAS_GATE": True, "dgate_part_ptr": F32, **fp32_dz}, {"HAS_GATE": False, **fp32_dz},
+                       {"HAS_GATE": False, "dz_ptr": D}]),
         dict(module="project", kernel="_dweight_kernel", ptrs={"part_ptr": F32}, dot=True,
-             variants=_grid(HAS_GATE=(True, False))),
+             variants=[{"HAS_GATE": True, **fp32_dz}, {"HAS_GATE": False, **fp32_dz}, {"HAS_GATE": False, "dz_ptr": D}]),
     ]  # fmt: skip
 
 

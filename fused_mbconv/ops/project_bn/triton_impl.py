@@ -394,7 +394,7 @@ def _dweight_kernel(
         dz_t = tl.load(dz_ptr + tl.trans(_offsets(n64, p, o, s_qn, s_qc, s_qp, ALIGN)),
                        mask=_triton.below(o, N_COLS, ALIGN)[:, None] & mask_p[None, :], other=0.0)  # fmt: skip
         xg = _gated_tile(x_ptr, gate_ptr, n64, p, mask_p, c, C, s_xn, s_xc, s_xp, s_gn, s_gc, HAS_GATE, ALIGN)
-        acc = _triton.dot(dz_t, xg, acc, PRECISION)
+        acc = _triton.dot(dz_t, xg.to(dz_ptr.dtype.element_ty), acc, PRECISION)  # an fp32 dz: x widened, exact
     offs = (split.to(tl.int64) * N_COLS + o[:, None]) * C + c[None, :]
     tl.store(part_ptr + offs, acc, mask=(o < N_COLS)[:, None] & (c < C)[None, :])
 
@@ -535,7 +535,13 @@ def backward(grad_y, x, gate, weight, z, gamma, beta, mean, invstd, branch_scale
         ALIGN=vector_alignment(dy, z),
     )  # fmt: skip
     sums = _triton.sum_rows(part, torch.empty(2 * o, **f32))
-    dz = torch.empty_like(z)
+    # The projection's dz stays fp32 (its O channels are the narrow side). In 16 bits it was an
+    # affine function of the 16-bit z rounded again wherever du is constant (the samples that
+    # stochastic depth drops: du = 0): rounding errors that follow z, hence x, add up in
+    # dweight = sum dz x instead of cancelling (the H200's B0-B7 sweep, bf16: 2-5x eager's error
+    # at 4 of its shapes; tests/test_project_bn.py reproduces one). The expansion's dz is the wide
+    # tensor and its du = dy silu'(u) varies everywhere: it keeps z's dtype.
+    dz = torch.empty_like(z) if silu else torch.empty_like(z, dtype=torch.float32)
     dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
     _dz_kernel[lambda meta: (_tiles(n, hw, meta["BLOCK_P"]), cdiv(o, meta["BLOCK_C"]))](
         dy, z, bs, sums, *per_channel, dz, dgamma, dbeta, o, hw, 1.0 / (n * hw),
