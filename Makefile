@@ -46,8 +46,10 @@ test-oldest:
 # Before a GPU session's first device call (no GPU needed, ~70 min here): the suite on the GPU
 # image's versions, then their Triton kernels (B0-B7's benchmark steps, the kernel benches', the
 # blocks', the shape sweeps', the models step's, the tests step's) compiled ahead into
-# .triton-cache.tar.gz (2026-11-27: 1932 kernels, 57.1 MiB, of which the tests step's ~880 kernels
-# took ~30 min; carry it: the device tool sends at most 64 MiB with the tree).
+# .triton-cache.tar.gz (2026-11-27: 1902 kernels, 58.1 MiB, of which the tests step's ~850 kernels
+# took ~30 min; carry it: the device tool sends at most 64 MiB with the tree). After a kernel edit,
+# the same command with --drop-unused instead of --fresh recompiles what changed (the projection
+# kernels' edit of 2026-11-27: 52 min, ~1200 kernels).
 gpu-prep: test-oldest
 	env -u TRITON_INTERPRET $(OLDEST)/bin/python bench/precompile_triton.py --fresh --variants b5,b0,b1,b2,b3,b4,b6,b7 \
 		--kernel-benchmarks --blocks --gpu-sweeps --models-step --suite
