@@ -42,16 +42,22 @@ SUMMARY="$OUT/summary.txt"
 ALL_STEPS="smoke sweeps tests sanitizer auto_table bench_dw bench_se kprofile bench_model hostprof hostcost racecheck profile main counters"
 STEPS=${*:-$ALL_STEPS}
 
-step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
-  local label=$1 limit=$2 log=$3
-  shift 3
+budgeted() {  # budgeted LABEL SECONDS: prints the time limit within BUDGET_S, or fails (noting the skip)
+  local label=$1 limit=$2
   if ((SECONDS + limit > BUDGET_S)); then
     if ((2 * (BUDGET_S - SECONDS) < limit)); then
-      echo "$label: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
-      return
+      echo "$label: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY" >&2
+      return 1
     fi
     limit=$((BUDGET_S - SECONDS))  # at least half its time left: run it cut short (verbose logs say how far it got)
   fi
+  echo "$limit"
+}
+
+step() {  # step NAME[:DETAIL] SECONDS LOG COMMAND...: run with a time limit unless over budget
+  local label=$1 limit log=$3
+  limit=$(budgeted "$1" "$2") || return
+  shift 3
   local start=$SECONDS
   echo "### $label: $*" >>"$log"
   timeout "$limit" "$@" >>"$log" 2>&1
@@ -200,11 +206,8 @@ counters() {
 # the float64 reference; its timings are then not for reporting), each within MODELS_LIMIT_S.
 # On the H200 (2026-11-27), six at once: all 16 runs in 102 s, 21-46 s each.
 models() {
-  local runs jobs=${MODELS_JOBS:-6} limit=${MODELS_LIMIT_S:-120} start=$SECONDS logs=/tmp/models_logs
-  if ((SECONDS + limit > BUDGET_S)); then
-    echo "models: skipped, ${limit} s would pass the budget (${SECONDS} of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
-    return
-  fi
+  local runs jobs=${MODELS_JOBS:-6} limit start=$SECONDS logs=/tmp/models_logs
+  limit=$(budgeted models "${MODELS_LIMIT_S:-120}") || return
   runs=$($PY -c 'from bench.precompile_triton import MODELS_STEP as M, MODELS_STEP_DTYPES as D
 print(" ".join(f"{v}:{b}:{d}" for v, b in M for d in D))')
   mkdir -p $logs
