@@ -437,15 +437,16 @@ def test_merged_gpu_session_cache_keeps_its_autotuning(tmp_path):
 
     from bench import precompile_triton as pre
 
+    def files(root, *names):
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text("{}")
+
     cache = tmp_path / "fused_mbconv_triton_cache"
-    for name in ("K1/k.cubin", "K1/k.json", "A1/f.autotune.json"):
-        (cache / name).parent.mkdir(parents=True, exist_ok=True)
-        (cache / name).write_text("{}")
+    files(cache, "K1/k.cubin", "K1/k.json", "A1/f.autotune.json")
     (cache / pre.STAMP).write_text('{"triton": "x"}')
     gpu = tmp_path / "gpu" / cache.name
-    for name in ("K2/k.cubin", "A2/g.autotune.json"):
-        (gpu / name).parent.mkdir(parents=True, exist_ok=True)
-        (gpu / name).write_text("{}")
+    files(gpu, "K2/k.cubin", "A2/g.autotune.json")
     new = tmp_path / "triton-cache-new.tar.gz"
     with tarfile.open(new, "w:gz") as archive:
         archive.add(gpu, arcname=cache.name)

@@ -59,6 +59,11 @@ def make_case(dtype, layout, with_extras, seed=0, shape=SHAPE):
     return x, weight, gamma, beta, stats, extras
 
 
+def upstream_gradient(shape) -> torch.Tensor:
+    """The gradient ``run`` sends back into y (fp64, on the CPU)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
 def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training, silu=False):
     """Forward + backward of the fused module or the eager code with parameters in ``dtype``
     (fp32 for fp16/bf16, as under AMP the parameters stay fp32). Returns (outputs, names)."""
@@ -88,8 +93,7 @@ def run(fn_kind, dtype, x, weight, gamma, beta, stats, extras, training, silu=Fa
     else:
         wc = w.to(x.dtype) if x.dtype != param_dtype else w  # what autocast does to the conv weight
         y = project_eager(x, gate, wc, gm, bt, *running, residual, noise, training, silu)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(y.device)
-    grads = torch.autograd.grad((y.double() * dy).sum(), leaves)
+    grads = torch.autograd.grad((y.double() * upstream_gradient(y.shape).to(y.device)).sum(), leaves)
     names = ["y", "dx", "dweight", "dgamma", "dbeta", "dgate", "dresidual"][: 1 + len(leaves)]
     outputs = [y, *grads]
     if training:
@@ -196,7 +200,7 @@ def test_weight_gradient_where_stochastic_depth_drops_a_sample():
         fused, names = run("fused", torch.bfloat16, x, weight, gamma, beta, stats, extras, True)
     extras64 = {k: v.double() for k, v in extras.items()}
     exact, _ = run("eager", torch.float64, x.double(), weight, gamma, beta, stats, extras64, True)
-    dy = torch.randn(exact[0].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # run()'s
+    dy = upstream_gradient(exact[0].shape)
     exact_dweight = exact[names.index("dweight")].cpu().double().flatten(1)
     eager = _eager_bf16_dweight(x.cpu(), weight, gamma, {k: v.cpu() for k, v in extras.items()}, dy)
     eager_error = (eager - exact_dweight).abs().max().item()
