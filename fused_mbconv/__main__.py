@@ -78,7 +78,7 @@ class Runner:
         """One forward + backward in train mode; returns (loss, gradients, BN buffers) by name."""
         model.train().zero_grad(set_to_none=True)
         torch.manual_seed(SEED)  # the same dropout and stochastic-depth masks in every model
-        with self.autocast(dtype):
+        with parity.same_masks_in_every_dtype(), self.autocast(dtype):
             loss = nn.functional.cross_entropy(model(self.input(x, model)).float(), labels.to(self.device))
         loss_scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0  # as GradScaler would
         (loss * loss_scale).backward()

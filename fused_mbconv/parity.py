@@ -13,6 +13,9 @@ Some gradients are exactly zero in exact arithmetic (the bias of a BN whose outp
 training-mode BN only through a conv: the second BN removes any constant shift), so what every
 implementation returns for them is rounding noise; where eager has no correct digit, the fused
 noise may be up to NOISE_FACTOR times eager's.
+
+A training step compares three networks only if they drop the same samples and activations:
+``same_masks_in_every_dtype()`` makes stochastic depth and dropout draw alike in every dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 # relative to the exact tensor's magnitude: reordered fp32 sums; ~2 units in the last place of 16-bit
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -88,3 +92,34 @@ def compare_all(
 def worst(checks: list[Check]) -> Check:
     """The check closest to (or furthest past) its bound."""
     return max(checks, key=lambda c: c.error / c.bound if c.bound > 0 else float("inf"))
+
+
+class same_masks_in_every_dtype(TorchFunctionMode):
+    """Inside it, ``Tensor.bernoulli_(p)`` (stochastic depth's per-sample draw, torchvision's,
+    timm's and ours) and ``F.dropout`` draw their masks in float32 whatever the tensor's dtype, so
+    that models in float64, float32 and 16-bit take the same masks from the same seed. On CUDA they
+    would not: a float64 ``bernoulli_`` turns other random bits into its numbers than a float32 or
+    16-bit one (curand_uniform2_double vs curand_uniform4), and dropout's vectorized kernel maps
+    draws to elements by dtype, so the float64 reference trained another network: the H200's fp32
+    B0 step had eager itself 1.2% off on a running variance."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.bernoulli_:
+            t, p = args[0], args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            if isinstance(p, float) and t.dtype != torch.float32 and not kwargs.get("generator"):
+                return t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).bernoulli_(p))
+        elif func is torch.nn.functional.dropout:
+            return _dropout(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """F.dropout with its mask drawn in float32; the product in float32 (float64 for float64), as
+    torch's kernel computes it."""
+    if not training or p == 0.0 or p == 1.0:
+        return torch.nn.functional.dropout(input, p, training, inplace)  # no draw
+    math = torch.float64 if input.dtype == torch.float64 else torch.float32
+    keep = torch.empty(input.shape, dtype=torch.float32, device=input.device).bernoulli_(1.0 - p)
+    out = (input.to(math) * (keep.to(math) / (1.0 - p))).to(input.dtype)
+    return input.copy_(out) if inplace else out

@@ -146,7 +146,10 @@ def train_step(model, x, labels, seed=3, run=None):
     and buffers (cloned) by name."""
     model.train().zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = nn.functional.cross_entropy((model if run is None else run)(x.to(next(model.parameters()).dtype)), labels)
+    # compiled runs have no dropout nor stochastic depth, and stay free of the function mode
+    with parity.same_masks_in_every_dtype() if run is None else contextlib.nullcontext():
+        logits = (model if run is None else run)(x.to(next(model.parameters()).dtype))
+    loss = nn.functional.cross_entropy(logits, labels)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
