@@ -102,7 +102,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 # bug, fixed since): the whole suite does not finish in 150 s, and workers take tests in the order
 # given (files, not the folder: pytest collects a folder's files alphabetically). CPU-only files
 # and the sweeps' are left out. TESTS="files or -k ..." replaces the list.
-SUITE_FIRST="eval_fold efficientnet convert opcheck errors memory eager_dispatch launch backend main ddp
+SUITE_FIRST="eval_fold efficientnet parity convert opcheck errors memory eager_dispatch launch backend main ddp
   dwconv_bn_silu squeeze_excite project_bn compile runtime running_stats"
 NOT_HERE="triton_compile cuda_kernels_on_cpu cuda_index_math gpu_dwconv_shapes gpu_se_shapes gpu_pointwise_shapes"
 suite_files() {  # SUITE_FIRST's files, then every other test file that is not NOT_HERE
