@@ -41,13 +41,14 @@ TF32_DROPPED_BITS = 0x1FFF  # fp32 keeps 23 mantissa bits, TF32 10: the low 13 g
 
 def to_tf32(t: torch.Tensor, rounding: str) -> torch.Tensor:
     """``t`` (float64 holding fp32 values) rounded to TF32: "nearest" (ties away, cvt.rna),
-    "truncate", or "exact" (unchanged)."""
+    "truncate", or "exact" (unchanged). Infinities and NaN stay."""
     if rounding == "exact":
         return t
     bits = t.float().view(torch.int32)
     if rounding == "nearest":
-        bits = bits + (TF32_DROPPED_BITS + 1) // 2
-    return (bits & ~TF32_DROPPED_BITS).view(torch.float32).double()
+        bits = bits + (TF32_DROPPED_BITS + 1) // 2  # a carry into the exponent is the rounding up
+    rounded = (bits & ~TF32_DROPPED_BITS).view(torch.float32).double()
+    return torch.where(t.isfinite(), rounded, t)
 
 
 def conv_role(name: str, conv: nn.Conv2d) -> str:

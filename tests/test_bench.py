@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -505,6 +506,38 @@ def test_traffic_model_reference_steps_move_more_bytes_than_eager():
         ratio = sum(reference.bytes.values()) / sum(eager.bytes.values())
         assert ratio > least, (mode, ratio)
         assert sum(reference.kernels.values()) > 2 * sum(eager.kernels.values()), mode
+
+
+def test_tf32_emulation_rounds_as_the_kernels_and_truncation_biases_the_logits():
+    """bench/tf32_emulation.py: its rounding to nearest is the one the kernels' round_to_tf32 is
+    tested against (ties away), truncation drops the 13 low bits; each conv of torchvision's B0
+    gets its implementation's role; with exact operands the emulated model is the float64 model;
+    and truncated GEMM operands put a small B0's logits further from exact than rounded ones
+    (their bias adds up along each reduction)."""
+    import torchvision
+    from test_triton_helpers import _tf32_nearest
+
+    from bench import tf32_emulation as emu
+
+    values = torch.randn(500, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 500)
+    ties = torch.tensor([1 + 2.0**-11, -(1 + 3 * 2.0**-11), float("inf"), float("nan"), 3.4028234663852886e38])
+    x = torch.cat([values, ties]).double()
+    want = torch.tensor([_tf32_nearest(v) for v in x.tolist()], dtype=torch.float64).float().double()  # fp32's inf
+    torch.testing.assert_close(emu.to_tf32(x, "nearest"), want, rtol=0, atol=0, equal_nan=True)
+    truncated = emu.to_tf32(values.double(), "truncate")
+    assert ((truncated.abs() <= values.abs().double()) & ((values.double() - truncated).abs() < values.abs() * 2.0**-10)).all()
+
+    torch.manual_seed(0)
+    tv = torchvision.models.efficientnet_b0().eval()
+    roles = collections.Counter(emu.conv_role(n, m) for n, m in tv.named_modules() if isinstance(m, torch.nn.Conv2d))
+    assert roles == {"depthwise": 16, "stem": 1, "se": 32, "gemm": 32}  # gemm: 15 expansions, 16 projections, head
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        exact = tv.double()(images)
+        logits = {name: emu.emulated(tv, r)(images) for name, r in emu.IMPLEMENTATIONS.items()}
+    assert torch.equal(logits["exact"], exact)
+    error = {name: (y - exact).abs().max().item() for name, y in logits.items()}
+    assert error["fused, truncated"] > 2 * error["fused, rounded"] > 0, error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")
