@@ -9,7 +9,8 @@ median/p20/p80 ms per step, peak memory (CUDA), appended to a CSV with the colum
 bench/common.py; then a markdown report with speedup tables and PNG plots (bench/report.py).
 A configuration that runs out of memory is recorded with status "oom" and the sweep goes on.
 The torch.compile providers run after every variant's other providers, so that a time budget
-cuts compilations, not variants.
+cuts compilations, not variants; on a GPU only B5 (the targets' variant) is compiled unless
+--compile-variants names more (each compile takes minutes: all of B0-B7 do not fit one session).
 """
 
 from __future__ import annotations
@@ -219,6 +220,9 @@ def parse_args(argv):
                    help="timed steps per row (default: 10 on GPU, 5 for b6/b7; 3 on CPU)")
     p.add_argument("--time-budget", type=float, default=420 if on_gpu else None, metavar="SECONDS",
                    help="rows not started within this time are recorded as skipped (default: 420 on GPU)")
+    p.add_argument("--compile-variants", default="b5" if on_gpu else "all", metavar="VARIANTS",
+                   help="variants measured with the torch.compile providers, or 'all' (default on GPU: b5, "
+                        "the targets' variant: compiling one takes minutes a mode; the others' rows say skipped)")
     p.add_argument("--compile-conv-backends", metavar="BACKENDS", help=COMPILE_CONV_BACKENDS_HELP)
     p.add_argument("--out", default=None, help="CSV to append to (default bench/results/models_<gpu>.csv)")
     p.add_argument("--report", default=None, help="markdown report path (default: next to the CSV)")
@@ -226,11 +230,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _compiled(providers: list[str]) -> bool:
+    """Whether these providers are torch.compile's (a pass holds only such, or none)."""
+    return any(PROVIDERS[p][1] not in (None, GRAPHED) for p in providers)
+
+
 def _passes(plan: list, providers: list[str]) -> list[tuple[tuple, list[str]]]:
     """(plan entry, its providers) in the order they run: every variant's uncompiled providers
     first, then the torch.compile ones (a compile of each variant took minutes: under a time
     budget, they would leave the later variants unmeasured)."""
-    compiled = [p for p in providers if PROVIDERS[p][1] not in (None, GRAPHED)]
+    compiled = [p for p in providers if _compiled([p])]
     plain = [p for p in providers if p not in compiled]
     return [(entry, group) for group in (plain, compiled) if group for entry in plan]
 
@@ -251,6 +260,10 @@ def main(argv=None) -> int:
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; choose from {sorted(PROVIDERS)}")
+    compile_variants = None if args.compile_variants == "all" else set(args.compile_variants.split(","))
+    if compile_variants is not None and not compile_variants <= set(VARIANTS):
+        raise SystemExit(f"--compile-variants: unknown {sorted(compile_variants - set(VARIANTS))}; "
+                         f"choose from {sorted(VARIANTS)} or 'all'")  # fmt: skip
     channels_last = not args.nchw
     plan = []
     for variant in variants:
@@ -262,16 +275,19 @@ def main(argv=None) -> int:
     with tqdm(total=steps, file=sys.stderr, desc="bench") as progress:
         for (variant, resolution, latency), pass_providers in _passes(plan, providers):
             over_budget = args.time_budget is not None and time.monotonic() - start > args.time_budget
-            models = dict.fromkeys(pass_providers) if over_budget else build_models(
+            unselected = _compiled(pass_providers) and compile_variants is not None and variant not in compile_variants
+            models = dict.fromkeys(pass_providers) if over_budget or unselected else build_models(
                 variant, pass_providers, device, DTYPES[args.dtype], channels_last)  # fmt: skip
             repeats = args.repeats or (GPU_REPEATS.get(variant, 10) if device.type == "cuda" else 3)
             for provider, model in models.items():
                 for mode in ["infer"] if latency else modes:  # latency: batch-1 inference
                     batch = 1 if latency else batch_size(args, variant, mode, device)
                     progress.set_postfix_str(f"{variant} {provider} {mode} b{batch}")
-                    if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                    over_budget = args.time_budget is not None and time.monotonic() - start > args.time_budget
+                    skipped = "not in --compile-variants" if unselected else "time budget" if over_budget else None
+                    if skipped:
                         row = {**row_of(variant, provider, mode, batch, resolution, args.dtype, channels_last),
-                               "status": "skipped: time budget"}  # fmt: skip
+                               "status": f"skipped: {skipped}"}  # fmt: skip
                     else:
                         row = run_one(variant, provider, model, mode, batch, resolution, args.dtype, device,
                                       channels_last, repeats)  # fmt: skip

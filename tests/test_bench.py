@@ -127,7 +127,8 @@ def test_cli_time_budget_records_what_it_skips(tmp_path):
 def test_cli_runs_torch_compile_after_every_variants_other_providers(tmp_path):
     """A time budget cuts compilations (minutes a variant) before it cuts variants: the sweep
     takes every variant's uncompiled providers first. With the budget spent, the rows come in
-    that order, all recorded as skipped."""
+    that order, all recorded as skipped. --compile-variants limits the compiled rows to the
+    variants it names (the others' say so); an unknown name is an error."""
     from bench.__main__ import _passes
 
     plan = [("b5", 456, False), ("b0", 224, False)]
@@ -144,6 +145,19 @@ def test_cli_runs_torch_compile_after_every_variants_other_providers(tmp_path):
     order = [(r["name"], r["provider"]) for r in read_rows(csv_path)]
     assert order == [("efficientnet_b0", "eager"), ("efficientnet_b1", "eager"),
                      ("efficientnet_b0", "compile"), ("efficientnet_b1", "compile")]  # fmt: skip
+    # --compile-variants: the compile rows of the other variants say why they are empty
+    csv_path.unlink()
+    done = subprocess.run([sys.executable, "-m", "bench", *args, "--compile-variants", "b1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = {(r["name"], r["provider"]): r["status"] for r in read_rows(csv_path)}
+    assert status == {("efficientnet_b0", "eager"): "skipped: time budget",
+                      ("efficientnet_b1", "eager"): "skipped: time budget",
+                      ("efficientnet_b0", "compile"): "skipped: not in --compile-variants",
+                      ("efficientnet_b1", "compile"): "skipped: time budget"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bench", *args, "--compile-variants", "b1,b9"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "--compile-variants: unknown ['b9']" in done.stderr
 
 
 def test_dwconv_benchmark_lists_b5_shapes_without_a_gpu(capsys):
