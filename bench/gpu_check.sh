@@ -158,8 +158,8 @@ bench_model() {
 }
 # issue 8's sweep: python -m bench with its GPU defaults (B5, then B0-B4, B6, B7 at native
 # resolution; eager, eager+graph, fused-triton+graph, fused, then torch.compile default and
-# max-autotune, its conv autotuning kept to cuDNN as in the kernel benches; inference and
-# training steps), rows past its time budget recorded as skipped. SWEEP_PROVIDERS, SWEEP_LIMIT_S
+# max-autotune on B5 only, its conv autotuning kept to cuDNN as in the kernel benches; inference
+# and training steps), rows past its time budget recorded as skipped. SWEEP_PROVIDERS, SWEEP_LIMIT_S
 model_sweep() {  # its time budget leaves the report 60 s, inside what is left of BUDGET_S
   local limit=${SWEEP_LIMIT_S:-480}
   ((limit > BUDGET_S - SECONDS)) && limit=$((BUDGET_S - SECONDS))
