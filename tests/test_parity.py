@@ -12,7 +12,7 @@ from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_mbconv import parity
-from fused_mbconv.models.layers import StochasticDepth
+from fused_mbconv.models.layers import StochasticDepth, stochastic_depth_noise
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,14 +34,16 @@ class _Draws(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("draw", ["torchvision stochastic depth", "fused_mbconv stochastic depth", "dropout"])
+@pytest.mark.parametrize("draw", ["torchvision stochastic depth", "fused_mbconv stochastic depth",
+                                  "fused block's branch noise", "dropout"])  # fmt: skip
 def test_every_mask_is_drawn_in_float32(draw, dtype):
     x = torch.randn(6, 5, 3, 3).to(dtype)
     layer = {
-        "torchvision stochastic depth": torchvision.ops.StochasticDepth(0.4, "row"),
-        "fused_mbconv stochastic depth": StochasticDepth(0.4),
-        "dropout": torch.nn.Dropout(0.4),
-    }[draw].train()
+        "torchvision stochastic depth": torchvision.ops.StochasticDepth(0.4, "row").train(),
+        "fused_mbconv stochastic depth": StochasticDepth(0.4).train(),
+        "fused block's branch noise": lambda x: stochastic_depth_noise(StochasticDepth(0.4).train(), x),
+        "dropout": torch.nn.Dropout(0.4).train(),
+    }[draw]
     with parity.same_masks_in_every_dtype(), _Draws() as draws:
         layer(x)
     assert draws.dtypes == [torch.float32] and not draws.native_dropout
