@@ -230,16 +230,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _compiled(providers: list[str]) -> bool:
-    """Whether these providers are torch.compile's (a pass holds only such, or none)."""
-    return any(PROVIDERS[p][1] not in (None, GRAPHED) for p in providers)
+def _compiled(provider: str) -> bool:
+    """Whether ``provider`` runs a torch.compile'd model."""
+    return PROVIDERS[provider][1] not in (None, GRAPHED)
 
 
 def _passes(plan: list, providers: list[str]) -> list[tuple[tuple, list[str]]]:
     """(plan entry, its providers) in the order they run: every variant's uncompiled providers
     first, then the torch.compile ones (a compile of each variant took minutes: under a time
     budget, they would leave the later variants unmeasured)."""
-    compiled = [p for p in providers if _compiled([p])]
+    compiled = [p for p in providers if _compiled(p)]
     plain = [p for p in providers if p not in compiled]
     return [(entry, group) for group in (plain, compiled) if group for entry in plan]
 
@@ -275,7 +275,9 @@ def main(argv=None) -> int:
     with tqdm(total=steps, file=sys.stderr, desc="bench") as progress:
         for (variant, resolution, latency), pass_providers in _passes(plan, providers):
             over_budget = args.time_budget is not None and time.monotonic() - start > args.time_budget
-            unselected = _compiled(pass_providers) and compile_variants is not None and variant not in compile_variants
+            # a pass's providers are all compiled or none (_passes)
+            unselected = compile_variants is not None and variant not in compile_variants and (
+                _compiled(pass_providers[0]))
             models = dict.fromkeys(pass_providers) if over_budget or unselected else build_models(
                 variant, pass_providers, device, DTYPES[args.dtype], channels_last)  # fmt: skip
             repeats = args.repeats or (GPU_REPEATS.get(variant, 10) if device.type == "cuda" else 3)
