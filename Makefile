@@ -46,7 +46,7 @@ test-oldest:
 # Before a GPU session's first device call (no GPU needed, ~70 min here): the suite on the GPU
 # image's versions, then their Triton kernels (B0-B7's benchmark steps, the kernel benches', the
 # blocks', the shape sweeps', the models step's, the tests step's) compiled ahead into
-# .triton-cache.tar.gz (2026-11-27: 1902 kernels, 58.1 MiB, of which the tests step's ~850 kernels
+# .triton-cache.tar.xz (2026-11-27: 1902 kernels, 29.8 MiB xz-compressed, of which the tests step's ~850 kernels
 # took ~30 min; carry it: the device tool sends at most 64 MiB with the tree). After a kernel edit,
 # the same command with --drop-unused instead of --fresh recompiles what changed (the projection
 # kernels' edit of 2026-11-27: 52 min, ~1200 kernels).

@@ -22,14 +22,14 @@
 # A step is skipped when less than half its time limit is left in the budget (with at least
 # half, it runs cut short); a failing step does not stop the later ones.
 # With a Triton cache built ahead (`make gpu-prep` or bench/precompile_triton.py, no GPU needed),
-# name .triton-cache.tar.gz in the device tool's `carry`: its kernels load instead of compiling.
+# name .triton-cache.tar.xz in the device tool's `carry`: its kernels load instead of compiling.
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
 # se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
-# fused_mbconv/ops/auto_table.json), models.log, hostprof.log, triton-cache-new.tar.gz (with a
+# fused_mbconv/ops/auto_table.json), models.log, hostprof.log, triton-cache-new.tar.xz (with a
 # carried cache): 8 files come back at most, so a call that writes more loses some (the default
 # steps write all but models.log).
 set -uo pipefail
@@ -77,10 +77,10 @@ LOG="$OUT/steps.log"
 # "auto" table) need no fused_mbconv._C, and the build took 60-150 s of a 15-minute session
 [[ ${SKIP_BUILD:-0} == 1 ]] || step build 150 "$LOG" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
 # Triton kernels compiled ahead on a machine without a GPU (bench/precompile_triton.py, run there
-# with this image's Python, torch and triton; the device tool carries .triton-cache.tar.gz when
+# with this image's Python, torch and triton; the device tool carries .triton-cache.tar.xz when
 # `carry` names it): used when this machine's triton would hit them, else compiled here as usual
 CACHE_DIR=/tmp/fused_mbconv_triton_cache
-CACHE_ARCHIVE=${CACHE_ARCHIVE-.triton-cache.tar.gz}  # empty: none
+CACHE_ARCHIVE=${CACHE_ARCHIVE-.triton-cache.tar.xz}  # empty: none
 if [[ -f $CACHE_ARCHIVE ]] && $PY bench/precompile_triton.py --unpack "$CACHE_ARCHIVE" >>"$SUMMARY" 2>&1; then
   export TRITON_CACHE_DIR=$CACHE_DIR
   touch "$CACHE_DIR.unpacked"
@@ -231,12 +231,10 @@ for name in $STEPS; do
   "$name"
 done
 # what this run added to the cache (kernels the archive lacked, the autotuner's timings) comes back
-# as triton-cache-new.tar.gz: `bench/precompile_triton.py --merge` adds it to the archive, and the
+# as triton-cache-new.tar.xz: `bench/precompile_triton.py --merge` adds it to the archive, and the
 # next session neither compiles nor tunes those again
 if [[ -n ${TRITON_CACHE_DIR:-} ]]; then
-  echo "triton cache: $(find "$CACHE_DIR" -name '*.cubin' -newer "$CACHE_DIR.unpacked" | wc -l) kernels compiled here" >>"$SUMMARY"
-  (cd "$(dirname "$CACHE_DIR")" && find "$(basename "$CACHE_DIR")" -type f -newer "$CACHE_DIR.unpacked" \
-    \( -name '*.cubin' -o -name '*.json' \) -print0 | tar czf "$OUT/triton-cache-new.tar.gz" --null -T -) \
-    && echo "triton cache: $(du -h "$OUT/triton-cache-new.tar.gz" | cut -f1) of new entries in triton-cache-new.tar.gz" >>"$SUMMARY"
+  $PY bench/precompile_triton.py --pack-new "$CACHE_DIR.unpacked" "$OUT/triton-cache-new.tar.xz" >>"$SUMMARY" 2>&1 \
+    && echo "triton cache: $(du -h "$OUT/triton-cache-new.tar.xz" | cut -f1) of new entries" >>"$SUMMARY"
 fi
 cat "$SUMMARY"

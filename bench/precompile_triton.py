@@ -15,7 +15,11 @@ and cache-relevant environment match the stamp's.
 
     make test-oldest     # makes .venv-oldest (Python 3.12, torch 2.11, triton 3.6; ~4 GB) and tests on it
     make gpu-prep        # then all of it: B0-B7, the kernel benchmarks, the blocks, the sweeps, the models step
-    bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.gz"]` in the device tool's call
+    bash bench/gpu_check.sh ... with `carry: [".triton-cache.tar.xz"]` in the device tool's call
+
+The archive is xz-compressed: the device tool sends at most 64 MiB, tree and carried paths
+together, and gzip had the 1902 kernels of 2026-11-27 at 58.1 MiB, xz has 29.8 MiB (the cubins
+are 214 MiB unpacked), which leaves room for what later sessions merge in.
 
 (Written 2026-11-26 with the triton 3.6.0 wheel from PyPI, whose triton_key the device's must
 match; whether it does is first seen in the next GPU session's summary.txt.)
@@ -39,6 +43,10 @@ CACHE_DIR = "/tmp/fused_mbconv_triton_cache"  # the same absolute path on both m
 STAMP = "fused_mbconv_stamp.json"
 GPU_TUNED = "fused_mbconv_gpu_tuned.txt"  # the autotuner's choices made on a GPU (--merge), one path a line
 GPU_MULTIPROCESSORS = 132  # H100 SXM and H200
+ARCHIVE = ".triton-cache.tar.xz"  # git-ignored; carried to the device
+NEW_ARCHIVE = "triton-cache-new.tar.xz"  # what a GPU session adds (gpu_check.sh writes it into $OUT)
+# the device tool carries at most 64 MiB, the tree's ~1.5 MiB included; past this the pack warns
+CARRY_WARN_MIB = 60
 
 
 def stamp() -> dict:
@@ -119,10 +127,10 @@ def _gpu_tuned(cache_dir: str) -> set[str]:
 
 
 def merge(archive_path: str, cache_dir: str = CACHE_DIR) -> None:
-    """Add what a GPU session compiled and tuned (gpu_check.sh's triton-cache-new.tar.gz: the
-    cache files written after the archive was unpacked there) to ``cache_dir``: kernels the
-    stand-in runs did not reach, and the autotuner's timings, which then save the next session
-    the tuning (B0-B6's training rows of the 2026-11-27 sweep: ~25 s each, mostly that)."""
+    """Add what a GPU session compiled and tuned (gpu_check.sh's NEW_ARCHIVE, from ``pack_new``)
+    to ``cache_dir``: kernels the stand-in runs did not reach, and the autotuner's timings, which
+    then save the next session the tuning (B0-B6's training rows of the 2026-11-27 sweep: ~25 s
+    each, mostly that)."""
     with tarfile.open(archive_path) as archive:
         names = [m.name for m in archive.getmembers() if m.isfile()]
         archive.extractall(Path(cache_dir).parent, filter="data")
@@ -132,12 +140,29 @@ def merge(archive_path: str, cache_dir: str = CACHE_DIR) -> None:
     print(f"{archive_path}: {len(names)} files merged into {cache_dir}, {len(tuned)} of them the autotuner's timings")
 
 
+def pack_new(cache_dir: str, since: str, out: str) -> int:
+    """On the GPU machine: pack the kernels and autotuner timings (cubins and json files) written
+    in ``cache_dir`` after the file ``since`` (the unpacking's marker) into ``out``; returns how
+    many kernels that is."""
+    after = Path(since).stat().st_mtime
+    new = [p for p in Path(cache_dir).rglob("*") if p.suffix in (".cubin", ".json") and p.stat().st_mtime > after]
+    # preset 1 for the device's time: 300 kernels in 2 s here (Python's gzip: 8 s), 30% smaller
+    with tarfile.open(out, "w:xz", preset=1) as archive:
+        for path in new:
+            archive.add(path, arcname=str(path.relative_to(Path(cache_dir).parent)))
+    return sum(p.suffix == ".cubin" for p in new)
+
+
 def _pack(cache_dir: str, out: str, built: dict) -> None:
     _prune(cache_dir)
     (Path(cache_dir) / STAMP).write_text(json.dumps(built, indent=1))
-    with tarfile.open(out, "w:gz") as archive:
+    with tarfile.open(out, "w:xz") as archive:
         archive.add(cache_dir, arcname=Path(cache_dir).name)
-    print(f"{out}: {_kernels(cache_dir)} kernels, {Path(out).stat().st_size / 2**20:.1f} MiB; {built}")
+    mib = Path(out).stat().st_size / 2**20
+    print(f"{out}: {_kernels(cache_dir)} kernels, {mib:.1f} MiB; {built}")
+    if mib > CARRY_WARN_MIB:
+        print(f"warning: {out} is {mib:.1f} MiB: with the tree it may pass the device tool's 64 MiB; "
+              "rebuild with --fresh (or --drop-unused) to leave out kernels no step uses")  # fmt: skip
 
 
 def _drop_unused(cache_dir: str, used: set[Path]) -> None:
@@ -235,7 +260,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, help="default: the GPU benchmark's batch per variant and mode")
     p.add_argument("--resolution", type=int, help="default: each variant's native resolution")
     p.add_argument("--cache-dir", default=CACHE_DIR, help="an absolute path, the same on the GPU machine")
-    p.add_argument("--out", default=".triton-cache.tar.gz", help="the archive (git-ignored; carried to the device)")
+    p.add_argument("--out", default=ARCHIVE, help="the archive (git-ignored; carried to the device)")
     p.add_argument("--kernel-benchmarks", action="store_true",
                    help="also the triton rows of bench_dwconv.py and bench_se_project.py --quick")
     p.add_argument("--blocks", action="store_true", help="also the blocks of gpu_smoke.py and host_cost.py")
@@ -250,10 +275,15 @@ def main(argv=None) -> None:
                    help="afterwards, delete the kernels this run neither compiled nor found (older sources)")
     p.add_argument("--unpack", metavar="ARCHIVE", help="on the GPU machine: unpack ARCHIVE if usable there")
     p.add_argument("--merge", metavar="ARCHIVE",
-                   help="add a GPU session's triton-cache-new.tar.gz to the cache directory, then pack --out")
+                   help=f"add a GPU session's {NEW_ARCHIVE} to the cache directory, then pack --out")
+    p.add_argument("--pack-new", nargs=2, metavar=("SINCE", "ARCHIVE"),
+                   help="on the GPU machine: pack the cache entries written after the file SINCE into ARCHIVE")
     args = p.parse_args(argv)
     if args.unpack:
         sys.exit(0 if unpack(args.unpack, args.cache_dir) else 1)
+    if args.pack_new:
+        print(f"{pack_new(args.cache_dir, *args.pack_new)} kernels compiled here, packed into {args.pack_new[1]}")
+        return
     if args.merge:  # the stamp stays the one the cache was built with (this Python's triton may differ)
         merge(args.merge, args.cache_dir)
         _pack(args.cache_dir, args.out, json.loads((Path(args.cache_dir) / STAMP).read_text()))

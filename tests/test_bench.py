@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -424,7 +425,7 @@ def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
 
     # one config a kernel (no autotuning): the property is the same, the compiling a third
     env = standin_subprocess_env(FUSED_MBCONV_TRITON_AUTOTUNE="0")
-    cache, archive = tmp_path / "cache", tmp_path / "cache.tar.gz"
+    cache, archive = tmp_path / "cache", tmp_path / "cache.tar.xz"
     args = [sys.executable, "bench/precompile_triton.py", "--variants", "b0", "--modes", "infer", "--batch", "2",
             "--resolution", "64", "--cache-dir", str(cache), "--out", str(archive)]  # fmt: skip
 
@@ -436,6 +437,7 @@ def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
     first = re.search(r"(\d+) kernels compiled, (\d+) found", run("--fresh"))
     assert int(first.group(1)) > 10, first.group(0)
     shutil.rmtree(cache)
+    assert tarfile.is_tarfile(archive) and archive.read_bytes()[:6] == b"\xfd7zXZ\x00"  # xz: half gzip's size
     assert "kernels in" in run("--unpack", str(archive))
     kept = {p.suffix for p in cache.rglob("*.*")}
     assert ".cubin" in kept and not kept & {".ptx", ".ttgir", ".llir"}, kept
@@ -445,11 +447,10 @@ def test_precompiled_triton_cache_is_hit_after_unpacking(tmp_path):
 
 
 def test_merged_gpu_session_cache_keeps_its_autotuning(tmp_path):
-    """precompile_triton.py --merge: a GPU session's new cache entries (gpu_check.sh's
-    triton-cache-new.tar.gz) join the cache and the packed archive, the autotuner's timings made
-    there included, while those the stand-in made are still dropped; the stamp stays."""
-    import tarfile
-
+    """precompile_triton.py on both sides of a GPU session: there, --pack-new packs the cache
+    entries written after the unpacking's marker (not the unpacked ones); here, --merge adds them
+    to the cache and the packed archive, the autotuner's timings made there included, while those
+    the stand-in made are still dropped; the stamp stays."""
     from bench import precompile_triton as pre
 
     def files(root, *names):
@@ -460,16 +461,23 @@ def test_merged_gpu_session_cache_keeps_its_autotuning(tmp_path):
     cache = tmp_path / "fused_mbconv_triton_cache"
     files(cache, "K1/k.cubin", "K1/k.json", "A1/f.autotune.json")
     (cache / pre.STAMP).write_text('{"triton": "x"}')
-    gpu = tmp_path / "gpu" / cache.name
+    gpu = tmp_path / "gpu" / cache.name  # the GPU machine's cache: unpacked, then its own entries
+    files(gpu, "K1/k.cubin", "K1/k.json")
+    marker = tmp_path / "gpu" / "unpacked"
+    marker.touch()
+    os.utime(marker, (marker.stat().st_mtime + 1,) * 2)  # later than the unpacked files
     files(gpu, "K2/k.cubin", "A2/g.autotune.json")
-    new = tmp_path / "triton-cache-new.tar.gz"
-    with tarfile.open(new, "w:gz") as archive:
-        archive.add(gpu, arcname=cache.name)
-    out = tmp_path / "out.tar.gz"
+    for new_file in ("K2/k.cubin", "A2/g.autotune.json"):
+        os.utime(gpu / new_file, (marker.stat().st_mtime + 1,) * 2)
+    new = tmp_path / pre.NEW_ARCHIVE
+    pre.main(["--cache-dir", str(gpu), "--pack-new", str(marker), str(new)])
+    root = cache.name
+    with tarfile.open(new) as archive:
+        assert set(archive.getnames()) == {f"{root}/K2/k.cubin", f"{root}/A2/g.autotune.json"}
+    out = tmp_path / "out.tar.xz"
     pre.main(["--merge", str(new), "--cache-dir", str(cache), "--out", str(out)])
     with tarfile.open(out) as archive:
         names = set(archive.getnames())
-    root = cache.name
     assert {f"{root}/K1/k.cubin", f"{root}/K2/k.cubin", f"{root}/A2/g.autotune.json", f"{root}/{pre.STAMP}"} <= names
     assert f"{root}/A1/f.autotune.json" not in names
     assert json.loads((cache / pre.STAMP).read_text()) == {"triton": "x"}
