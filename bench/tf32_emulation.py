@@ -13,8 +13,13 @@ conv's input and weight first rounded to TF32 as one implementation would:
   projection and head convs (fused_mbconv's GEMMs) truncate or round; SE's FCs are exact (the
   excite kernel's IEEE dots); the stem is eager's.
 
-fp32's own rounding (2^-24) is left out: TF32's (2^-11) dominates. ``--train`` also compares the
-running statistics after one training-mode forward (parity.compare_all, as the models step).
+The backward rounds as the forward: cuDNN's data and weight gradients of a TF32 conv take TF32
+operands (the output gradient and the weight, or the input), and so do the fused GEMMs' dx and
+dweight GEMMs (``_triton.dot`` with the forward's precision); depthwise and SE stay exact.
+
+fp32's own rounding (2^-24) is left out: TF32's (2^-11) dominates. ``--train`` also runs the
+models step's training step (same seeds, masks and labels) and checks its logits, every gradient
+and the running statistics as that step does (parity.compare_all).
 
     python bench/tf32_emulation.py --variant b0 --batch 8    # the models step's batch for B0-B3
 """
@@ -33,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `fused_mbconv` importable
 
 from fused_mbconv import parity  # noqa: E402
-from fused_mbconv.__main__ import SEED, randomize_batch_norm_  # noqa: E402
+from fused_mbconv.__main__ import SEED, Runner, randomize_batch_norm_  # noqa: E402
 from fused_mbconv.models import VARIANTS  # noqa: E402
 
 TF32_DROPPED_BITS = 0x1FFF  # fp32 keeps 23 mantissa bits, TF32 10: the low 13 go
@@ -69,28 +74,51 @@ IMPLEMENTATIONS = {  # role -> rounding of the operands
 }
 
 
+class _RoundedConv(torch.autograd.Function):
+    """conv2d whose forward and both backward products take operands rounded by ``mode``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv: nn.Conv2d, mode: str):
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.mode, ctx.has_bias = conv, mode, bias is not None
+        return F.conv2d(to_tf32(x, mode), to_tf32(weight, mode), bias, conv.stride, conv.padding, conv.dilation,
+                        conv.groups)  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        conv, mode = ctx.conv, ctx.mode
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        dy_r = to_tf32(dy, mode)
+        dx = torch.nn.grad.conv2d_input(x.shape, to_tf32(weight, mode), dy_r, *args)
+        dw = torch.nn.grad.conv2d_weight(to_tf32(x, mode), weight.shape, dy_r, *args)
+        return dx, dw, dy.sum((0, 2, 3)) if ctx.has_bias else None, None, None
+
+
 def emulated(model: nn.Module, rounding: dict[str, str]) -> nn.Module:
-    """A float64 copy of ``model`` whose convs round their operands to TF32 by ``rounding``."""
+    """A float64 copy of ``model`` whose convs round their operands to TF32 by ``rounding``,
+    forward and backward."""
     model = copy.deepcopy(model).double()
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d):
             mode = rounding[conv_role(name, conv)]
-
-            def forward(x, conv=conv, mode=mode):
-                w = to_tf32(conv.weight, mode)
-                return F.conv2d(to_tf32(x, mode), w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-            conv.forward = forward
+            conv.forward = lambda x, conv=conv, mode=mode: _RoundedConv.apply(x, conv.weight, conv.bias, conv, mode)
     return model
 
 
-def running_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The BN buffers after one training-mode forward (the models step's seeded masks)."""
-    model.train()
-    torch.manual_seed(SEED)
-    with torch.no_grad():
-        model(x)
-    return {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(logits, gradients, BN buffers) of the models step's training step (its seeded masks)."""
+    return Runner(torch.device("cpu"), torch.float64, channels_last=False).train_step(model, x, labels, torch.float64)
+
+
+def training_checks(steps: dict[str, tuple], fused: str) -> list[parity.Check]:
+    """The models step's training checks of implementation ``fused`` against eager and exact."""
+    (f_logits, *f_sets), (e_logits, *e_sets), (x_logits, *x_sets) = (steps[n] for n in (fused, "eager (cuDNN)", "exact"))
+    checks = [parity.compare("train logits", f_logits, e_logits, x_logits, torch.float32)]
+    for what, sets in zip(("gradients", "running statistics"), zip(f_sets, e_sets, x_sets)):
+        w = parity.worst(parity.compare_all(*sets, torch.float32))
+        checks.append(parity.Check(f"{what} (worst: {w.name})", w.error, w.bound, w.eager_error))
+    return checks
 
 
 def main(argv=None) -> None:
@@ -99,7 +127,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="b0", choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train", action="store_true", help="also the running statistics of a training forward")
+    p.add_argument("--train", action="store_true", help="also the models step's training step: logits, gradients, running statistics")
     args = p.parse_args(argv)
     # as python -m fused_mbconv builds them: the same generator draws the BN values, then the input
     generator = torch.Generator().manual_seed(SEED)
@@ -107,6 +135,7 @@ def main(argv=None) -> None:
     tv = randomize_batch_norm_(getattr(torchvision.models, f"efficientnet_{args.variant}")(), generator)
     size = VARIANTS[args.variant].resolution
     x = torch.randn(args.batch, 3, size, size, generator=generator).double()
+    labels = torch.randint(0, 1000, (args.batch,), generator=generator)
     models = {name: emulated(tv, rounding) for name, rounding in IMPLEMENTATIONS.items()}
     with torch.no_grad():
         logits = {name: m.eval()(x) for name, m in models.items()}
@@ -114,10 +143,11 @@ def main(argv=None) -> None:
     for name in list(IMPLEMENTATIONS)[1:]:
         print(f"  {name}: {(logits[name] - logits['exact']).abs().max().item():.3g}")
     if args.train:
-        stats = {name: running_statistics(m, x) for name, m in models.items()}
+        steps = {name: training_step(m, x, labels) for name, m in models.items()}
         for name in ("fused, truncated", "fused, rounded"):
-            checks = parity.compare_all(stats[name], stats["eager (cuDNN)"], stats["exact"], torch.float32)
-            print(f"  running statistics, {name}: worst {parity.worst(checks)}")
+            print(f"  training step, {name}:")
+            for check in training_checks(steps, name):
+                print(f"    {check}")
 
 
 if __name__ == "__main__":

@@ -534,8 +534,9 @@ def test_tf32_emulation_rounds_as_the_kernels_and_truncation_biases_the_logits()
     """bench/tf32_emulation.py: its rounding to nearest is the one the kernels' round_to_tf32 is
     tested against (ties away), truncation drops the 13 low bits; each conv of torchvision's B0
     gets its implementation's role; with exact operands the emulated model is the float64 model;
-    and truncated GEMM operands put a small B0's logits further from exact than rounded ones
-    (their bias adds up along each reduction)."""
+    truncated GEMM operands put a small B0's logits further from exact than rounded ones (their
+    bias adds up along each reduction); and the emulated conv's backward is autograd's with exact
+    operands, within TF32's rounding with rounded ones."""
     import torchvision
     from test_triton_helpers import _tf32_nearest
 
@@ -560,6 +561,19 @@ def test_tf32_emulation_rounds_as_the_kernels_and_truncation_biases_the_logits()
     assert torch.equal(logits["exact"], exact)
     error = {name: (y - exact).abs().max().item() for name, y in logits.items()}
     assert error["fused, truncated"] > 2 * error["fused, rounded"] > 0, error
+
+    # the backward: exact operands give autograd's conv gradients; rounded ones are a TF32 unit off
+    conv = torch.nn.Conv2d(6, 4, 3, stride=2, padding=1).double()
+    inputs = torch.randn(2, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    want = torch.autograd.grad(conv(inputs), (inputs, conv.weight, conv.bias), dy)
+    for mode, most in (("exact", 1e-12), ("nearest", 2.0**-10)):
+        got = torch.autograd.grad(emu._RoundedConv.apply(inputs, conv.weight, conv.bias, conv, mode),
+                                  (inputs, conv.weight, conv.bias), dy)  # fmt: skip
+        for name, g, w in zip(("input", "weight", "bias"), got, want):
+            relative = ((g - w).abs().max() / w.abs().max()).item()
+            rounded = mode == "nearest" and name != "bias"  # the bias gradient is a plain sum of dy
+            assert relative < most and (relative > 2.0**-16 if rounded else True), (mode, name, relative)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kprofile step would run for real")

@@ -1,6 +1,6 @@
 """The fused EfficientNet against torchvision's (the independent eager reference): the same module
-and state_dict layout for B0-B7, the same eval logits and training step (loss, every gradient,
-running statistics) with the same weights, timm checkpoints, feature maps, and bad input."""
+and state_dict layout for B0-B7, the same eval logits and training step (its logits, every
+gradient, running statistics) with the same weights, timm checkpoints, feature maps, and bad input."""
 
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ def test_eval_logits_match_torchvision(variant, size, layout, backend):
 
 def train_step(model, x, labels, seed=3, run=None):
     """One training step of ``model`` (called through ``run``, e.g. its compiled form) with dropout
-    and stochastic depth active (the same masks from the same seed); returns the loss, gradients
-    and buffers (cloned) by name."""
+    and stochastic depth active (the same masks from the same seed); returns the logits (which
+    bound the loss: fused_mbconv/parity.py), gradients and buffers (cloned) by name."""
     model.train().zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     # compiled runs have no dropout nor stochastic depth, and stay free of the function mode
@@ -153,7 +153,7 @@ def train_step(model, x, labels, seed=3, run=None):
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return loss.detach(), grads, buffers
+    return logits.detach(), grads, buffers
 
 
 @pytest.mark.parametrize("backend", model_backends())
@@ -167,7 +167,7 @@ def test_training_step_matches_torchvision(variant, size, layout, backend):
     with backend_everywhere(backend):
         f = train_step(fused, x, labels)
     e, d = train_step(tv, x, labels), train_step(exact, x.contiguous(), labels)  # fp64 is slow in channels_last
-    check(parity.compare("loss", f[0], e[0], d[0], torch.float32))
+    check(parity.compare("training logits", f[0], e[0], d[0], torch.float32))
     assert set(f[1]) == set(d[1]) and all(g is not None for g in f[1].values())
     grads = parity.compare_all(f[1], e[1], d[1], torch.float32)
     stats = {n: t for n, t in d[2].items() if t.is_floating_point()}
@@ -347,7 +347,7 @@ def test_compile_fullgraph_whole_model_eval_and_train(compiler):
     compiled.train()
     c, e, d = train_step(model, x, labels, run=compiled), train_step(tv, x, labels), train_step(exact, x, labels)
     print(f"compile and run: eval {eval_s:.1f} s, train {time.perf_counter() - start - eval_s:.1f} s")
-    check(parity.compare("compiled loss", c[0], e[0], d[0], torch.float32))
+    check(parity.compare("compiled training logits", c[0], e[0], d[0], torch.float32))
     grads = parity.compare_all(c[1], e[1], d[1], torch.float32)
     print("worst:", parity.worst(grads))
     assert all(g.ok for g in grads), [str(g) for g in grads if not g.ok]
@@ -380,6 +380,6 @@ def test_compile_reduce_overhead_replays_cuda_graphs(backend):
         for seed in range(3):
             x = images(2, 64, seed=10 + seed)
             c, e, d = train_step(model, x, labels, run=compiled), train_step(tv, x, labels), train_step(exact, x, labels)
-            check(parity.compare(f"training loss, call {seed}", c[0], e[0], d[0], torch.float32))
+            check(parity.compare(f"training logits, call {seed}", c[0], e[0], d[0], torch.float32))
             grads = parity.compare_all(c[1], e[1], d[1], torch.float32)
             assert all(g.ok for g in grads), [str(g) for g in grads if not g.ok]

@@ -19,7 +19,7 @@ def test_main_reports_pass(capsys):
     out = capsys.readouterr().out
     print(out)
     assert out.startswith("## fused_mbconv: EfficientNet-B0, 64x64, batch 2, float32, cpu")
-    for row in ("| eval logits |", "| train loss |", "| gradients (worst of 213", "| running statistics (worst of 98",
+    for row in ("| eval logits |", "| train logits |", "| gradients (worst of 213", "| running statistics (worst of 98",
                 "| inference |", "| training step |", "| activations kept for backward |"):  # fmt: skip
         assert row in out
     assert "FAIL" not in out and out.rstrip().endswith("**PASS**")

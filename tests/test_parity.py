@@ -1,7 +1,8 @@
-"""parity.same_masks_in_every_dtype: stochastic depth's and dropout's masks drawn in float32 for
-every dtype, so that a float64 reference trains the same network as the fp32 and 16-bit models.
-The draws are watched at the aten level (on the CPU torch's masks agree across dtypes anyway; on
-CUDA they do not, and the last test checks the masks themselves there)."""
+"""fused_mbconv/parity.py. same_masks_in_every_dtype: stochastic depth's and dropout's masks drawn
+in float32 for every dtype, so that a float64 reference trains the same network as the fp32 and
+16-bit models. The draws are watched at the aten level (on the CPU torch's masks agree across
+dtypes anyway; on CUDA they do not, and a test checks the masks themselves there). Then how
+checks are ranked, and why a training forward is judged by its logits."""
 
 from __future__ import annotations
 
@@ -88,3 +89,39 @@ def test_float64_masks_equal_float32_masks_on_the_device():
     for dtype in (torch.float32, torch.bfloat16):
         assert all(torch.equal(a, b) for a, b in zip(masks[dtype], masks[torch.float64])), dtype
     assert 0 < masks[torch.float32][0].sum() < 64  # some dropped, some kept: a mask to compare
+
+
+def test_worst_ranks_by_share_of_bound_and_all_zero_tensors_last():
+    """parity.worst: the check nearest its bound (or furthest past it) is named; a tensor exactly
+    zero everywhere (error 0, bound 0: a dropped block's gradients) ranks below any other, while
+    a nonzero error against a zero bound ranks first."""
+    exact = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0]), "zero": torch.zeros(3)}
+    eager = {"a": exact["a"] + 1e-3, "b": exact["b"] + 1e-3, "zero": torch.zeros(3)}
+    fused = {"a": exact["a"] + 1e-3, "b": exact["b"] + 3e-3, "zero": torch.zeros(3)}
+    checks = parity.compare_all(fused, eager, exact, torch.float32)
+    assert all(c.ok for c in checks)
+    assert parity.worst(checks).name == "b"
+    assert [c.bound for c in checks if c.name == "zero"] == [0.0]
+    fused["zero"] = torch.full((3,), 1e-9)
+    assert parity.worst(parity.compare_all(fused, eager, exact, torch.float32)).name == "zero"
+
+
+def test_a_training_forward_is_judged_by_logits_which_bound_the_loss():
+    """What parity.py argues for judging the training forward by its logits: a mean cross-entropy
+    moves by at most twice the logits' largest change (its gradient's L1 norm per sample is at
+    most 2), on random perturbations, and the factor 2 is needed: a small step of every logit
+    against a confidently wrong model comes within 1% of it."""
+    ce = torch.nn.functional.cross_entropy
+    generator = torch.Generator().manual_seed(0)
+    z = (torch.randn(16, 1000, generator=generator, dtype=torch.float64) * 4).requires_grad_(True)
+    labels = torch.randint(0, 1000, (16,), generator=generator)
+    loss = ce(z, labels)
+    (grad,) = torch.autograd.grad(loss, z)
+    z = z.detach()
+    for scale in (1e-4, 1e-1, 3.0):
+        dz = torch.randn(z.shape, generator=generator, dtype=torch.float64) * scale
+        change = (ce(z + dz, labels) - loss).abs()
+        assert 0 < change <= 2 * dz.abs().max(), (scale, change.item())
+    step = 1e-6
+    change = (ce(z + step * grad.sign(), labels) - loss).abs()
+    assert 0.99 * 2 * step < change <= 2 * step, change.item() / step
