@@ -113,7 +113,8 @@ def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tu
 
 def training_checks(steps: dict[str, tuple], fused: str) -> list[parity.Check]:
     """The models step's training checks of implementation ``fused`` against eager and exact."""
-    (f_logits, *f_sets), (e_logits, *e_sets), (x_logits, *x_sets) = (steps[n] for n in (fused, "eager (cuDNN)", "exact"))
+    names = (fused, "eager (cuDNN)", "exact")
+    (f_logits, *f_sets), (e_logits, *e_sets), (x_logits, *x_sets) = (steps[n] for n in names)
     checks = [parity.compare("train logits", f_logits, e_logits, x_logits, torch.float32)]
     for what, sets in zip(("gradients", "running statistics"), zip(f_sets, e_sets, x_sets)):
         w = parity.worst(parity.compare_all(*sets, torch.float32))
@@ -127,7 +128,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="b0", choices=list(VARIANTS))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--train", action="store_true", help="also the models step's training step: logits, gradients, running statistics")
+    p.add_argument("--train", action="store_true",
+                   help="also the models step's training step: logits, gradients, running statistics")
     args = p.parse_args(argv)
     # as python -m fused_mbconv builds them: the same generator draws the BN values, then the input
     generator = torch.Generator().manual_seed(SEED)
