@@ -153,7 +153,7 @@ def train_step(model, x, labels, seed=3, run=None):
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return logits.detach(), grads, buffers
+    return logits.detach().clone(), grads, buffers  # a CUDA graph's output buffer is reused by its next replay
 
 
 @pytest.mark.parametrize("backend", model_backends())
