@@ -20,8 +20,8 @@ Its forward is judged by its logits, not by its loss. The loss is one scalar, so
 one sample of rounding noise: where that noise is well above the floor (fp32 on a GPU, whose
 convs round to TF32; 16-bit), "at most twice eager's" would fail an implementation exactly as
 precise as eager about 30% of the time (for two equal, independent Gaussian errors
-P(|X/Y| > 2) = 1 - (2/pi) atan 2; a float64 emulation of fp32 TF32 on B4 put the fused loss at
-0.98 of that bound). The logits' largest error over N x classes values is stable, and it bounds
+P(|X/Y| > 2) = 1 - (2/pi) atan 2; a float64 emulation of fp32's TF32 convs put B4's fused loss
+at 0.98 of that bound and failed B6's). The logits' largest error over N x classes values is stable, and it bounds
 the loss: a mean cross-entropy's gradient has an L1 norm of at most 2 per sample, so the loss
 moves by at most twice the logits' largest change.
 """
