@@ -2,8 +2,8 @@
 
 Builds an EfficientNet variant on the fused ops and torchvision's eager model with the same random
 weights, checks that eval logits and one training step (its logits, every gradient, running
-statistics) match, times both (inference and a training step), and prints a markdown report. Exit code 1 when
-a check fails.
+statistics) match, times both (inference and a training step), and prints a markdown report.
+Exit code 1 when a check fails.
 
 Matching means: against the same model computed in float64, the fused model's error is at most
 twice eager PyTorch's error in the same dtype plus a small floor per dtype (fusing may reorder sums
