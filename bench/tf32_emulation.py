@@ -19,7 +19,7 @@ dweight GEMMs (``_triton.dot`` with the forward's precision); depthwise and SE s
 
 fp32's own rounding (2^-24) is left out: TF32's (2^-11) dominates. ``--train`` also runs the
 models step's training step (same seeds, masks and labels) and checks its logits, every gradient
-and the running statistics as that step does (parity.compare_all).
+and the running statistics as that step does (its `training_checks`).
 
     python bench/tf32_emulation.py --variant b0 --batch 8    # the models step's batch for B0-B3
 """
@@ -37,8 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `fused_mbconv` importable
 
-from fused_mbconv import parity  # noqa: E402
-from fused_mbconv.__main__ import SEED, Runner, randomize_batch_norm_  # noqa: E402
+from fused_mbconv.__main__ import SEED, Runner, randomize_batch_norm_, training_checks  # noqa: E402
 from fused_mbconv.models import VARIANTS  # noqa: E402
 
 TF32_DROPPED_BITS = 0x1FFF  # fp32 keeps 23 mantissa bits, TF32 10: the low 13 go
@@ -111,17 +110,6 @@ def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tu
     return Runner(torch.device("cpu"), torch.float64, channels_last=False).train_step(model, x, labels, torch.float64)
 
 
-def training_checks(steps: dict[str, tuple], fused: str) -> list[parity.Check]:
-    """The models step's training checks of implementation ``fused`` against eager and exact."""
-    names = (fused, "eager (cuDNN)", "exact")
-    (f_logits, *f_sets), (e_logits, *e_sets), (x_logits, *x_sets) = (steps[n] for n in names)
-    checks = [parity.compare("train logits", f_logits, e_logits, x_logits, torch.float32)]
-    for what, sets in zip(("gradients", "running statistics"), zip(f_sets, e_sets, x_sets)):
-        w = parity.worst(parity.compare_all(*sets, torch.float32))
-        checks.append(parity.Check(f"{what} (worst: {w.name})", w.error, w.bound, w.eager_error))
-    return checks
-
-
 def main(argv=None) -> None:
     import torchvision
 
@@ -148,7 +136,7 @@ def main(argv=None) -> None:
         steps = {name: training_step(m, x, labels) for name, m in models.items()}
         for name in ("fused, truncated", "fused, rounded"):
             print(f"  training step, {name}:")
-            for check in training_checks(steps, name):
+            for check in training_checks(steps[name], steps["eager (cuDNN)"], steps["exact"], torch.float32):
                 print(f"    {check}")
 
 

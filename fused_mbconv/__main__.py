@@ -105,12 +105,17 @@ def check_parity(
     for name, model, model_dtype in models:
         progress(f"training step: {name}")
         steps.append(runner.train_step(model, x, labels, model_dtype))
-    (f_logits, f_grads, f_bufs), (e_logits, e_grads, e_bufs), (x_logits, x_grads, x_bufs) = steps
+    return checks + training_checks(*steps, dtype)
+
+
+def training_checks(fused: tuple, eager: tuple, exact: tuple, dtype: torch.dtype) -> list[parity.Check]:
+    """The checks of one training step, each step ``Runner.train_step``'s (logits, gradients,
+    BN buffers): the logits, and the worst of the gradients and of the statistics."""
     # the training forward's logits, not its loss: they bound the loss (parity.py) and, unlike one
     # scalar, are a stable measure of the forward's error
-    checks.append(parity.compare("train logits", f_logits, e_logits, x_logits, dtype))
-    for what, sets in (("gradients", (f_grads, e_grads, x_grads)), ("running statistics", (f_bufs, e_bufs, x_bufs))):
-        group = parity.compare_all(*sets, dtype)
+    checks = [parity.compare("train logits", fused[0], eager[0], exact[0], dtype)]
+    for what, i in (("gradients", 1), ("running statistics", 2)):
+        group = parity.compare_all(fused[i], eager[i], exact[i], dtype)
         w = parity.worst(group)
         checks.append(parity.Check(f"{what} (worst of {len(group)}: {w.name})", w.error, w.bound, w.eager_error))
     return checks
