@@ -10,7 +10,7 @@
 # (the suite on CUDA, in parallel workers; on the H200 it did not finish in 150 s: TESTS= picks
 # files), sanitizer (compute-sanitizer memcheck over a subset), auto_table (the measured "auto"
 # choice), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA graphs and by
-# host issue time), kprofile (one layer kernel by kernel), bench_model (B5 end to end, also from
+# host issue time), tile_order (the depthwise kernels' program order, old and new), kprofile (one layer kernel by kernel), bench_model (B5 end to end, also from
 # CUDA graphs), hostprof (the host's time per fused layer call, by function), hostcost (one MBConv
 # block's host time and launches, Triton's fast launch path off and on), racecheck
 # (shared-memory hazards of the CUDA depthwise kernels' halo tiles), profile (B5's training step
@@ -26,6 +26,7 @@
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
+# FUSED_MBCONV_CHANNELS_FASTEST=0 (depthwise apply and dx programs tile fastest),
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
 # se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
@@ -39,7 +40,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
-ALL_STEPS="smoke sweeps tests sanitizer auto_table bench_dw bench_se kprofile bench_model hostprof hostcost racecheck profile main counters"
+ALL_STEPS="smoke sweeps tests sanitizer auto_table bench_dw bench_se tile_order kprofile bench_model hostprof hostcost racecheck profile main counters"
 STEPS=${*:-$ALL_STEPS}
 
 budgeted() {  # budgeted LABEL SECONDS: prints the time limit within BUDGET_S, or fails (noting the skip)
@@ -145,6 +146,16 @@ bench_dw() {
 bench_se() {
   step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/se_project.csv" \
     ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
+}
+# the Triton per-tile depthwise kernels' program order (triton_impl._CHANNELS_FASTEST) both ways,
+# one process each, GPU time from CUDA graphs; rows appended to dwconv.csv, the old order's as
+# provider "triton-tiles-first" (the CUDA kernels' order changed with it: compare their rows with
+# bench/results/2026-11-27_h200_dwconv.csv)
+tile_order() {
+  step tile_order 100 "$LOG" bash -c "$PY bench/bench_dwconv.py --quick --host-share --providers triton,cuda \
+    --out '$OUT/dwconv.csv' && rm -f /tmp/tiles_first.csv && FUSED_MBCONV_CHANNELS_FASTEST=0 $PY bench/bench_dwconv.py \
+    --quick --host-share --providers triton --out /tmp/tiles_first.csv && tail -n +2 /tmp/tiles_first.csv \
+    | sed 's/,triton\(+[a-z]*\)\?,/,triton-tiles-first\1,/' >>'$OUT/dwconv.csv'"
 }
 kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel: which pass takes the time
   step kprofile 60 "$LOG" $PY bench/profile_layer.py --op "${KPROFILE_OP:-dwconv}" ${KPROFILE_SHAPE:+--shape "$KPROFILE_SHAPE"} \

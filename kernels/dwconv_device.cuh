@@ -142,7 +142,7 @@ cudaError_t launch_halo_kernel(void (*kernel)(Params), const Params& p, const Ha
                              static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid_size(t.tiles), t.threads, smem, stream>>>(p);
+  kernel<<<halo_grid_size(t.tiles, t.channel_groups), t.threads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

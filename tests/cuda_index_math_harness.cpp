@@ -8,7 +8,8 @@
 //   harness halo N C OUT_H OUT_W K STRIDE
 //       enumerates every (block, halo tile, thread, strip output) as the halo kernels do; prints
 //       "ok ..." when each (image, channel, output pixel) is computed once, each strip reads inside
-//       the staged patch, and each (row, channel) partial is written once.
+//       the staged patch, each (row, channel) partial is written once, and each block keeps one
+//       channel group.
 //   harness gather K STRIDE H W PAD_TOP PAD_LEFT OUT_H OUT_W  < weight(K*K) dc(OUT_H*OUT_W) x(H*W)
 //       prints dx (H*W) then dweight (K*K) of one channel, gathered tile by tile as the backward's
 //       pass 2 does: dc copied into each gather tile's halo tile (0 outside the output plane), x
@@ -94,11 +95,15 @@ int run_halo(int64_t batch, int64_t channels, int out_h, int out_w, int k, int s
   const int span = (kStrip - 1) * stride + k;
   std::vector<unsigned char> visits(static_cast<size_t>(batch * channels * out_h * out_w), 0);
   std::vector<unsigned char> writes(static_cast<size_t>(t.rows * channels), 0);
-  const unsigned grid = grid_size(t.tiles);
+  const unsigned grid = halo_grid_size(t.tiles, t.channel_groups);
   for (unsigned block = 0; block < grid; ++block) {
+    const int64_t first_group = decode_halo_tile(t, block).group;
     for (int64_t tile = block; tile < t.tiles; tile += grid) {
       const HaloTile tc = decode_halo_tile(t, tile);
       if (tc.n < 0 || tc.n >= batch || tc.oh0 >= out_h || tc.ow0 >= out_w) return fail("tile", tc.oh0, tc.ow0);
+      if (tc.group != first_group) return fail("block changes channel group", block, tile);
+      // consecutive tiles, which run side by side, are the groups of one pixel tile
+      if (tile % t.channel_groups != tc.group) return fail("groups not fastest", tile, tc.group);
       for (int thread = 0; thread < t.threads; ++thread) {
         const HaloLane lane = halo_lane(t, thread);
         if ((lane.row * stride + k - 1) >= t.patch_h || (lane.col0 * stride + span - 1) >= t.patch_w)

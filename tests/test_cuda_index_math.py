@@ -71,7 +71,8 @@ HALO_TILINGS = [  # (N, C, Ho, Wo, k, stride)
     (1, 144, 114, 114, 3, 2),
     (1, 48, 228, 228, 3, 1),
     (4, 1152, 7, 7, 5, 1),  # a plane narrower than half a tile: tiles 8 wide
-    (2, 1, 200, 300, 3, 1),  # more tiles than the grid: the grid-stride loop covers the rest
+    (2, 1, 200, 300, 3, 1),
+    (1, 17, 2100, 2100, 3, 2),  # more tiles than the grid, two groups: blocks stride, each in its group
 ]
 
 

@@ -3,6 +3,8 @@ by-product, running statistics and gradients, in every dtype, layout, kernel, st
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, INTERPRETED, assert_matches, skip_if_slow
@@ -352,3 +354,39 @@ def test_deterministic_algorithms_squeeze_in_a_fixed_order(backend, training, mo
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     if backend == "triton":
         assert calls == [(2, 16, 9, 7)]
+
+
+_ORDER_RUN = """
+import sys, torch, fused_mbconv
+torch.manual_seed(0)
+device = sys.argv[2]
+layer = fused_mbconv.nn.DWConvBNAct(40, 3, 2).to(device).train()
+x = torch.randn(2, 40, 9, 11, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+with fused_mbconv.backend("triton"):
+    y = layer(x)
+    y.backward(torch.randn_like(y))
+torch.save([t.cpu() for t in (y, x.grad, layer[0].weight.grad, layer[1].weight.grad, layer[1].running_var)], sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no triton backend")
+def test_program_orders_agree(tmp_path):
+    """The depthwise apply and dx kernels number their programs channel block fastest;
+    FUSED_MBCONV_CHANNELS_FASTEST=0 (tile fastest, kept to measure the difference on a GPU) must
+    give the same layer: output, gradients and running statistics of a training step with two
+    channel blocks (40 channels, 32 a block in the interpreter) and several tiles, in two
+    processes (the order is read at import). Equal up to fp32 rounding, not bit for bit: the BN
+    statistics' partial sums are ordered alike, but not every reduction need be."""
+    import subprocess
+    import sys
+
+    results = []
+    for order in ("1", "0"):
+        path = tmp_path / f"order{order}.pt"
+        env = {**os.environ, "FUSED_MBCONV_CHANNELS_FASTEST": order}
+        done = subprocess.run([sys.executable, "-c", _ORDER_RUN, str(path), str(DEVICE)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(torch.load(path))
+    for name, new, old in zip(("y", "dx", "dweight", "dgamma", "running_var"), *results):
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

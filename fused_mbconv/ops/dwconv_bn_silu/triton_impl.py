@@ -191,10 +191,30 @@ def _tile(t, H, W, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
 
 # FUSED_MBCONV_INTERIOR_TILES=0: every tile takes the masked path (a switch for bisecting on a GPU).
 _INTERIOR_TILES: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_INTERIOR_TILES", "1") != "0")
+# The per-tile kernels (apply, dx) number their programs channel block fastest: in channels_last
+# memory a channel block is 32 or 64 bytes of a pixel's C * element-size (288 bytes at B5's 144
+# channels, bf16), a piece of a DRAM line. Tile fastest (a grid of (tiles, channel blocks)), the
+# programs that ran at once were all of one channel block and the rest of each line was evicted
+# from L2 before its block's turn; channel block fastest, the programs that share a pixel run
+# side by side and the line is read once. FUSED_MBCONV_CHANNELS_FASTEST=0: tile fastest (to
+# measure the difference on a GPU). The reductions need neither: all their programs run at once,
+# each channel block's chunk g in step with the others'.
+_CHANNELS_FASTEST: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_CHANNELS_FASTEST", "1") != "0")
 
 
 @triton.jit
-def _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: tl.constexpr,
+def _tile_program(C, BLOCK_C: tl.constexpr):
+    """This per-tile program's tile and channel block (see ``_tile_grid``)."""
+    if _CHANNELS_FASTEST:
+        blocks = tl.cdiv(C, BLOCK_C)
+        pid = tl.program_id(0)
+        t = pid // blocks
+        return t, pid - t * blocks
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: tl.constexpr,
               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):  # fmt: skip
     """Whether output tile t (``_tile``) and this program's channel block need no mask: every
     output in the plane, every input the conv reads inside it (no padding), every channel < C.
@@ -205,7 +225,7 @@ def _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: t
     rows_in &= (th * TILE_H * STRIDE >= pad_t) & (((th + 1) * TILE_H - 1) * STRIDE - pad_t + K <= H)
     cols_in = (tw + 1) * TILE_W <= W_OUT
     cols_in &= (tw * TILE_W * STRIDE >= pad_l) & (((tw + 1) * TILE_W - 1) * STRIDE - pad_l + K <= W)
-    return rows_in & cols_in & ((tl.program_id(1) + 1) * BLOCK_C <= C) & _INTERIOR_TILES
+    return rows_in & cols_in & ((cb + 1) * BLOCK_C <= C) & _INTERIOR_TILES
 
 
 @triton.jit
@@ -433,11 +453,11 @@ def _conv_bn_silu_kernel(
     scale = gamma * invstd, shift = beta). Subtracting the mean first keeps fp32 exact when the
     mean is large. A tile lies within one sample, so its squeeze partial is one row of (N, C).
     """
-    t = tl.program_id(0)
+    t, cb = _tile_program(C, BLOCK_C)
     n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = below(cs, C, ALIGN)
-    interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
+    interior = _interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
     c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw, interior,
                            K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
     center = _load_channels(center_ptr, cs, mask_c)
@@ -483,7 +503,8 @@ def _conv_stats_kernel(
     m2 = tl.zeros((R, BLOCK_C), tl.float32)
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
-        interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
+        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
+                             TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         ok0 = ok_h & (ow0 < W_OUT)
@@ -544,7 +565,8 @@ def _dz_sums_kernel(
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         # recompute c instead of storing it in the forward
-        interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
+        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
+                             TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
@@ -700,7 +722,8 @@ def _dconv_kernel(
         q20, q21, q22, q23, q24 = zero, zero, zero, zero, zero
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
-        interior = _interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
+        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
+                             TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
@@ -766,7 +789,7 @@ def _dconv_kernel(
 
 
 @triton.jit
-def _dx_interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: tl.constexpr,
+def _dx_interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr):  # fmt: skip
     """Whether input tile t of the dx pass and this program's channel block need no mask (stride
     1 only; at stride 2 a row of taps reads every other output row): every input in the plane,
@@ -777,7 +800,7 @@ def _dx_interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K: tl.constexpr, STRIDE
     _, th, tw = _tile_coords(t, H, W, BLOCK_P, TILE_W)
     rows_in = ((th + 1) * TILE_H <= H) & (th * TILE_H + pad_t - (K - 1) >= 0) & ((th + 1) * TILE_H + pad_t <= H_OUT)
     cols_in = ((tw + 1) * TILE_W <= W) & (tw * TILE_W + pad_l - (K - 1) >= 0) & ((tw + 1) * TILE_W + pad_l <= W_OUT)
-    return rows_in & cols_in & ((tl.program_id(1) + 1) * BLOCK_C <= C) & _INTERIOR_TILES
+    return rows_in & cols_in & ((cb + 1) * BLOCK_C <= C) & _INTERIOR_TILES
 
 
 @triton.jit
@@ -836,11 +859,11 @@ def _dx_kernel(
     d = j - kw: each such column is loaded once per row of taps for every (j, kw) with that d.
     With S = 2 only even iw0 + pad_l + d are outputs; strips start on even columns, so which d
     qualify depends on pad_l's parity alone (PAD_ODD)."""
-    t = tl.program_id(0)
+    t, cb = _tile_program(C, BLOCK_C)
     n, ih, iw0, ok_h = _tile(t, H, W, BLOCK_P, TILE_W)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = below(cs, C, ALIGN)
-    if _dx_interior(t, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W):
+    if _dx_interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W):
         acc0, acc1, acc2, acc3 = _dx_window(dc_ptr, w_ptr, n, ih, iw0, ok_h, cs, mask_c, H_OUT, W_OUT, pad_t, pad_l,
                                             sdc, sw, K, STRIDE, PAD_ODD, ALIGN, BLOCK_P, BLOCK_C, False)  # fmt: skip
     else:
@@ -907,11 +930,15 @@ def _channel_grid(groups: int):
 
 
 def _tile_grid(n: int, h: int, w: int):
-    """One program per (tile of the (n, h, w) positions, channel block)."""
-    return lambda meta: (
-        n * cdiv(h, meta["BLOCK_P"] // meta["TILE_W"]) * cdiv(w, meta["TILE_W"]),
-        cdiv(meta["C"], meta["BLOCK_C"]),
-    )
+    """One program per (tile of the (n, h, w) positions, channel block), channel blocks fastest
+    (``_CHANNELS_FASTEST``)."""
+
+    def grid(meta):
+        tiles = n * cdiv(h, meta["BLOCK_P"] // meta["TILE_W"]) * cdiv(w, meta["TILE_W"])
+        blocks = cdiv(meta["C"], meta["BLOCK_C"])
+        return (tiles * blocks,) if _CHANNELS_FASTEST else (tiles, blocks)
+
+    return grid
 
 
 _triton_entry = triton_entry(reference)
