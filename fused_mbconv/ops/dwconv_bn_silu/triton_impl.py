@@ -197,8 +197,9 @@ _INTERIOR_TILES: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_INTERI
 # programs that ran at once were all of one channel block and the rest of each line was evicted
 # from L2 before its block's turn; channel block fastest, the programs that share a pixel run
 # side by side and the line is read once. FUSED_MBCONV_CHANNELS_FASTEST=0: tile fastest (to
-# measure the difference on a GPU). The reductions need neither: all their programs run at once,
-# each channel block's chunk g in step with the others'.
+# measure the difference on a GPU). The reductions keep their (chunks, channel blocks) grid: each
+# program sweeps a chunk of tiles, and the channel blocks of a chunk that run in the same wave
+# sweep it in step, sharing its lines.
 _CHANNELS_FASTEST: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_CHANNELS_FASTEST", "1") != "0")
 
 
