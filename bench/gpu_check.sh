@@ -26,7 +26,7 @@
 # Bisecting a failure: FUSED_MBCONV_COMPILE_THREADS=1 (no threaded precompile),
 # FUSED_MBCONV_PTX_SIGMOID=0, FUSED_MBCONV_VECTOR_HINTS=0, FUSED_MBCONV_INTERIOR_TILES=0 (depthwise
 # tiles always masked), FUSED_MBCONV_TAPS_PER_STRIP=0 (k5 dweight reduced per tile),
-# FUSED_MBCONV_CHANNELS_FASTEST=0 (depthwise apply and dx programs tile fastest),
+# FUSED_MBCONV_CHANNELS_FASTEST=0 (depthwise programs tile or chunk fastest, the old order),
 # FUSED_MBCONV_TRITON_AUTOTUNE=0.
 # $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
 # se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
@@ -147,7 +147,7 @@ bench_se() {
   step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/se_project.csv" \
     ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
-# the Triton per-tile depthwise kernels' program order (triton_impl._CHANNELS_FASTEST) both ways,
+# the Triton depthwise kernels' program order (triton_impl._CHANNELS_FASTEST) both ways,
 # one process each, GPU time from CUDA graphs; rows appended to dwconv.csv, the old order's as
 # provider "triton-tiles-first" (the CUDA kernels' order changed with it: compare their rows with
 # bench/results/2026-11-27_h200_dwconv.csv)

@@ -191,15 +191,13 @@ def _tile(t, H, W, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
 
 # FUSED_MBCONV_INTERIOR_TILES=0: every tile takes the masked path (a switch for bisecting on a GPU).
 _INTERIOR_TILES: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_INTERIOR_TILES", "1") != "0")
-# The per-tile kernels (apply, dx) number their programs channel block fastest: in channels_last
-# memory a channel block is 32 or 64 bytes of a pixel's C * element-size (288 bytes at B5's 144
-# channels, bf16), a piece of a DRAM line. Tile fastest (a grid of (tiles, channel blocks)), the
-# programs that ran at once were all of one channel block and the rest of each line was evicted
-# from L2 before its block's turn; channel block fastest, the programs that share a pixel run
-# side by side and the line is read once. FUSED_MBCONV_CHANNELS_FASTEST=0: tile fastest (to
-# measure the difference on a GPU). The reductions keep their (chunks, channel blocks) grid: each
-# program sweeps a chunk of tiles, and the channel blocks of a chunk that run in the same wave
-# sweep it in step, sharing its lines.
+# Programs are numbered channel block fastest: in channels_last memory a channel block is 32 or 64
+# bytes of a pixel's C * element-size (288 bytes at B5's 144 channels, bf16), a piece of a DRAM
+# line. Tile (or chunk) fastest, the programs that ran at once were all of one channel block (or,
+# in the reductions, of the first few), and the rest of each line was evicted from L2 before its
+# block's turn; channel block fastest, the programs that share a pixel run side by side and the
+# line is read once. FUSED_MBCONV_CHANNELS_FASTEST=0: the order before 2026-11-27 (to measure the
+# difference on a GPU).
 _CHANNELS_FASTEST: tl.constexpr = tl.constexpr(os.environ.get("FUSED_MBCONV_CHANNELS_FASTEST", "1") != "0")
 
 
@@ -211,6 +209,14 @@ def _tile_program(C, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         t = pid // blocks
         return t, pid - t * blocks
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _chunk_program():
+    """This reduction program's chunk and channel block (see ``_channel_grid``)."""
+    if _CHANNELS_FASTEST:
+        return tl.program_id(1), tl.program_id(0)
     return tl.program_id(0), tl.program_id(1)
 
 
@@ -379,13 +385,14 @@ def _conv_window(
 @triton.jit
 def _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILE_W: tl.constexpr,
            ALIGN: tl.constexpr):
-    """This program's channels and its chunk [start, end) of the output tiles (empty when the
-    tiles run out before the programs)."""
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """This program's chunk g and channel block cb, its channels, and its chunk's output tiles
+    [start, end) (empty when the tiles run out before the programs)."""
+    g, cb = _chunk_program()
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     tiles = _tile_count(N, H_OUT, W_OUT, BLOCK_P, TILE_W)
     per_chunk = tl.cdiv(tiles, groups)
-    start = tl.program_id(0) * per_chunk
-    return cs, below(cs, C, ALIGN), start, tl.minimum(start + per_chunk, tiles)
+    start = g * per_chunk
+    return g, cb, cs, below(cs, C, ALIGN), start, tl.minimum(start + per_chunk, tiles)
 
 
 @triton.jit
@@ -498,14 +505,13 @@ def _conv_stats_kernel(
     the loop: no reduction across threads per tile (sm_90 SASS, interior tile, instructions per
     output: k3 s1 45 -> 30, k5 s1 76 -> 60)."""
     R: tl.constexpr = BLOCK_P // STRIP
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
+    g, cb, cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     count = tl.zeros((R,), tl.float32)
     mean = tl.zeros((R, BLOCK_C), tl.float32)
     m2 = tl.zeros((R, BLOCK_C), tl.float32)
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
-        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
-                             TILE_W)
+        interior = _interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         ok0 = ok_h & (ow0 < W_OUT)
@@ -522,10 +528,10 @@ def _conv_stats_kernel(
         _, mean, m2 = chan_merge(count[:, None], mean, m2, in_plane[:, None], strip_mean, strip_m2)
         count += in_plane
     count, mean, m2 = merge_rows(count, mean, m2)
-    row = tl.program_id(0) * C + cs
+    row = g * C + cs
     tl.store(mean_part_ptr + row, mean, mask=mask_c)
     tl.store(m2_part_ptr + row, m2, mask=mask_c)
-    tl.store(count_part_ptr + tl.program_id(0), count, mask=tl.program_id(1) == 0)
+    tl.store(count_part_ptr + g, count, mask=cb == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,7 +562,7 @@ def _dz_sums_kernel(
     once at the end: no reduction across threads per tile (sm_90 SASS, interior tile,
     instructions per output: k3 s1 47 -> 41, k5 s1 78 -> 72)."""
     R: tl.constexpr = BLOCK_P // STRIP
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
+    g, cb, cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     mean = _load_channels(mean_ptr, cs, mask_c)
     invstd = _load_channels(invstd_ptr, cs, mask_c)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
@@ -566,8 +572,7 @@ def _dz_sums_kernel(
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
         # recompute c instead of storing it in the forward
-        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
-                             TILE_W)
+        interior = _interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
@@ -581,7 +586,7 @@ def _dz_sums_kernel(
                             gamma, beta, HAS_DSQ, ALIGN)  # fmt: skip
         sum_dz += dz0 + dz1 + dz2 + dz3
         sum_dz_xhat += dz0 * xhat0 + dz1 * xhat1 + dz2 * xhat2 + dz3 * xhat3
-    row = part_ptr + tl.program_id(0) * 2 * C + cs
+    row = part_ptr + g * 2 * C + cs
     tl.store(row, tl.sum(sum_dz, axis=0), mask=mask_c)
     tl.store(row + C, tl.sum(sum_dz_xhat, axis=0), mask=mask_c)
 
@@ -697,7 +702,7 @@ def _dconv_kernel(
     otherwise dc = a * dz, and this pass also emits the sum(dz), sum(dz * xhat) partials.
     """
     R: tl.constexpr = BLOCK_P // STRIP
-    cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
+    g, cb, cs, mask_c, start, end = _chunk(N, C, H_OUT, W_OUT, groups, BLOCK_P, BLOCK_C, TILE_W, ALIGN)
     mean = _load_channels(mean_ptr, cs, mask_c)
     invstd = _load_channels(invstd_ptr, cs, mask_c)
     gamma = _load_channels(gamma_ptr, cs, mask_c)
@@ -723,8 +728,7 @@ def _dconv_kernel(
         q20, q21, q22, q23, q24 = zero, zero, zero, zero, zero
     for t in range(start, end):
         n, oh, ow0, ok_h = _tile(t, H_OUT, W_OUT, BLOCK_P, TILE_W)
-        interior = _interior(t, tl.program_id(1), H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C,
-                             TILE_W)
+        interior = _interior(t, cb, H, W, H_OUT, W_OUT, pad_t, pad_l, C, K, STRIDE, BLOCK_P, BLOCK_C, TILE_W)
         c0, c1, c2, c3 = _conv(x_ptr, w_ptr, n, oh, ow0, ok_h, cs, mask_c, H, W, pad_t, pad_l, sx, sw,
                                interior, K, STRIDE, ALIGN, BLOCK_P, BLOCK_C)  # fmt: skip
         dsq = _squeeze_grad(dsq_ptr, n, cs, mask_c, C, inv_p_out, HAS_DSQ, ALIGN)
@@ -781,10 +785,10 @@ def _dconv_kernel(
         dw = _add_row(dw, 3, q15, q16, q17, q18, q19, taps, K)
         dw = _add_row(dw, 4, q20, q21, q22, q23, q24, taps, K)
     # dweight partials laid out like the contiguous (C, 1, K, K) weight: [chunk, ch * K * K + tap]
-    dw_offs = tl.program_id(0) * C * K * K + cs[None, :] * (K * K) + taps[:, None]
+    dw_offs = g * C * K * K + cs[None, :] * (K * K) + taps[:, None]
     tl.store(dw_part_ptr + dw_offs, dw, mask=(taps[:, None] < K * K) & mask_c[None, :])
     if not TRAINING:
-        row = sums_part_ptr + tl.program_id(0) * 2 * C + cs
+        row = sums_part_ptr + g * 2 * C + cs
         tl.store(row, sum_dz, mask=mask_c)
         tl.store(row + C, sum_dz_xhat, mask=mask_c)
 
@@ -927,7 +931,14 @@ def _groups(geo: _Geometry, device: torch.device) -> int:
 
 
 def _channel_grid(groups: int):
-    return lambda meta: (groups, cdiv(meta["C"], meta["BLOCK_C"]))
+    """One program per (chunk of the output tiles, channel block), channel blocks fastest
+    (``_CHANNELS_FASTEST``)."""
+
+    def grid(meta):
+        blocks = cdiv(meta["C"], meta["BLOCK_C"])
+        return (blocks, groups) if _CHANNELS_FASTEST else (groups, blocks)
+
+    return grid
 
 
 def _tile_grid(n: int, h: int, w: int):
