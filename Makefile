@@ -47,12 +47,16 @@ test-oldest:
 # image's versions, then their Triton kernels (B0-B7's benchmark steps, the kernel benches', the
 # blocks', the shape sweeps', the models step's, the tests step's) compiled ahead into
 # .triton-cache.tar.xz (2026-11-27: 1902 kernels, 29.8 MiB xz-compressed, of which the tests step's ~850 kernels
-# took ~30 min; carry it: the device tool sends at most 64 MiB with the tree). After a kernel edit,
-# the same command with --drop-unused instead of --fresh recompiles what changed (the projection
-# kernels' edit of 2026-11-27: 52 min, ~1200 kernels).
+# took ~30 min; carry it: the device tool sends at most 64 MiB with the tree), then the kernel
+# benchmarks' depthwise kernels in their old program order, for gpu_check.sh's tile_order step
+# (121 kernels, 6 min; 2023 kernels, 31.4 MiB in all). After a kernel edit, the first command with
+# --drop-unused instead of --fresh recompiles what changed (the depthwise program order's edit of
+# 2026-11-27: 997 kernels, 65 min), then the second.
 gpu-prep: test-oldest
 	env -u TRITON_INTERPRET $(OLDEST)/bin/python bench/precompile_triton.py --fresh --variants b5,b0,b1,b2,b3,b4,b6,b7 \
 		--kernel-benchmarks --blocks --gpu-sweeps --models-step --suite
+	FUSED_MBCONV_CHANNELS_FASTEST=0 env -u TRITON_INTERPRET $(OLDEST)/bin/python bench/precompile_triton.py \
+		--variants "" --kernel-benchmarks
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
