@@ -10,8 +10,9 @@
 # (the suite on CUDA, in parallel workers; on the H200 it did not finish in 150 s: TESTS= picks
 # files), sanitizer (compute-sanitizer memcheck over a subset), auto_table (the measured "auto"
 # choice), bench_dw, bench_se (kernel benchmarks on the B5 shapes, also from CUDA graphs and by
-# host issue time), tile_order (the depthwise kernels' program order, old and new), kprofile (one layer kernel by kernel), bench_model (B5 end to end, also from
-# CUDA graphs), hostprof (the host's time per fused layer call, by function), hostcost (one MBConv
+# host issue time), tile_order (bench_dw's Triton rows in the depthwise kernels' old program
+# order), kprofile (one layer kernel by kernel), bench_model (B5 end to end, also from CUDA
+# graphs), hostprof (the host's time per fused layer call, by function), hostcost (one MBConv
 # block's host time and launches, Triton's fast launch path off and on), racecheck
 # (shared-memory hazards of the CUDA depthwise kernels' halo tiles), profile (B5's training step
 # kernel by kernel), main (python -m fused_mbconv), counters (Nsight Compute's hardware counters
@@ -147,15 +148,19 @@ bench_se() {
   step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/se_project.csv" \
     ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
-# the Triton depthwise kernels' program order (triton_impl._CHANNELS_FASTEST) both ways,
-# one process each, GPU time from CUDA graphs; rows appended to dwconv.csv, the old order's as
-# provider "triton-tiles-first" (the CUDA kernels' order changed with it: compare their rows with
-# bench/results/2026-11-27_h200_dwconv.csv)
+# bench_dw's Triton rows in the depthwise kernels' old program order (FUSED_MBCONV_CHANNELS_FASTEST=0,
+# read at import: its own process), appended to dwconv.csv as provider "triton-tiles-first" (and
+# its +graph, +host rows), to set beside bench_dw's "triton" rows (DW_PROVIDERS=triton,cuda
+# bench_dw tile_order: the new order, then the old). The CUDA kernels' order has no switch:
+# compare their rows with bench/results/2026-11-27_h200_dwconv.csv
 tile_order() {
-  step tile_order 100 "$LOG" bash -c "$PY bench/bench_dwconv.py --quick --host-share --providers triton,cuda \
-    --out '$OUT/dwconv.csv' && rm -f /tmp/tiles_first.csv && FUSED_MBCONV_CHANNELS_FASTEST=0 $PY bench/bench_dwconv.py \
-    --quick --host-share --providers triton --out /tmp/tiles_first.csv && tail -n +2 /tmp/tiles_first.csv \
-    | sed 's/,triton\(+[a-z]*\)\?,/,triton-tiles-first\1,/' >>'$OUT/dwconv.csv'"
+  rm -f /tmp/tiles_first.csv
+  step tile_order 60 "$LOG" env FUSED_MBCONV_CHANNELS_FASTEST=0 $PY bench/bench_dwconv.py --quick --host-share \
+    --providers triton --out /tmp/tiles_first.csv
+  local header=1
+  [[ -f $OUT/dwconv.csv ]] && header=2  # its header once
+  [[ -f /tmp/tiles_first.csv ]] && tail -n +$header /tmp/tiles_first.csv \
+    | sed 's/,triton\(+[a-z]*\)\?,/,triton-tiles-first\1,/' >>"$OUT/dwconv.csv"
 }
 kprofile() {  # one B5 layer (KPROFILE_OP dwconv or se_project) kernel by kernel: which pass takes the time
   step kprofile 60 "$LOG" $PY bench/profile_layer.py --op "${KPROFILE_OP:-dwconv}" ${KPROFILE_SHAPE:+--shape "$KPROFILE_SHAPE"} \

@@ -4,6 +4,8 @@ by-product, running statistics and gradients, in every dtype, layout, kernel, st
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -378,9 +380,6 @@ def test_program_orders_agree(tmp_path):
     with two channel blocks (40 channels, 32 a block in the interpreter) and several tiles, in
     two processes (the order is read at import). Equal up to fp32 rounding, not bit for bit: the
     squeeze's atomic adds may land in another order."""
-    import subprocess
-    import sys
-
     results = []
     for order in ("1", "0"):
         path = tmp_path / f"order{order}.pt"
