@@ -634,3 +634,63 @@ def test_precompiled_suite_files_are_the_tests_steps(tmp_path):
     assert call.startswith("autotune=0 "), call
     assert all((ROOT / "tests" / f"test_{name}.py").is_file() for name in SUITE)
     assert {f"tests/test_{name}.py" for name in SUITE} <= set(call.split()), call
+
+
+def _kernel_csv(path, kind, mode, eager_over_fused, shapes, compile_over_fused=None, fused_pct=80.0):
+    """A kernel CSV: per shape, triton at 1 ms and ``fused_pct`` of the floor, eager (and
+    compile) at the given multiples."""
+    rows = []
+    for name in shapes:
+        for provider, ms in (("triton", 1.0), ("eager", eager_over_fused), ("compile", compile_over_fused)):
+            if ms is not None:
+                rows.append({"kind": kind, "name": name, "provider": provider, "mode": mode, "dtype": "bfloat16",
+                             "layout": "channels_last", "batch": 32, "resolution": 456, "median_ms": ms,
+                             "pct_bw_floor": fused_pct / ms, "status": "ok", **ENV})  # fmt: skip
+    write_rows(path, rows)
+    return path
+
+
+def test_targets_are_geometric_means_over_every_b5_shape(tmp_path):
+    """Issue 4's kernel targets from a CSV: the geometric mean of eager's time / fused's over the
+    shapes, met only when every distinct B5 shape was measured; the newest CSV wins."""
+    from bench import targets
+
+    dw = targets.KERNEL_TARGETS[0]  # dwconv infer: 2.0x eager, 1.3x compile
+    shapes = targets.expected_shapes(dw.kind)
+    assert len(shapes) == 14
+    full = _kernel_csv(tmp_path / "2026-01-01_a.csv", dw.kind, "infer", 2.5, shapes, 1.5)
+    (as_called, _) = targets.kernel_lines(dw, [full])
+    assert "2.50x eager, 1.50x compile; 14 of 14 shapes" in as_called[2] and as_called[3] == "met"
+    half = _kernel_csv(tmp_path / "2026-01-02_b.csv", dw.kind, "infer", 2.5, shapes[:7])
+    (newest, _) = targets.kernel_lines(dw, [full, half])
+    assert "7 of 14 shapes" in newest[2] and newest[4] == half.name
+    assert newest[3] == "eager: met on the shapes measured; compile: not measured"
+    slow = _kernel_csv(tmp_path / "2026-01-03_c.csv", dw.kind, "infer", 1.2, shapes, 1.5, fused_pct=70.0)
+    assert targets.kernel_lines(dw, [full, slow])[0][3] == "eager: **not met**; compile: met"
+    assert targets.floor_lines([full])[0][2:4] == ["lowest 80% (c48_k3_s1_h228); 14 of 14 layers", "met"]
+    floor = targets.floor_lines([slow])
+    assert "lowest 70%" in floor[0][2] and floor[0][3] == "**not met**"
+    assert floor[1][3] == "not measured"  # no training rows
+
+
+def test_model_targets_name_the_eager_call_beside_the_fastest_fused_provider(tmp_path):
+    csv_path = tmp_path / "run.csv"
+    rows = [_row("eager", 100.0, "train"), _row("fused", 50.0, "train"), _row("fused-triton+graph", 150.0, "train"),
+            _row("compile-max-autotune", 120.0, "train")]  # fmt: skip
+    for r in rows:
+        r.update(name="efficientnet_b5", batch=16, resolution=456, peak_mem_mb=60.0 if r["provider"] == "fused" else 100.0)
+    write_rows(csv_path, rows)
+    from bench import targets
+
+    (_, train) = targets.model_lines([csv_path])
+    assert train[2] == ("1.50x eager (fused-triton+graph); 1.25x compile-max-autotune; "
+                        "called eagerly 0.50x eager (fused); memory 0.60x eager's (fused)")  # fmt: skip
+    assert train[3] == "eager: met; compile: met; memory: met"
+
+
+def test_benchmarks_md_is_regenerated_from_the_committed_results():
+    """BENCHMARKS.md is `python -m bench.targets`'s output over bench/results: rerun it after
+    committing a GPU run's CSVs."""
+    from bench import targets
+
+    assert (ROOT / "BENCHMARKS.md").read_text() == targets.benchmarks_md(targets.gpu_csvs())
