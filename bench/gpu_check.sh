@@ -32,8 +32,8 @@
 # $OUT gets summary.txt, tests.log, steps.log (every other step's output), dwconv.csv,
 # se_project.csv, model.csv (bench_model and model_sweep), auto_table.json (commit it as
 # fused_mbconv/ops/auto_table.json), models.log, hostprof.log, triton-cache-new.tar.xz (with a
-# carried cache): 8 files come back at most, so a call that writes more loses some (the default
-# steps write all but models.log).
+# carried cache), inductor-cache.tar.xz (when torch.compile ran): 8 files come back at most, so
+# a call that writes more loses some (the default steps write all but models.log).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 BUDGET_S=${BUDGET_S:-450}
@@ -87,6 +87,19 @@ if [[ -f $CACHE_ARCHIVE ]] && $PY bench/precompile_triton.py --unpack "$CACHE_AR
   export TRITON_CACHE_DIR=$CACHE_DIR
   touch "$CACHE_DIR.unpacked"
 fi
+# torch.compile's own caches (FX graphs, AOTAutograd, max-autotune's choices) from an earlier GPU
+# session: its inductor-cache.tar.xz, saved as .inductor-cache.tar.xz and named in `carry`. A hit
+# skips inductor's compiling and autotuning (minutes per model or layer shape in max-autotune),
+# so the compile providers' rows fit a session beside the fused ones. Inductor keys its graphs on
+# the GPU's name, torch and triton: an archive made on an H200 misses on an H100.
+INDUCTOR_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fused_mbconv_inductor_cache}
+INDUCTOR_ARCHIVE=${INDUCTOR_ARCHIVE-.inductor-cache.tar.xz}  # empty: none
+export TORCHINDUCTOR_CACHE_DIR=$INDUCTOR_DIR
+mkdir -p "$INDUCTOR_DIR"
+if [[ -f $INDUCTOR_ARCHIVE ]] && tar -xJf "$INDUCTOR_ARCHIVE" -C "$INDUCTOR_DIR"; then
+  echo "inductor cache: $(find "$INDUCTOR_DIR" -type f | wc -l) files from $INDUCTOR_ARCHIVE" >>"$SUMMARY"
+fi
+touch "$INDUCTOR_DIR.unpacked"
 # Each step is a function; they run in the order named on the command line (default ALL_STEPS).
 smoke() {  # does one training step of one block's layers finish, per backend; first-call times
   step smoke 90 "$LOG" $PY bench/gpu_smoke.py  # 2026-11-26: triton's training first call took 34 s
@@ -257,5 +270,15 @@ done
 if [[ -n ${TRITON_CACHE_DIR:-} ]]; then
   $PY bench/precompile_triton.py --pack-new "$CACHE_DIR.unpacked" "$OUT/triton-cache-new.tar.xz" >>"$SUMMARY" 2>&1 \
     && echo "triton cache: $(du -h "$OUT/triton-cache-new.tar.xz" | cut -f1) of new entries" >>"$SUMMARY"
+fi
+# inductor's cache, whole, when this run added to it (16 MiB at most comes back: a larger one stays)
+if [[ -n $(find "$INDUCTOR_DIR" -type f -newer "$INDUCTOR_DIR.unpacked" -print -quit) ]]; then
+  XZ_OPT=-1 tar -cJf "$OUT/inductor-cache.tar.xz" -C "$INDUCTOR_DIR" .
+  if (($(stat -c %s "$OUT/inductor-cache.tar.xz") > 16 * 1024 * 1024)); then
+    echo "inductor cache: $(du -h "$OUT/inductor-cache.tar.xz" | cut -f1), over the 16 MiB a file can come back in: left out" >>"$SUMMARY"
+    rm "$OUT/inductor-cache.tar.xz"
+  else
+    echo "inductor cache: $(du -h "$OUT/inductor-cache.tar.xz" | cut -f1), $(find "$INDUCTOR_DIR" -type f | wc -l) files" >>"$SUMMARY"
+  fi
 fi
 cat "$SUMMARY"

@@ -694,3 +694,38 @@ def test_benchmarks_md_is_regenerated_from_the_committed_results():
     from bench import targets
 
     assert (ROOT / "BENCHMARKS.md").read_text() == targets.benchmarks_md(targets.gpu_csvs())
+
+
+def test_gpu_check_carries_inductors_cache_between_sessions(tmp_path):
+    """What torch.compile cached in one GPU session (TORCHINDUCTOR_CACHE_DIR) comes back as
+    $OUT/inductor-cache.tar.xz, and the next session, carrying it, starts with those files; a run
+    that adds nothing returns no archive. A stand-in python writes (and lists) the cache."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
+if [[ "$1 $2" == "-m bench" ]]; then
+  ls -R "$TORCHINDUCTOR_CACHE_DIR" >"$OUT/seen.txt"
+  [[ -n $WRITE ]] && mkdir -p "$TORCHINDUCTOR_CACHE_DIR/fxgraph" && echo graph >"$TORCHINDUCTOR_CACHE_DIR/fxgraph/$WRITE"
+fi
+exit 0
+""")
+    fake.chmod(0o755)
+
+    def session(name: str, archive: str, write: str) -> Path:
+        out = tmp_path / name
+        env = {**os.environ, "OUT": str(out), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": "",
+               "INDUCTOR_ARCHIVE": archive, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"{name}-inductor"),
+               "WRITE": write, "SKIP_BUILD": "1"}  # fmt: skip
+        proc = subprocess.run(["bash", "bench/gpu_check.sh", "bench_model"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return out
+
+    first = session("first", "", "graph-a")
+    assert "graph-a" not in (first / "seen.txt").read_text()
+    with tarfile.open(first / "inductor-cache.tar.xz") as archive:
+        assert "./fxgraph/graph-a" in archive.getnames()
+    second = session("second", str(first / "inductor-cache.tar.xz"), "")
+    assert "graph-a" in (second / "seen.txt").read_text()
+    assert "inductor cache: 1 files from" in (second / "summary.txt").read_text()
+    assert not (second / "inductor-cache.tar.xz").exists()  # nothing new
