@@ -101,6 +101,11 @@ def _newest(csvs: list[Path], wanted) -> tuple[Path, list[dict]] | None:
     return None
 
 
+def _kernel_row(r: dict, kind: str, mode: str) -> bool:
+    """A row of a kernel benchmark's B5 run (bf16) of ``kind`` in ``mode``."""
+    return r["kind"] == kind and r["mode"] == mode and r["dtype"] == "bfloat16"
+
+
 def _by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
     shapes: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -111,13 +116,12 @@ def _by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
 def kernel_lines(target: KernelTarget, csvs: list[Path]) -> list[list[str]]:
     """Table rows (issue, target, measured, verdict, source) of one kernel target, per basis."""
     expected = expected_shapes(target.kind)
-    found = _newest(csvs, lambda r: r["kind"] == target.kind and r["mode"] == target.mode
-                    and r["dtype"] == "bfloat16" and r["provider"] == "eager")  # fmt: skip
+    found = _newest(csvs, lambda r: _kernel_row(r, target.kind, target.mode) and r["provider"] == "eager")
     label = f"{target.kind} {target.mode}: geomean >= {target.vs_eager}x eager, >= {target.vs_compile}x compile"
     if found is None:
         return [[str(target.issue), label, "", "not measured", ""]]
     path = found[0]
-    rows = [r for r in read_rows(path) if r["kind"] == target.kind and r["mode"] == target.mode]
+    rows = [r for r in read_rows(path) if _kernel_row(r, target.kind, target.mode)]
     shapes = {n: p for n, p in _by_shape(rows).items() if n in expected}
     lines = []
     for suffix, basis in BASES.items():
@@ -157,7 +161,7 @@ def floor_lines(csvs: list[Path]) -> list[list[str]]:
     lines = []
     for mode in ("infer", "train"):
         label = f"{DWCONV} {mode}: >= {FLOOR_TARGET:.0f}% of the bandwidth floor on the {len(big)} layers over 16 MB"
-        found = _newest(csvs, lambda r, m=mode: r["kind"] == DWCONV and r["mode"] == m and r["name"] in big
+        found = _newest(csvs, lambda r, m=mode: _kernel_row(r, DWCONV, m) and r["name"] in big
                         and r["provider"] in KERNEL_FUSED[DWCONV])  # fmt: skip
         if found is None:
             lines.append(["4", label, "", "not measured", ""])
@@ -167,7 +171,7 @@ def floor_lines(csvs: list[Path]) -> list[list[str]]:
         for r in read_rows(path):
             pct = report._float(r["pct_bw_floor"])
             fused = r["provider"].removesuffix(GPU_TIME) in KERNEL_FUSED[DWCONV]
-            if r["kind"] == DWCONV and r["mode"] == mode and r["name"] in big and fused and pct is not None:
+            if _kernel_row(r, DWCONV, mode) and r["name"] in big and fused and pct is not None:
                 best[r["name"]] = max(best.get(r["name"], 0.0), pct)
         worst = min(best, key=best.get)
         measured = f"lowest {best[worst]:.0f}% ({worst}); {len(best)} of {len(big)} layers"
