@@ -1,8 +1,9 @@
 """The fused pointwise GEMMs (the projection with SE gate, stochastic depth and residual; the
 expansion with SiLU) on every such shape of EfficientNet-B0..B7 at batch 2, channels_last, bf16,
 train and eval, on every backend that has them (Triton): output, every gradient and the running
-statistics against eager PyTorch in the same dtype and in fp64 (test_project_bn's check). GPU only
-(far too big for the interpreter); the shape lists themselves are checked anywhere."""
+statistics against eager PyTorch in the same dtype and in fp64 (test_project_bn's check); and a
+tensor past 2^31 elements read and written (int64 offsets). GPU only (far too big for the
+interpreter); the shape lists themselves are checked anywhere."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from test_project_bn import check
 
 import fused_mbconv
 from fused_mbconv.models.config import VARIANTS, layer_shapes, se_project_shapes
+from fused_mbconv.ops.project_bn import reference
 
 BATCH = 2
 
@@ -61,3 +63,32 @@ def test_efficientnet_projection_shape(channels, out, size, training, dtype, bac
 def test_efficientnet_expansion_shape(channels, expanded, size, training, dtype, backend_name):
     with fused_mbconv.backend(backend_name):
         check(dtype, "channels_last", training, with_extras=False, silu=True, shape=(BATCH, channels, expanded, size, size))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a GPU with at least 40 GB",
+)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("channels,out", [(64, 16), (16, 64)], ids=["projection-reads", "expansion-writes"])
+@pytest.mark.parametrize("backend_name", backend_params("triton"))
+def test_past_int32_offsets(channels, out, layout, backend_name):
+    """A 6000 x 5600 image of 64 fp16 channels has 2.15e9 > 2^31 elements: the GEMM reads one (the
+    gated projection 64 -> 16) or writes one (the expansion 16 -> 64 with SiLU), so its offsets
+    must be int64. Row slices at the start, middle and end compared with the reference (a 1x1
+    conv: each output row depends on its input row alone)."""
+    h, w = 6000, 5600
+    x = torch.randn(1, channels, h, w, device="cuda", dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert max(channels, out) * h * w > 2**31
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out, channels, 1, 1, generator=g) / channels**0.5).cuda().half()
+    gate = (torch.rand(1, channels, generator=g) + 0.5).cuda().half() if channels > out else None
+    scale, shift = (torch.rand(out, generator=g) + 0.5).cuda(), torch.randn(out, generator=g).cuda()
+    silu = gate is None
+    with fused_mbconv.backend(backend_name):
+        y = fused_mbconv.ops.project_bn(x, gate, weight, scale, shift, None, None, silu)
+    for rows in (slice(0, 2), slice(h // 2 - 1, h // 2 + 1), slice(h - 2, h)):
+        expected = reference.forward_infer(x[:, :, rows], gate, weight, scale, shift, None, None, silu)
+        torch.testing.assert_close(y[:, :, rows], expected, rtol=2e-3, atol=2e-3)
