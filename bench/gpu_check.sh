@@ -110,7 +110,7 @@ smoke() {  # does one training step of one block's layers finish, per backend; f
 # of B0-B7 are their own step, so that a slow sweep leaves the suite's report whole; -v names each
 # test as it ends, so a step cut short by its limit still says how far it got.
 PYTEST=(env FUSED_MBCONV_TRITON_AUTOTUNE=0 $PY -m pytest -p no:cacheprovider -rfE --maxfail=30 --durations=15)
-$PY -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
+$PY -c "import xdist" 2>/dev/null && PYTEST+=(-n 12 --dist loadgroup)  # loadgroup: the tests past 2^31 elements in one worker
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 # The suite's files, those never run on a GPU first (the H200 run of 2026-11-27 reached the ops'
 # parity files, runtime, compile, running_stats and test_eval_fold, whose failures were a test

@@ -78,6 +78,7 @@ def test_efficientnet_shape(shape: DWShape, dtype, training, backend_name):
         assert_matches(a, r, e, name)
 
 
+@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
 @requires_cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,

@@ -65,6 +65,7 @@ def test_efficientnet_expansion_shape(channels, expanded, size, training, dtype,
         check(dtype, "channels_last", training, with_extras=False, silu=True, shape=(BATCH, channels, expanded, size, size))
 
 
+@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
     reason="needs a GPU with at least 40 GB",

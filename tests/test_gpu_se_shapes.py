@@ -1,6 +1,7 @@
 """The fused squeeze-excite kernels (Triton and CUDA backends) on every squeeze-excite shape of
 EfficientNet-B0..B7, at batch 2, channels_last, bf16 and fp32: output and gradients (x and the four
-weights) against the fp64 reference, within conftest's bound from eager PyTorch's error. GPU only
+weights) against the fp64 reference, within conftest's bound from eager PyTorch's error; and the
+squeeze and channel scale of a tensor past 2^31 elements (int64 offsets). GPU only
 (far too big for the interpreter); the shape table itself is checked against torchvision's models
 anywhere."""
 
@@ -49,3 +50,31 @@ SHAPES = sorted({shape for variant in VARIANTS for shape in se_shapes(variant)})
 def test_efficientnet_se_shape(channels, reduced, size, dtype, backend_name):
     with fused_mbconv.backend(backend_name):
         check_functional((2, channels, size, size), reduced, dtype, "channels_last", "4d")
+
+
+@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a GPU with at least 40 GB",
+)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
+def test_past_int32_offsets(layout, backend_name):
+    """A (1, 64, 6000, 5600) fp16 tensor has 2.15e9 > 2^31 elements: the squeeze reads it and the
+    channel scale reads and writes it, so their offsets must be int64. The squeeze against torch's
+    mean (x: noise on a level per channel and a ramp down the rows, so that reading the wrong
+    channels or rows changes the means); the scale on row slices at the start, middle and end."""
+    c, h, w = 64, 6000, 5600
+    x = torch.randn(1, c, h, w, device="cuda", dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    x.mul_(0.1).add_(torch.linspace(0, 1, c, device="cuda", dtype=x.dtype)[None, :, None, None])
+    x.add_(torch.linspace(0, 1, h, device="cuda", dtype=x.dtype)[None, None, :, None])
+    gate = torch.rand(1, c, device="cuda", dtype=torch.float16) + 0.5
+    with fused_mbconv.backend(backend_name):
+        pooled = fused_mbconv.ops.se_squeeze(x)
+        y = fused_mbconv.ops.se_scale(x, gate)
+    torch.testing.assert_close(pooled, x.mean((2, 3)), rtol=2e-3, atol=2e-3)  # torch sums half in fp32
+    for rows in (slice(0, 2), slice(h // 2 - 1, h // 2 + 1), slice(h - 2, h)):
+        torch.testing.assert_close(y[:, :, rows], x[:, :, rows] * gate[:, :, None, None], rtol=1e-3, atol=0)
