@@ -37,6 +37,15 @@ INTERPRETER_MAX_NUMEL = 8_000
 FLOOR = parity.FLOOR
 
 
+def past_int32(test):
+    """A GPU test of a tensor past 2^31 elements (int64 offsets): it needs 40 GB of GPU memory,
+    and all such tests run in one xdist worker (``--dist loadgroup``), one at a time (5-17 GB
+    each)."""
+    enough = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 40 * 2**30
+    test = pytest.mark.skipif(not enough, reason="needs a GPU with at least 40 GB")(test)
+    return pytest.mark.xdist_group("past_int32")(test)
+
+
 def backend_params(*names: str) -> list:
     return [pytest.param(b, id=b) for b in BACKENDS if not names or b in names]
 

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_matches, backend_params
+from conftest import assert_matches, backend_params, past_int32
 from eager import randomize_
 
 import fused_mbconv
@@ -78,12 +78,7 @@ def test_efficientnet_shape(shape: DWShape, dtype, training, backend_name):
         assert_matches(a, r, e, name)
 
 
-@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
-@requires_cuda
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-    reason="needs a GPU with at least 40 GB",
-)
+@past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
 def test_past_int32_offsets(layout, backend_name):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backend_params
+from conftest import backend_params, past_int32
 from test_project_bn import check
 
 import fused_mbconv
@@ -65,11 +65,7 @@ def test_efficientnet_expansion_shape(channels, expanded, size, training, dtype,
         check(dtype, "channels_last", training, with_extras=False, silu=True, shape=(BATCH, channels, expanded, size, size))
 
 
-@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-    reason="needs a GPU with at least 40 GB",
-)
+@past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("channels,out", [(64, 16), (16, 64)], ids=["projection-reads", "expansion-writes"])
 @pytest.mark.parametrize("backend_name", backend_params("triton"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import backend_params
+from conftest import backend_params, past_int32
 from test_squeeze_excite import check_functional
 
 import fused_mbconv
@@ -52,11 +52,7 @@ def test_efficientnet_se_shape(channels, reduced, size, dtype, backend_name):
         check_functional((2, channels, size, size), reduced, dtype, "channels_last", "4d")
 
 
-@pytest.mark.xdist_group("past_int32")  # one worker runs these, one at a time: 5-17 GB each
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-    reason="needs a GPU with at least 40 GB",
-)
+@past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
 def test_past_int32_offsets(layout, backend_name):
