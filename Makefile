@@ -53,8 +53,8 @@ test-oldest:
 # benchmarks' depthwise kernels in their old program order, for gpu_check.sh's tile_order step
 # (121 kernels, 6 min; with the GPU tests past 2^31 elements, 2026-11-28: 2034 kernels, 31.5 MiB
 # in all). After a kernel edit, the first command with --drop-unused instead of --fresh recompiles
-# what changed (the depthwise program order's edit of
-# 2026-11-27: 997 kernels, 65 min), then the second.
+# what changed (the depthwise program order's edit of 2026-11-27: 997 kernels, 65 min), then the
+# second.
 gpu-prep: test-oldest
 	env -u TRITON_INTERPRET $(OLDEST)/bin/python bench/precompile_triton.py --fresh --variants b5,b0,b1,b2,b3,b4,b6,b7 \
 		--kernel-benchmarks --blocks --gpu-sweeps --models-step --suite
