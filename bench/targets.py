@@ -196,7 +196,7 @@ def model_lines(csvs: list[Path]) -> list[list[str]]:
             return (r["kind"] == "model" and r["name"] == "efficientnet_b5" and r["mode"] == m and r["batch"] == b
                     and r["dtype"] == "bf16" and r["layout"] == "channels_last")  # fmt: skip
 
-        found = _newest(csvs, lambda r: b5_row(r) and r["provider"] == "eager")
+        found = _newest(csvs, lambda r: b5_row(r) and r["provider"] == "eager" and report._float(r["img_per_s"]))
         if found is None:
             lines.append(["8", label, "", "not measured", ""])
             continue
@@ -222,10 +222,15 @@ def model_lines(csvs: list[Path]) -> list[list[str]]:
     return lines
 
 
-def targets_table(csvs: list[Path]) -> str:
-    lines = [kernel_lines(t, csvs) for t in KERNEL_TARGETS] + [floor_lines(csvs), model_lines(csvs)]
+def target_rows(csvs: list[Path]) -> list[list[str]]:
+    """(issue, target, measured, verdict, run) of every target."""
+    groups = [kernel_lines(t, csvs) for t in KERNEL_TARGETS] + [floor_lines(csvs), model_lines(csvs)]
+    return [cells for group in groups for cells in group]
+
+
+def targets_table(rows: list[list[str]]) -> str:
     header = "| issue | target (H100 in the issues) | measured | verdict | run |\n|---|---|---|---|---|"
-    return "\n".join([header] + ["| " + " | ".join(cells) + " |" for group in lines for cells in group])
+    return "\n".join([header] + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def _runs(csvs: list[Path]) -> str:
@@ -239,8 +244,10 @@ def _runs(csvs: list[Path]) -> str:
 
 
 def benchmarks_md(csvs: list[Path]) -> str:
-    """BENCHMARKS.md: the targets, then the newest model sweep and kernel runs in full."""
-    used = []
+    """BENCHMARKS.md: the targets, then the newest model sweep and kernel runs in full, then every
+    run used."""
+    targets = target_rows(csvs)
+    used = [p for p in csvs if any(cells[4] == p.name for cells in targets)]
     parts = [
         "# Benchmarks",
         "",
@@ -251,7 +258,7 @@ def benchmarks_md(csvs: list[Path]) -> str:
         "",
         "## Targets",
         "",
-        targets_table(csvs),
+        targets_table(targets),
         "",
     ]
     models = _newest(csvs, lambda r: r["kind"] == "model" and r["name"] != "efficientnet_b5")  # a sweep
@@ -278,7 +285,7 @@ def benchmarks_md(csvs: list[Path]) -> str:
         providers = list(dict.fromkeys(r["provider"].split("+")[0] for r in rows))
         parts += [f"## {title} ({path.name})", "", "ms (% of the bandwidth floor)", "",
                   kernel_table(rows, providers), ""]  # fmt: skip
-    parts += ["## Runs", "", _runs(sorted(set(used)) or csvs[-1:]), ""]
+    parts += ["## Runs", "", _runs(sorted(set(used))), ""]
     return "\n".join(parts)
 
 
@@ -289,7 +296,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     csvs = gpu_csvs()
     if args.print:
-        print(targets_table(csvs))
+        print(targets_table(target_rows(csvs)))
         return
     args.out.write_text(benchmarks_md(csvs))
     print(f"wrote {args.out}")

@@ -686,6 +686,10 @@ def test_model_targets_name_the_eager_call_beside_the_fastest_fused_provider(tmp
     assert train[2] == ("1.50x eager (fused-triton+graph); 1.25x compile-max-autotune; "
                         "called eagerly 0.50x eager (fused); memory 0.60x eager's (fused)")  # fmt: skip
     assert train[3] == "eager: met; compile: met; memory: met"
+    oom = _row("eager", 0.0, "train", status="oom")
+    oom.update(name="efficientnet_b5", batch=16, img_per_s="")
+    write_rows(csv_path, [oom], append=False)
+    assert targets.model_lines([csv_path])[1][3] == "not measured"  # no eager figure: nothing to compare
 
 
 def test_benchmarks_md_is_regenerated_from_the_committed_results():
