@@ -153,13 +153,17 @@ sanitizer() {
 # (Triton's conv templates ran 33-68 ms against cuDNN's 0.21 ms on B5's first depthwise conv, and
 # timing them took ~10 s a conv)
 COMPILE_ARGS=(--compile-conv-backends ATEN)
+# BENCH_SHAPES=all: every distinct B5 shape (14 each: issues 4 and 5 set their targets over all of
+# them; `make gpu-prep` compiles their Triton kernels) and the longer timing; else the --quick 3.
+# DW_LIMIT_S, SE_LIMIT_S: the steps' time limits.
+[[ ${BENCH_SHAPES:-quick} == all ]] && SHAPE_ARG= || SHAPE_ARG=--quick
 bench_dw() {
-  step bench_dw 110 "$LOG" $PY bench/bench_dwconv.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/dwconv.csv" \
-    ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
+  step bench_dw "${DW_LIMIT_S:-110}" "$LOG" $PY bench/bench_dwconv.py $SHAPE_ARG --host-share "${COMPILE_ARGS[@]}" \
+    --out "$OUT/dwconv.csv" ${DW_PROVIDERS:+--providers $DW_PROVIDERS}
 }
 bench_se() {
-  step bench_se 90 "$LOG" $PY bench/bench_se_project.py --quick --host-share "${COMPILE_ARGS[@]}" --out "$OUT/se_project.csv" \
-    ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
+  step bench_se "${SE_LIMIT_S:-90}" "$LOG" $PY bench/bench_se_project.py $SHAPE_ARG --host-share "${COMPILE_ARGS[@]}" \
+    --out "$OUT/se_project.csv" ${SE_PROVIDERS:+--providers $SE_PROVIDERS}
 }
 # bench_dw's Triton rows in the depthwise kernels' old program order (FUSED_MBCONV_CHANNELS_FASTEST=0,
 # read at import: its own process), appended to dwconv.csv as provider "triton-tiles-first" (and

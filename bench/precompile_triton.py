@@ -289,7 +289,10 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=CACHE_DIR, help="an absolute path, the same on the GPU machine")
     p.add_argument("--out", default=ARCHIVE, help="the archive (git-ignored; carried to the device)")
     p.add_argument("--kernel-benchmarks", action="store_true",
-                   help="also the triton rows of bench_dwconv.py and bench_se_project.py --quick")
+                   help="also the triton rows of bench_dwconv.py and bench_se_project.py (--kernel-shapes)")
+    p.add_argument("--kernel-shapes", choices=("all", "quick"), default="all",
+                   help="the kernel benchmarks' shapes: every distinct B5 shape (gpu_check.sh with BENCH_SHAPES=all), "
+                        "or their --quick three")
     p.add_argument("--blocks", action="store_true", help="also the blocks of gpu_smoke.py and host_cost.py")
     p.add_argument("--gpu-sweeps", action="store_true",
                    help="also the GPU shape sweeps' kernels (tests/test_gpu_*_shapes.py: untuned, batch 2)")
@@ -364,9 +367,9 @@ def main(argv=None) -> None:
 
             for bench in (bench_dwconv, bench_se_project):
                 setting = KernelSetting(torch.device("cpu"), bench.BATCH, bench.DTYPE, rep=1, compile_mode="default")
-                with reported(f"{bench.__name__} --quick, triton"):
+                with reported(f"{bench.__name__} ({args.kernel_shapes} shapes), triton"):
                     with contextlib.redirect_stdout(io.StringIO()):  # its CPU "timings" of stood-in launches
-                        bench.run(bench.selected_shapes(quick=True), ["triton"], setting, None)
+                        bench.run(bench.selected_shapes(quick=args.kernel_shapes == "quick"), ["triton"], setting, None)
         if args.blocks:
             from bench import gpu_smoke, host_cost
 

@@ -733,3 +733,26 @@ exit 0
     assert "graph-a" in (second / "seen.txt").read_text()
     assert "inductor cache: 1 files from" in (second / "summary.txt").read_text()
     assert not (second / "inductor-cache.tar.xz").exists()  # nothing new
+
+
+@pytest.mark.parametrize("shapes", ["quick", "all"])
+def test_gpu_check_kernel_benches_run_every_b5_shape_when_asked(tmp_path, shapes):
+    """bench_dw and bench_se time B5's three --quick shapes, or with BENCH_SHAPES=all every
+    distinct one (the shapes issues 4 and 5 set their targets over; precompile_triton.py
+    --kernel-benchmarks compiles them all). A stand-in python records the calls."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
+if [[ $1 == bench/bench_*.py ]]; then echo "$*" >>{tmp_path}/calls; fi
+exit 0
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": "",
+           "INDUCTOR_ARCHIVE": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "SKIP_BUILD": "1",
+           "BENCH_SHAPES": shapes}  # fmt: skip
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "bench_dw", "bench_se"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["bench/bench_dwconv.py", "bench/bench_se_project.py"]
+    assert all(("--quick" in c.split()) == (shapes == "quick") for c in calls), calls
