@@ -52,9 +52,9 @@ test-oldest:
 # took ~30 min; carry it: the device tool sends at most 64 MiB with the tree), then the kernel
 # benchmarks' depthwise kernels in their old program order, for gpu_check.sh's tile_order step
 # (121 kernels, 6 min). 2026-11-28, with the GPU tests past 2^31 elements and the kernel benchmarks
-# on all 14 B5 shapes of each op (171 kernels more, ~5 min): 2205 kernels, 33.6 MiB in all. After a kernel edit, the first command with --drop-unused instead of --fresh recompiles
-# what changed (the depthwise program order's edit of 2026-11-27: 997 kernels, 65 min), then the
-# second.
+# on all 14 B5 shapes of each op (171 kernels more, ~5 min): 2205 kernels, 33.6 MiB in all. After
+# a kernel edit, the first command with --drop-unused instead of --fresh recompiles what changed
+# (the depthwise program order's edit of 2026-11-27: 997 kernels, 65 min), then the second.
 gpu-prep: test-oldest
 	env -u TRITON_INTERPRET $(OLDEST)/bin/python bench/precompile_triton.py --fresh --variants b5,b0,b1,b2,b3,b4,b6,b7 \
 		--kernel-benchmarks --blocks --gpu-sweeps --models-step --suite
