@@ -697,7 +697,8 @@ def test_benchmarks_md_is_regenerated_from_the_committed_results():
     committing a GPU run's CSVs."""
     from bench import targets
 
-    assert (ROOT / "BENCHMARKS.md").read_text() == targets.benchmarks_md(targets.gpu_csvs())
+    current = targets.benchmarks_md(targets.gpu_csvs())
+    assert (ROOT / "BENCHMARKS.md").read_text() == current, "BENCHMARKS.md is stale: run python -m bench.targets"
 
 
 def test_gpu_check_carries_inductors_cache_between_sessions(tmp_path):
