@@ -595,20 +595,32 @@ def test_gpu_check_runs_the_named_steps_in_order_within_the_budget(tmp_path):
     assert "bench/profile_layer.py" in (tmp_path / "steps.log").read_text()
 
 
-def _gpu_check_module_calls(tmp_path, step: str, module: str) -> list[str]:
-    """gpu_check.sh's ``step`` with a stand-in python that records each ``python -m module`` call
-    (the autotuning switch, then the arguments) instead of running it; its other calls run."""
+def _gpu_check_with_fake_python(tmp_path, steps: list[str], body: str, out=None, **env: str):
+    """Runs gpu_check.sh's ``steps`` with a stand-in python: ``python -c`` runs for real, every
+    other call runs the bash ``body`` instead (no build, no carried caches unless ``env`` names
+    them). Returns the run's $OUT (``out``, default tmp_path)."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
-if [[ "$1 $2" == "-m {module}" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi
+{body}
+exit 0
 """)
     fake.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": ""}
+    out = out or tmp_path
+    env = {**os.environ, "OUT": str(out), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": "",
+           "INDUCTOR_ARCHIVE": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "SKIP_BUILD": "1", **env}
     env.pop("TESTS", None)
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", step], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", *steps], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _gpu_check_module_calls(tmp_path, step: str, module: str) -> list[str]:
+    """gpu_check.sh's ``step``, recording each ``python -m module`` call (the autotuning switch,
+    then the arguments) instead of running it."""
+    body = f"""if [[ "$1 $2" == "-m {module}" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi"""
+    _gpu_check_with_fake_python(tmp_path, [step], body)
     return (tmp_path / "calls").read_text().splitlines()
 
 
@@ -705,26 +717,15 @@ def test_gpu_check_carries_inductors_cache_between_sessions(tmp_path):
     """What torch.compile cached in one GPU session (TORCHINDUCTOR_CACHE_DIR) comes back as
     $OUT/inductor-cache.tar.xz, and the next session, carrying it, starts with those files; a run
     that adds nothing returns no archive. A stand-in python writes (and lists) the cache."""
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/usr/bin/env bash
-if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
-if [[ "$1 $2" == "-m bench" ]]; then
+    body = """if [[ "$1 $2" == "-m bench" ]]; then
   ls -R "$TORCHINDUCTOR_CACHE_DIR" >"$OUT/seen.txt"
   [[ -n $WRITE ]] && mkdir -p "$TORCHINDUCTOR_CACHE_DIR/fxgraph" && echo graph >"$TORCHINDUCTOR_CACHE_DIR/fxgraph/$WRITE"
-fi
-exit 0
-""")
-    fake.chmod(0o755)
+fi"""
 
     def session(name: str, archive: str, write: str) -> Path:
-        out = tmp_path / name
-        env = {**os.environ, "OUT": str(out), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": "",
-               "INDUCTOR_ARCHIVE": archive, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"{name}-inductor"),
-               "WRITE": write, "SKIP_BUILD": "1"}  # fmt: skip
-        proc = subprocess.run(["bash", "bench/gpu_check.sh", "bench_model"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return out
+        return _gpu_check_with_fake_python(tmp_path, ["bench_model"], body, out=tmp_path / name,
+                                           INDUCTOR_ARCHIVE=archive, WRITE=write,
+                                           TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"{name}-inductor"))  # fmt: skip
 
     first = session("first", "", "graph-a")
     assert "graph-a" not in (first / "seen.txt").read_text()
@@ -741,19 +742,8 @@ def test_gpu_check_kernel_benches_run_every_b5_shape_when_asked(tmp_path, shapes
     """bench_dw and bench_se time B5's three --quick shapes, or with BENCH_SHAPES=all every
     distinct one (the shapes issues 4 and 5 set their targets over; precompile_triton.py
     --kernel-benchmarks compiles them all). A stand-in python records the calls."""
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/usr/bin/env bash
-if [[ $1 == -c ]]; then exec {sys.executable} "$@"; fi
-if [[ $1 == bench/bench_*.py ]]; then echo "$*" >>{tmp_path}/calls; fi
-exit 0
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path), "BUDGET_S": "2000", "PYTHON": str(fake), "CACHE_ARCHIVE": "",
-           "INDUCTOR_ARCHIVE": "", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "SKIP_BUILD": "1",
-           "BENCH_SHAPES": shapes}  # fmt: skip
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "bench_dw", "bench_se"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    body = f"""if [[ $1 == bench/bench_*.py ]]; then echo "$*" >>{tmp_path}/calls; fi"""
+    _gpu_check_with_fake_python(tmp_path, ["bench_dw", "bench_se"], body, BENCH_SHAPES=shapes)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[0] for c in calls] == ["bench/bench_dwconv.py", "bench/bench_se_project.py"]
     assert all(("--quick" in c.split()) == (shapes == "quick") for c in calls), calls
