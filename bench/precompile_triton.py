@@ -211,32 +211,33 @@ def _gpu_sweeps() -> None:
             for shape, with_extras, silu in cases:
                 x, *case = project.make_case(torch.bfloat16, "channels_last", with_extras, shape=shape)
                 project.run("fused", torch.bfloat16, x, *case, training, silu)
-        _past_int32()
+        _past_int32(dw, pointwise, se)
 
 
-def _past_int32() -> None:
-    """The fused calls of the GPU tests past 2^31 elements (``conftest.past_int32``), fp16, both
-    layouts: their strides past 2^31 are 64-bit arguments, kernels of their own. Empty tensors
-    (4.3 GB each, one or two at a time): nothing is computed."""
+def _past_int32(dw, pointwise, se) -> None:
+    """The fused calls of the GPU tests past 2^31 elements (``conftest.past_int32``; their shapes
+    from the test modules ``dw``, ``pointwise``, ``se``), fp16, both layouts: their strides past
+    2^31 are 64-bit arguments, kernels of their own. Empty tensors (4.3 GB each, one or two at a
+    time): nothing is computed."""
     import torch
 
     import fused_mbconv
 
     half, f32 = {"dtype": torch.float16}, {"dtype": torch.float32}
     for layout in (torch.channels_last, torch.contiguous_format):
-        x = torch.empty(1, 48, 6000, 7500, **half, memory_format=layout)  # test_gpu_dwconv_shapes
-        scale = torch.empty(48, **f32)
-        fused_mbconv.ops.dwconv_bn_silu(x, torch.empty(48, 1, 3, 3, **half), scale, scale, 1, [1, 1, 1, 1], True)
-        for channels, out in ((64, 16), (16, 64)):  # test_gpu_pointwise_shapes
-            x = torch.empty(1, channels, 6000, 5600, **half, memory_format=layout)
+        x = torch.empty(dw.PAST_INT32, **half, memory_format=layout)
+        c = x.shape[1]
+        scale = torch.empty(c, **f32)
+        fused_mbconv.ops.dwconv_bn_silu(x, torch.empty(c, 1, 3, 3, **half), scale, scale, 1, [1, 1, 1, 1], True)
+        for channels, out in pointwise.PAST_INT32_GEMMS:
+            x = torch.empty(1, channels, *pointwise.PAST_INT32_PLANE, **half, memory_format=layout)
             gate = torch.empty(1, channels, **half) if channels > out else None
             scale = torch.empty(out, **f32)
             fused_mbconv.ops.project_bn(x, gate, torch.empty(out, channels, 1, 1, **half), scale, scale, None, None,
                                         gate is None)  # fmt: skip
-        gate = torch.empty(1, 64, **half)  # test_gpu_se_shapes
-        x = torch.empty(1, 64, 6000, 5600, **half, memory_format=layout)
+        x = torch.empty(se.PAST_INT32, **half, memory_format=layout)
         fused_mbconv.ops.se_squeeze(x)
-        fused_mbconv.ops.se_scale(x, gate)
+        fused_mbconv.ops.se_scale(x, torch.empty(1, x.shape[1], **half))
         del x
 
 

@@ -46,6 +46,14 @@ def past_int32(test):
     return pytest.mark.xdist_group("past_int32")(test)
 
 
+def past_int32_input(shape: tuple[int, ...], layout: str) -> torch.Tensor:
+    """Random fp16 of ``shape`` on the GPU, channels_last or NCHW; more than 2^31 elements."""
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    assert x.numel() > 2**31
+    return x
+
+
 def backend_params(*names: str) -> list:
     return [pytest.param(b, id=b) for b in BACKENDS if not names or b in names]
 

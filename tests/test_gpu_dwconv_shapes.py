@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_matches, backend_params, past_int32
+from conftest import assert_matches, backend_params, past_int32, past_int32_input
 from eager import randomize_
 
 import fused_mbconv
@@ -78,17 +78,18 @@ def test_efficientnet_shape(shape: DWShape, dtype, training, backend_name):
         assert_matches(a, r, e, name)
 
 
+PAST_INT32 = (1, 48, 6000, 7500)  # fp16, 2.16e9 elements (precompile_triton.py compiles its kernels)
+
+
 @past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
 def test_past_int32_offsets(layout, backend_name):
-    """(1, 48, 6000, 7500) fp16 has 2.16e9 > 2^31 elements: the kernel's offsets must be int64.
-    Compared with the reference on row slices at the start, middle and end of the image."""
-    n, c, h, w, k = 1, 48, 6000, 7500, 3
-    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() > 2**31
+    """PAST_INT32 has more than 2^31 elements: the kernel's offsets must be int64. Compared with
+    the reference on row slices at the start, middle and end of the image."""
+    _, c, h, _ = PAST_INT32
+    k = 3
+    x = past_int32_input(PAST_INT32, layout)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(c, 1, k, k, generator=g) * 0.4).cuda().half()
     scale, shift = (torch.rand(c, generator=g) + 0.5).cuda(), torch.randn(c, generator=g).cuda()

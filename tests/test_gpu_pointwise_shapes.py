@@ -65,16 +65,22 @@ def test_efficientnet_expansion_shape(channels, expanded, size, training, dtype,
         check(dtype, "channels_last", training, with_extras=False, silu=True, shape=(BATCH, channels, expanded, size, size))
 
 
+# (C in, O out) on a PAST_INT32_PLANE image in fp16: 64 channels of it are 2.15e9 elements
+# (precompile_triton.py compiles their kernels)
+PAST_INT32_GEMMS = ((64, 16), (16, 64))
+PAST_INT32_PLANE = (6000, 5600)
+
+
 @past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-@pytest.mark.parametrize("channels,out", [(64, 16), (16, 64)], ids=["projection-reads", "expansion-writes"])
+@pytest.mark.parametrize("channels,out", PAST_INT32_GEMMS, ids=["projection-reads", "expansion-writes"])
 @pytest.mark.parametrize("backend_name", backend_params("triton"))
 def test_past_int32_offsets(channels, out, layout, backend_name):
-    """A 6000 x 5600 image of 64 fp16 channels has 2.15e9 > 2^31 elements: the GEMM reads one (the
-    gated projection 64 -> 16) or writes one (the expansion 16 -> 64 with SiLU), so its offsets
-    must be int64. Row slices at the start, middle and end compared with the reference (a 1x1
-    conv: each output row depends on its input row alone)."""
-    h, w = 6000, 5600
+    """64 channels of a PAST_INT32_PLANE image have more than 2^31 elements: the GEMM reads them
+    (the gated projection 64 -> 16) or writes them (the expansion 16 -> 64 with SiLU), so its
+    offsets must be int64. Row slices at the start, middle and end compared with the reference (a
+    1x1 conv: each output row depends on its input row alone)."""
+    h, w = PAST_INT32_PLANE
     x = torch.randn(1, channels, h, w, device="cuda", dtype=torch.float16)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import backend_params, past_int32
+from conftest import backend_params, past_int32, past_int32_input
 from test_squeeze_excite import check_functional
 
 import fused_mbconv
@@ -52,19 +52,19 @@ def test_efficientnet_se_shape(channels, reduced, size, dtype, backend_name):
         check_functional((2, channels, size, size), reduced, dtype, "channels_last", "4d")
 
 
+PAST_INT32 = (1, 64, 6000, 5600)  # fp16, 2.15e9 elements (precompile_triton.py compiles its kernels)
+
+
 @past_int32
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("backend_name", backend_params("triton", "cuda"))
 def test_past_int32_offsets(layout, backend_name):
-    """A (1, 64, 6000, 5600) fp16 tensor has 2.15e9 > 2^31 elements: the squeeze reads it and the
-    channel scale reads and writes it, so their offsets must be int64. The squeeze against torch's
-    mean (x: noise on a level per channel and a ramp down the rows, so that reading the wrong
-    channels or rows changes the means); the scale on row slices at the start, middle and end."""
-    c, h, w = 64, 6000, 5600
-    x = torch.randn(1, c, h, w, device="cuda", dtype=torch.float16)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() > 2**31
+    """PAST_INT32 has more than 2^31 elements: the squeeze reads it and the channel scale reads
+    and writes it, so their offsets must be int64. The squeeze against torch's mean (x: noise on a
+    level per channel and a ramp down the rows, so that reading the wrong channels or rows changes
+    the means); the scale on row slices at the start, middle and end."""
+    _, c, h, _ = PAST_INT32
+    x = past_int32_input(PAST_INT32, layout)
     x.mul_(0.1).add_(torch.linspace(0, 1, c, device="cuda", dtype=x.dtype)[None, :, None, None])
     x.add_(torch.linspace(0, 1, h, device="cuda", dtype=x.dtype)[None, None, :, None])
     gate = torch.rand(1, c, device="cuda", dtype=torch.float16) + 0.5
