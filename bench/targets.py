@@ -92,13 +92,9 @@ def _verdict(value: float | None, bound: float, done: bool, at_most: bool = Fals
     return "met" if done else "met on the shapes measured"
 
 
-def _newest(csvs: list[Path], wanted) -> tuple[Path, list[dict]] | None:
-    """The newest CSV with rows that ``wanted(row)`` accepts, and those rows."""
-    for path in reversed(csvs):
-        rows = [r for r in read_rows(path) if wanted(r)]
-        if rows:
-            return path, rows
-    return None
+def _newest(csvs: list[Path], wanted) -> Path | None:
+    """The newest CSV with a row that ``wanted(row)`` accepts."""
+    return next((path for path in reversed(csvs) if any(wanted(r) for r in read_rows(path))), None)
 
 
 def _kernel_row(r: dict, kind: str, mode: str) -> bool:
@@ -116,11 +112,10 @@ def _by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
 def kernel_lines(target: KernelTarget, csvs: list[Path]) -> list[list[str]]:
     """Table rows (issue, target, measured, verdict, source) of one kernel target, per basis."""
     expected = expected_shapes(target.kind)
-    found = _newest(csvs, lambda r: _kernel_row(r, target.kind, target.mode) and r["provider"] == "eager")
+    path = _newest(csvs, lambda r: _kernel_row(r, target.kind, target.mode) and r["provider"] == "eager")
     label = f"{target.kind} {target.mode}: geomean >= {target.vs_eager}x eager, >= {target.vs_compile}x compile"
-    if found is None:
+    if path is None:
         return [[str(target.issue), label, "", "not measured", ""]]
-    path = found[0]
     rows = [r for r in read_rows(path) if _kernel_row(r, target.kind, target.mode)]
     shapes = {n: p for n, p in _by_shape(rows).items() if n in expected}
     lines = []
@@ -161,12 +156,11 @@ def floor_lines(csvs: list[Path]) -> list[list[str]]:
     lines = []
     for mode in ("infer", "train"):
         label = f"{DWCONV} {mode}: >= {FLOOR_TARGET:.0f}% of the bandwidth floor on the {len(big)} layers over 16 MB"
-        found = _newest(csvs, lambda r, m=mode: _kernel_row(r, DWCONV, m) and r["name"] in big
+        path = _newest(csvs, lambda r, m=mode: _kernel_row(r, DWCONV, m) and r["name"] in big
                         and r["provider"] in KERNEL_FUSED[DWCONV])  # fmt: skip
-        if found is None:
+        if path is None:
             lines.append(["4", label, "", "not measured", ""])
             continue
-        path = found[0]
         best: dict[str, float] = {}
         for r in read_rows(path):
             pct = report._float(r["pct_bw_floor"])
@@ -196,11 +190,11 @@ def model_lines(csvs: list[Path]) -> list[list[str]]:
             return (r["kind"] == "model" and r["name"] == "efficientnet_b5" and r["mode"] == m and r["batch"] == b
                     and r["dtype"] == "bf16" and r["layout"] == "channels_last")  # fmt: skip
 
-        found = _newest(csvs, lambda r: b5_row(r) and r["provider"] == "eager" and report._float(r["img_per_s"]))
-        if found is None:
+        path = _newest(csvs, lambda r: b5_row(r) and r["provider"] == "eager" and report._float(r["img_per_s"]))
+        if path is None:
             lines.append(["8", label, "", "not measured", ""])
             continue
-        by_provider = {r["provider"]: r for r in read_rows(found[0]) if b5_row(r)}
+        by_provider = {r["provider"]: r for r in read_rows(path) if b5_row(r)}
         eager = float(by_provider["eager"]["img_per_s"])
         fused_names = [p for p in by_provider if p.startswith(report.FUSED_PREFIX)]
         fused = report._fastest(by_provider, fused_names)
@@ -218,7 +212,7 @@ def model_lines(csvs: list[Path]) -> list[list[str]]:
             ratio = mem / float(by_provider["eager"]["peak_mem_mb"]) if mem else None
             measured.append(f"memory {ratio:.2f}x eager's ({called['provider']})" if ratio else "no memory rows")
             verdicts.append(f"memory: {_verdict(ratio, memory, True, at_most=True)}")
-        lines.append(["8", label, "; ".join(measured), "; ".join(verdicts), found[0].name])
+        lines.append(["8", label, "; ".join(measured), "; ".join(verdicts), path.name])
     return lines
 
 
@@ -261,9 +255,8 @@ def benchmarks_md(csvs: list[Path]) -> str:
         targets_table(targets),
         "",
     ]
-    models = _newest(csvs, lambda r: r["kind"] == "model" and r["name"] != "efficientnet_b5")  # a sweep
-    if models:
-        path, rows = models
+    path = _newest(csvs, lambda r: r["kind"] == "model" and r["name"] != "efficientnet_b5")  # a sweep
+    if path:
         used.append(path)
         parts += [f"## EfficientNet B0-B7 ({path.name})", ""]
         for (mode, dtype, layout), by_model in sorted(report._groups(read_rows(path)).items()):
@@ -274,11 +267,11 @@ def benchmarks_md(csvs: list[Path]) -> str:
         if notes.exists():
             parts += [f"Plots and notes: [{notes.name}](bench/results/{notes.name}).", ""]
     for kind, title in ((DWCONV, "Depthwise conv + BN + SiLU"), (SE_PROJECT, "SE + 1x1 projection + BN")):
-        found = _newest(csvs, lambda r, k=kind: r["kind"] == k)
-        if found is None:
+        path = _newest(csvs, lambda r, k=kind: r["kind"] == k)
+        if path is None:
             continue
-        path, rows = found
         used.append(path)
+        rows = [r for r in read_rows(path) if r["kind"] == kind]
         for r in rows:
             r["median_ms"] = float(r["median_ms"]) if report._float(r["median_ms"]) else float("nan")
             r["pct_bw_floor"] = report._float(r["pct_bw_floor"]) if r["pct_bw_floor"] else ""
