@@ -237,27 +237,28 @@ counters() {
     --providers "${NCU_PROVIDERS:-triton,eager}" --modes "${NCU_MODES:-infer,train}"
 }
 # issue 7's parity of every variant with torchvision at its native resolution, eval and a training
-# step, float32 and bfloat16, on the fused Triton kernels (named: a measured "auto" table could
+# step, float32 (with torch's TF32 flags as they are, and with TF32 off: see python -m fused_mbconv
+# --help) and bfloat16, on the fused Triton kernels (named: a measured "auto" table could
 # pick cuda for some), untuned: the variants and batches of bench/precompile_triton.py's MODELS_STEP,
 # whose kernels `make gpu-prep` compiles ahead. MODELS_JOBS runs at once (default 6: parity, not
 # speed, is what this step checks, and one run is mostly the host's start-up, model building and
 # the float64 reference; its timings are then not for reporting), each within MODELS_LIMIT_S.
-# On the H200 (2026-11-27), six at once: all 16 runs in 102 s, 21-46 s each.
+# On the H200, six at once: 16 runs (no TF32-off ones) in 102 s on 2026-11-27, 95 s on 2026-11-28.
 models() {
   local runs jobs=${MODELS_JOBS:-6} limit start=$SECONDS logs=/tmp/models_logs
   limit=$(budgeted models "${MODELS_LIMIT_S:-120}") || return
-  runs=$($PY -c 'from bench.precompile_triton import MODELS_STEP as M, MODELS_STEP_DTYPES as D
-print(" ".join(f"{v}:{b}:{d}" for v, b in M for d in D))')
+  runs=$($PY -c 'from bench.precompile_triton import MODELS_STEP as M, MODELS_STEP_RUNS as R
+print(" ".join(f"{v}:{b}:{d}:{t}" for v, b in M for d, t in R))')
   mkdir -p $logs
   # shellcheck disable=SC2016  # expanded by the inner bash, once per run
   printf '%s\n' $runs | OMP_NUM_THREADS=$((16 / jobs)) xargs -P "$jobs" -I{} bash -c '
-    IFS=: read -r variant batch dtype <<<"{}"; t=$SECONDS
+    IFS=: read -r variant batch dtype tf32 <<<"{}"; t=$SECONDS; name=$variant-$dtype; [[ $tf32 == off ]] && name+=-tf32off
     timeout '"$limit"' env FUSED_MBCONV_TRITON_AUTOTUNE=0 '"$PY"' -m fused_mbconv --variant $variant --batch $batch \
-      --dtype $dtype --backend triton --steps 5 >'"$logs"'/$variant-$dtype.log 2>&1
-    echo "models:$variant-$dtype: rc=$? in $((SECONDS - t)) s"' | tee -a "$SUMMARY"
+      --dtype $dtype --tf32 $tf32 --backend triton --steps 5 >'"$logs"'/$name.log 2>&1
+    echo "models:$name: rc=$? in $((SECONDS - t)) s"' | tee -a "$SUMMARY"
   for run in $runs; do
-    IFS=: read -r variant batch dtype <<<"$run"
-    { echo "### models:$variant-$dtype (batch $batch, $jobs runs at once)"; cat "$logs/$variant-$dtype.log"; } >>"$OUT/models.log"
+    IFS=: read -r variant batch dtype tf32 <<<"$run"; name=$variant-$dtype; [[ $tf32 == off ]] && name+=-tf32off
+    { echo "### models:$name (batch $batch, $jobs runs at once)"; cat "$logs/$name.log"; } >>"$OUT/models.log"
   done
   echo "models: $((SECONDS - start)) s in all" | tee -a "$SUMMARY"
 }

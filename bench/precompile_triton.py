@@ -71,9 +71,13 @@ def stamp() -> dict:
 MUST_MATCH = ("triton_key", "ptxas", "environment")
 # gpu_check.sh's models step (issue 7's parity at native resolution): `python -m fused_mbconv`
 # per (variant, batch), most important first (the smallest, the largest, then the rest), batch
-# sized to the resolution; float32 and bfloat16 (autocast) each, backend triton, untuned
+# sized to the resolution; each of MODELS_STEP_RUNS (dtype, --tf32), backend triton, untuned:
+# bfloat16 (autocast), float32 with torch's TF32 flags, and float32 with TF32 off (on a GPU,
+# H200 2026-11-28: B2's float32 step with TF32 had one SE gradient 1.004x its bound, where eager's
+# cuDNN had run full fp32 and the fused GEMMs TF32). Here, without CUDA tensors, the fused GEMMs
+# take full fp32 either way, so the float32 runs compile the same kernels.
 MODELS_STEP = (("b0", 8), ("b7", 2), ("b4", 4), ("b1", 8), ("b2", 8), ("b3", 8), ("b5", 4), ("b6", 2))
-MODELS_STEP_DTYPES = ("float32", "bfloat16")
+MODELS_STEP_RUNS = (("float32", "torch"), ("float32", "off"), ("bfloat16", "torch"))
 # The test files of gpu_check.sh's tests step whose Triton kernels --suite compiles: those that
 # launch them here as on a GPU (not the subprocess-based main and ddp files, not Inductor's compile
 # tests, not the GPU-only ones that skip without CUDA).
@@ -275,7 +279,7 @@ def _models_step() -> None:
         model = create_efficientnet(variant).to(memory_format=torch.channels_last)
         size = VARIANTS[variant].resolution
         x, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-        for name in MODELS_STEP_DTYPES:
+        for name in dict.fromkeys(dtype for dtype, _ in MODELS_STEP_RUNS):
             runner = Runner(torch.device("cpu"), DTYPES[name], channels_last=True)
             runner.logits(model, x, runner.dtype)
             runner.train_step(model, x, labels, runner.dtype)

@@ -11,11 +11,13 @@ but must not lose precision).
 
     python -m fused_mbconv --variant b0                 # native resolution on a GPU, 128 px on a CPU
     python -m fused_mbconv --variant b3 --dtype bfloat16 --batch 16
+    python -m fused_mbconv --variant b2 --tf32 off      # float32 convs and GEMMs in full fp32 on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -173,7 +175,7 @@ def report(args, device: torch.device, checks: list[parity.Check], timings) -> s
     lines = [
         f"## fused_mbconv: EfficientNet-{args.variant.upper()}, {args.resolution}x{args.resolution}, "
         f"batch {args.batch}, {args.dtype}, {device} ({hardware}), backend {args.backend}, "
-        f"{'channels_last' if args.channels_last else 'NCHW'}",
+        f"{'channels_last' if args.channels_last else 'NCHW'}{', TF32 off' if args.tf32 == 'off' else ''}",
         "",
         "| check (vs float64 torchvision) | fused max error | eager max error | bound | result |",
         "|---|---|---|---|---|",
@@ -208,6 +210,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed repeats, median reported (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                    help="input and model layout (auto: channels_last on CUDA)")  # fmt: skip
+    # On a GPU torch lets cuDNN run float32 convs in TF32 (10-bit mantissas) where its heuristics
+    # choose to, and the fused GEMMs follow the same flag everywhere: a float32 comparison then
+    # weighs TF32 noise where eager happened to run in full fp32. "off" compares full fp32 with
+    # full fp32 (both models), the strict check of float32 parity.
+    p.add_argument("--tf32", default="torch", choices=["torch", "off"],
+                   help="torch: torch's TF32 flags as they are; off: no TF32 in eager's or the fused convs and matmuls")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
@@ -229,6 +237,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def tf32_flags(setting: str):
+    """--tf32: "torch" leaves torch's flags as they are; "off" turns TF32 off for cuDNN's
+    convolutions and for matmuls (the fused GEMMs follow the cuDNN flag) until the block ends."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if setting == "off":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -247,12 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     labels = torch.randint(0, 1000, (args.batch,), generator=generator)
     runner = Runner(device, dtype, args.channels_last)
     fused_mbconv.set_backend(args.backend)
-    checks = check_parity(tv, fused, runner, x, labels)
-    timer = Timer(device, warmup=3 if device.type == "cuda" else 1, repeats=args.steps)
-    timings = {}
-    for name, model in (("torchvision eager", tv), ("fused", fused)):
-        progress(f"timing {name}: inference")
-        timings[name] = benchmark(model, runner, timer, x, labels)
+    with tf32_flags(args.tf32):
+        checks = check_parity(tv, fused, runner, x, labels)
+        timer = Timer(device, warmup=3 if device.type == "cuda" else 1, repeats=args.steps)
+        timings = {}
+        for name, model in (("torchvision eager", tv), ("fused", fused)):
+            progress(f"timing {name}: inference")
+            timings[name] = benchmark(model, runner, timer, x, labels)
     print(report(args, device, checks, timings))
     return 0 if all(c.ok for c in checks) else 1
 

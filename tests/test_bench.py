@@ -618,23 +618,32 @@ exit 0
 
 def _gpu_check_module_calls(tmp_path, step: str, module: str) -> list[str]:
     """gpu_check.sh's ``step``, recording each ``python -m module`` call (the autotuning switch,
-    then the arguments) instead of running it."""
-    body = f"""if [[ "$1 $2" == "-m {module}" ]]; then echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" >>{tmp_path}/calls; fi"""
+    then the arguments) instead of running it, and printing it as the call's output."""
+    body = f"""if [[ "$1 $2" == "-m {module}" ]]; then
+  echo "autotune=$FUSED_MBCONV_TRITON_AUTOTUNE ${{*:3}}" | tee -a {tmp_path}/calls
+fi"""
     _gpu_check_with_fake_python(tmp_path, [step], body)
     return (tmp_path / "calls").read_text().splitlines()
 
 
 def test_gpu_check_models_step_runs_every_variant_on_the_triton_kernels(tmp_path):
     """The models step (issue 7's parity at native resolution) runs python -m fused_mbconv once per
-    (variant, batch) of precompile_triton.MODELS_STEP and dtype, backend triton, untuned: the
-    calls whose kernels `make gpu-prep` compiles ahead, several at once (in any order). A stand-in
-    python records the calls."""
-    from bench.precompile_triton import MODELS_STEP, MODELS_STEP_DTYPES
+    (variant, batch) of precompile_triton.MODELS_STEP and (dtype, TF32 setting) of MODELS_STEP_RUNS,
+    backend triton, untuned: the calls whose kernels `make gpu-prep` compiles ahead, several at
+    once (in any order), and each run's report in models.log under its own name. A stand-in python
+    records the calls and prints a report naming its arguments."""
+    from bench.precompile_triton import MODELS_STEP, MODELS_STEP_RUNS
 
-    expected = [f"autotune=0 --variant {v} --batch {b} --dtype {d} --backend triton --steps 5"
-                for v, b in MODELS_STEP for d in MODELS_STEP_DTYPES]  # fmt: skip
+    expected = [f"autotune=0 --variant {v} --batch {b} --dtype {d} --tf32 {t} --backend triton --steps 5"
+                for v, b in MODELS_STEP for d, t in MODELS_STEP_RUNS]  # fmt: skip
     assert sorted(_gpu_check_module_calls(tmp_path, "models", "fused_mbconv")) == sorted(expected)
-    assert len(expected) == 16 and {v for v, _ in MODELS_STEP} == {f"b{i}" for i in range(8)}
+    assert len(expected) == 24 and {v for v, _ in MODELS_STEP} == {f"b{i}" for i in range(8)}
+    assert {("float32", "torch"), ("float32", "off"), ("bfloat16", "torch")} == set(MODELS_STEP_RUNS)
+    log = (tmp_path / "models.log").read_text()
+    for v, b in MODELS_STEP:
+        for name, args in ((f"{v}-float32", "--dtype float32 --tf32 torch"), (f"{v}-float32-tf32off",
+                           "--dtype float32 --tf32 off"), (f"{v}-bfloat16", "--dtype bfloat16 --tf32 torch")):
+            assert f"### models:{name} (batch {b}, 6 runs at once)\nautotune=0 --variant {v} --batch {b} {args}" in log
 
 
 def test_precompiled_suite_files_are_the_tests_steps(tmp_path):

@@ -25,6 +25,32 @@ def test_main_reports_pass(capsys):
     assert "FAIL" not in out and out.rstrip().endswith("**PASS**")
 
 
+def test_tf32_off_turns_tf32_off_inside_and_restores_the_flags(capsys, monkeypatch):
+    """--tf32 off: eager's cuDNN convs and the fused GEMMs (which follow the cuDNN flag) run full
+    fp32 during the checks and timings; the report says so; torch's flags come back afterwards."""
+    import fused_mbconv.__main__ as entry
+
+    seen = []
+    check_parity = entry.check_parity
+
+    def recording(*args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return check_parity(*args)
+
+    monkeypatch.setattr(entry, "check_parity", recording)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert main(SMALL + ["--tf32", "off"]) == 0
+        assert seen == [(False, False)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("## fused_mbconv: EfficientNet-B0, 64x64, batch 2, float32, cpu") and header.endswith(
+        ", NCHW, TF32 off"), header  # fmt: skip
+
+
 def test_main_fails_on_a_wrong_model(capsys, monkeypatch):
     # an SE gate of ones (the projection then sees the ungated input): no longer EfficientNet
     monkeypatch.setattr(fused_mbconv.nn.functional, "se_gate", lambda pooled, *args: torch.ones_like(pooled))
