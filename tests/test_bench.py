@@ -242,6 +242,24 @@ def test_auto_table_smoke_run_chooses_for_every_op(tmp_path):
     assert table["gpu"].startswith("cpu") and table["date"]
 
 
+def test_auto_table_samples_take_the_size_classes_in_turns():
+    """bench_auto_table's default samples (stage-first blocks of B0, B4, B7 at batch 8): every
+    size class among the first three, so a budget that ends early still covers each (the H200's
+    55 s of 2026-11-28 measured three B0 samples, all "medium"); none lost or repeated."""
+    from bench import bench_auto_table
+    from fused_mbconv.ops import auto_table
+
+    samples = bench_auto_table.sample_shapes(["b0", "b4", "b7"], smoke=False)
+
+    def size(sample):
+        shape, batch = sample
+        return auto_table.size_class(batch * shape.expanded * shape.in_size**2)
+
+    assert [size(s) for s in samples[:3]] == ["large", "medium", "small"]
+    stage_firsts = 7 * 3  # seven stages per variant
+    assert len(samples) == stage_firsts and len({(id(s), b) for s, b in samples}) == stage_firsts
+
+
 def test_auto_table_rejects_a_wrong_result():
     from bench.bench_auto_table import choose, matches, tolerance
 

@@ -23,8 +23,12 @@ TABLE_PATH = Path(__file__).with_name("auto_table.json")
 SIZE_CLASSES = ((1 << 20, "small"), (1 << 24, "medium"))
 
 
+def size_class(numel: int) -> str:
+    return next((name for limit, name in SIZE_CLASSES if numel < limit), "large")
+
+
 def shape_class(t: torch.Tensor) -> str:
-    size = next((name for limit, name in SIZE_CLASSES if t.numel() < limit), "large")
+    size = size_class(t.numel())
     layout = ("channels_last" if memory_format_of(t) == torch.channels_last else "nchw") if t.dim() == 4 else "matrix"
     return f"{str(t.dtype).replace('torch.', '')}/{layout}/{size}"
 
