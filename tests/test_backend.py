@@ -124,6 +124,40 @@ def test_auto_follows_the_measured_table_on_cuda(monkeypatch):
     assert IMPLS["forward_train"].pick(torch.device("cpu"), like) is IMPLS["forward_train"]._by_backend["reference"]
 
 
+def test_the_committed_auto_table_names_real_ops_classes_and_fused_backends():
+    """fused_mbconv/ops/auto_table.json (measured on a GPU by bench/bench_auto_table.py): every
+    op is one the registry knows, every class reads "<dtype>/<layout>/<size>", every choice is a
+    fused backend the op implements (where that backend is present here) and the sample timings
+    it was decided on hold that backend's best time."""
+    import json
+    import math
+
+    import importlib
+
+    from fused_mbconv.ops import auto_table
+
+    if not auto_table.TABLE_PATH.exists():
+        pytest.skip("no measured table committed")
+    table = json.loads(auto_table.TABLE_PATH.read_text())
+    packages = [importlib.import_module(f"fused_mbconv.ops.{name}")  # the op objects shadow these names
+                for name in ("dwconv_bn_silu", "project_bn", "running_stats", "squeeze_excite")]  # fmt: skip
+    ops = {impls.op_name: impls for package in packages for impls in package.IMPLS.values()}
+    dtypes, layouts = {"float32", "float16", "bfloat16"}, {"channels_last", "nchw", "matrix"}
+    assert table["choices"] == auto_table.load()
+    for op, classes in table["choices"].items():
+        assert op in ops, op
+        for cls, backend in classes.items():
+            dtype, layout, size = cls.split("/")
+            assert dtype in dtypes and layout in layouts and size in {"small", "medium", "large"}, cls
+            assert backend in ("triton", "cuda"), (op, cls, backend)
+            if backend in fused_mbconv.available_backends():
+                assert backend in ops[op].backends(), (op, backend)
+            runs = [s["ms"] for s in table["samples"] if s["op"] == op and s["class"] == cls]
+            assert runs and all(backend in r for r in runs), (op, cls)
+            log_time = {b: sum(math.log(r[b]) for r in runs) for b in set.intersection(*(set(r) for r in runs))}
+            assert log_time[backend] == min(log_time.values()), (op, cls, log_time)
+
+
 def test_shape_classes():
     from fused_mbconv.ops import auto_table
 
