@@ -129,10 +129,9 @@ def test_the_committed_auto_table_names_real_ops_classes_and_fused_backends():
     op is one the registry knows, every class reads "<dtype>/<layout>/<size>", every choice is a
     fused backend the op implements (where that backend is present here) and the sample timings
     it was decided on hold that backend's best time."""
+    import importlib
     import json
     import math
-
-    import importlib
 
     from fused_mbconv.ops import auto_table
 
