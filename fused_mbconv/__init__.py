@@ -6,11 +6,13 @@
     block = fused_mbconv.nn.DWConvBNAct(96, kernel_size=3, stride=2)
     with fused_mbconv.backend("triton"):
         y = block(x)
+    run = fused_mbconv.cuda_graphed(forward, example)                    # replay from a CUDA graph
 """
 
 from fused_mbconv import models, nn, ops
 from fused_mbconv.backends import available_backends, backend, get_backend, set_backend
 from fused_mbconv.convert import ConversionSummary, convert, revert
+from fused_mbconv.graphs import cuda_graphed
 from fused_mbconv.models import (
     efficientnet_b0,
     efficientnet_b1,
@@ -35,6 +37,7 @@ __all__ = [
     "convert",
     "revert",
     "ConversionSummary",
+    "cuda_graphed",
     "efficientnet_b0",
     "efficientnet_b1",
     "efficientnet_b2",

@@ -2,7 +2,8 @@
 
 Builds an EfficientNet variant on the fused ops and torchvision's eager model with the same random
 weights, checks that eval logits and one training step (its logits, every gradient, running
-statistics) match, times both (inference and a training step), and prints a markdown report.
+statistics) match, times both (inference and a training step; on a GPU also inference replayed
+from a CUDA graph, ``fused_mbconv.cuda_graphed``), and prints a markdown report.
 Exit code 1 when a check fails.
 
 Matching means: against the same model computed in float64, the fused model's error is at most
@@ -38,6 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SEED = 0
 FP16_LOSS_SCALE = 2.0**10  # keeps fp16 gradients clear of underflow in the parity check
 _START = time.perf_counter()
+GRAPHED = "inference, CUDA graph"  # the timings' row for inference replayed from a CUDA graph (GPU only)
 
 
 def progress(what: str) -> None:
@@ -167,7 +169,32 @@ def benchmark(model: nn.Module, runner: Runner, timer: Timer, x: torch.Tensor, l
     progress("timing: training step")
     model.train()
     saved = saved_activation_bytes(train_forward, model.parameters()) / 2**20
-    return {"inference": inference, "training step": timer(train), "saved": saved}
+    timings = {"inference": inference, "training step": timer(train), "saved": saved}
+    if runner.device.type == "cuda":
+        progress("timing: inference replayed from a CUDA graph")
+        timings[GRAPHED] = graphed_inference(model, runner, timer, x)
+    return timings
+
+
+def graphed_inference(model: nn.Module, runner: Runner, timer: Timer, x: torch.Tensor):
+    """(ms, None) of ``model``'s inference replayed from a CUDA graph (``cuda_graphed``: the host
+    issues nothing per layer), or the reason the capture failed, which the report prints instead
+    of losing the parity checks' report to it."""
+
+    def forward(inp):
+        with torch.no_grad(), runner.autocast(runner.dtype):
+            return model(inp)
+
+    model.eval()
+    try:
+        replay = fused_mbconv.cuda_graphed(forward, x)
+    except RuntimeError as e:
+        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return timer(lambda: replay(x))[0], None
+
+
+def _ms_or_reason(timing) -> str:
+    return timing if isinstance(timing, str) else f"{timing[0]:.2f}"
 
 
 def report(args, device: torch.device, checks: list[parity.Check], timings) -> str:
@@ -185,7 +212,12 @@ def report(args, device: torch.device, checks: list[parity.Check], timings) -> s
         lines.append(f"| {c.name} | {c.error:.3g} | {c.eager_error:.3g} | {c.bound:.3g} | {verdict} |")
     eager, fused = timings["torchvision eager"], timings["fused"]
     lines += ["", f"| median of {args.steps} (ms) | torchvision eager | fused | speed-up |", "|---|---|---|---|"]
-    for what in ("inference", "training step"):
+    for what in ("inference", "training step", GRAPHED):
+        if what not in eager:  # no CUDA graphs off the GPU
+            continue
+        if isinstance(eager[what], str) or isinstance(fused[what], str):  # a capture failed: say which
+            lines.append(f"| {what} | {_ms_or_reason(eager[what])} | {_ms_or_reason(fused[what])} | - |")
+            continue
         (e_ms, _), (f_ms, _) = eager[what], fused[what]
         lines.append(f"| {what} | {e_ms:.2f} | {f_ms:.2f} | {e_ms / f_ms:.2f}x |")
     lines += ["", "| memory (MiB) | torchvision eager | fused | fused / eager |", "|---|---|---|---|",

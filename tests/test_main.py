@@ -23,6 +23,7 @@ def test_main_reports_pass(capsys):
                 "| inference |", "| training step |", "| activations kept for backward |"):  # fmt: skip
         assert row in out
     assert "FAIL" not in out and out.rstrip().endswith("**PASS**")
+    assert "CUDA graph" not in out  # the replayed inference row is a GPU's
 
 
 def test_tf32_off_turns_tf32_off_inside_and_restores_the_flags(capsys, monkeypatch):
@@ -49,6 +50,22 @@ def test_tf32_off_turns_tf32_off_inside_and_restores_the_flags(capsys, monkeypat
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("## fused_mbconv: EfficientNet-B0, 64x64, batch 2, float32, cpu") and header.endswith(
         ", NCHW, TF32 off"), header  # fmt: skip
+
+
+def test_report_sets_the_cuda_graph_row_beside_eager_and_says_why_a_capture_failed():
+    """The GPU's extra timing row (inference replayed from a CUDA graph), formatted without a GPU:
+    the ratio of the two replays; a failed capture is printed in its cell, not hidden."""
+    from fused_mbconv.__main__ import GRAPHED, parse_args, report
+
+    def timings(graph):
+        return {"inference": (4.0, None), "training step": (10.0, None), "saved": 100.0, GRAPHED: graph}
+
+    args = parse_args(SMALL)
+    both = {"torchvision eager": timings((2.0, None)), "fused": timings((0.5, None))}
+    assert "| inference, CUDA graph | 2.00 | 0.50 | 4.00x |" in report(args, torch.device("cpu"), [], both)
+    both["fused"][GRAPHED] = "capture failed: RuntimeError: operation not permitted when stream is capturing"
+    row = "| inference, CUDA graph | 2.00 | capture failed: RuntimeError: operation not permitted when stream is capturing | - |"
+    assert row in report(args, torch.device("cpu"), [], both)
 
 
 def test_main_fails_on_a_wrong_model(capsys, monkeypatch):

@@ -72,6 +72,40 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(static_s, s)
 
 
+def test_cuda_graphed_refuses_what_it_cannot_capture():
+    """fused_mbconv.cuda_graphed: a clear error naming the argument before any capture."""
+    with pytest.raises(ValueError, match="warmup: expected at least 1 call"):
+        fused_mbconv.cuda_graphed(lambda x: x, torch.zeros(2), warmup=0)
+    with pytest.raises(ValueError, match="example: expected a CUDA tensor .* got one on cpu"):
+        fused_mbconv.cuda_graphed(lambda x: x, torch.zeros(2))
+    with pytest.raises(TypeError, match="example: expected a torch.Tensor, got list"):
+        fused_mbconv.cuda_graphed(lambda x: x, [1.0])
+
+
+@needs_cuda
+def test_cuda_graphed_replays_a_fused_model_on_new_inputs():
+    """A fused B0 (bf16 under autocast, channels_last) replayed from cuda_graphed gives the eager
+    call's logits for each new batch, whatever the batch's layout; the output is the captured
+    tensor, refilled by every run; a batch of another shape is refused by name."""
+    model = fused_mbconv.efficientnet_b0().to(DEVICE, memory_format=torch.channels_last).eval()
+
+    def forward(x):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x)
+
+    example = torch.randn(2, 3, 96, 96, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    run = fused_mbconv.cuda_graphed(forward, example)
+    outputs = []
+    for seed in range(2):
+        x = torch.randn(2, 3, 96, 96, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed))
+        out = run(x)  # NCHW: copied into the captured channels_last input
+        torch.testing.assert_close(out, forward(x.contiguous(memory_format=torch.channels_last)))
+        outputs.append(out)
+    assert outputs[0] is outputs[1]
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, 3, 96, 96\).*got \(1, 3, 96, 96\)"):
+        run(example[:1])
+
+
 @needs_cuda
 @pytest.mark.skipif("triton" not in fused_mbconv.available_backends(), reason="needs the Triton backend")
 @pytest.mark.parametrize("changed", ["conv weight", "bn weight", "bn running_var"])
