@@ -119,17 +119,14 @@ def step_function(model, mode: str, x: torch.Tensor, labels: torch.Tensor, graph
 def _graphed_step(model, mode: str, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     if mode == "infer":
         model.eval()
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad():
-            warm_up = torch.cuda.Stream()  # as torch.cuda.graphs does: warm-up work off the capture stream
-            warm_up.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(warm_up):
-                for _ in range(3):
-                    model(x)
-            torch.cuda.current_stream().wait_stream(warm_up)
-            with torch.cuda.graph(graph):
-                model(x)
-        return graph.replay
+
+        def forward(inp):
+            with torch.no_grad():
+                return model(inp)
+
+        # a replay copies the batch in, as a user's would (since 2026-11-28; B5 at 32: 40 MB, ~0.02 ms)
+        run = fused_mbconv.cuda_graphed(forward, x)
+        return lambda: run(x)
     model.train()
     graphed = torch.cuda.make_graphed_callables(model, (x,), num_warmup_iters=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
