@@ -195,6 +195,9 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
             peak = _peak_memory_mb(device, graphed or compile_mode == "reduce-overhead")
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
+    except RuntimeError as e:  # one configuration's failure (a capture, a compile) is its row's, not the sweep's
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}".replace("|", "/")  # a markdown cell
+        return {**row, "status": f"error: {reason}"}
     finally:
         model.zero_grad(set_to_none=True)  # the next rows' memory must not hold this one's gradients
     return {**row, **timing, "img_per_s": batch / (timing["median_ms"] * 1e-3), "peak_mem_mb": peak, "status": "ok"}

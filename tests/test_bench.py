@@ -242,6 +242,26 @@ def test_auto_table_smoke_run_chooses_for_every_op(tmp_path):
     assert table["gpu"].startswith("cpu") and table["date"]
 
 
+def test_a_failing_configuration_is_its_rows_status_not_the_sweeps_end():
+    """python -m bench's run_one: a RuntimeError in one configuration (a graph capture, a compile)
+    comes back as that row's status (its first line, "|" made "/" for the report's tables), as an
+    out-of-memory does, instead of ending the sweep."""
+    from bench.__main__ import run_one
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            raise RuntimeError("operation not permitted when stream is capturing | detail\nsecond line")
+
+    model = Broken()
+    row = run_one("b0", "eager", model, "infer", 1, 8, "fp32", torch.device("cpu"), False, repeats=1)
+    assert row["status"] == "error: RuntimeError: operation not permitted when stream is capturing / detail"
+    assert row["provider"] == "eager" and row["name"] == "efficientnet_b0"
+
+
 def test_auto_table_samples_take_the_size_classes_in_turns():
     """bench_auto_table's default samples (stage-first blocks of B0, B4, B7 at batch 8): every
     size class among the first three, so a budget that ends early still covers each (the H200's
