@@ -196,7 +196,8 @@ def run_one(variant, provider, model, mode, batch, resolution, dtype_name, devic
     except torch.OutOfMemoryError:
         return {**row, "status": "oom"}
     except RuntimeError as e:  # one configuration's failure (a capture, a compile) is its row's, not the sweep's
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}".replace("|", "/")  # a markdown cell
+        first_line = str(e).partition("\n")[0]  # an empty message has no line to index
+        reason = f"{type(e).__name__}: {first_line[:160]}".replace("|", "/")  # a markdown cell
         return {**row, "status": f"error: {reason}"}
     finally:
         model.zero_grad(set_to_none=True)  # the next rows' memory must not hold this one's gradients

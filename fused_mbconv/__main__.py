@@ -189,7 +189,8 @@ def graphed_inference(model: nn.Module, runner: Runner, timer: Timer, x: torch.T
     try:
         replay = fused_mbconv.cuda_graphed(forward, x)
     except RuntimeError as e:
-        return f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        first_line = str(e).partition("\n")[0]  # an empty message has no line to index
+        return f"capture failed: {type(e).__name__}: {first_line[:200]}"
     return timer(lambda: replay(x))[0], None
 
 

@@ -260,6 +260,9 @@ def test_a_failing_configuration_is_its_rows_status_not_the_sweeps_end():
     row = run_one("b0", "eager", model, "infer", 1, 8, "fp32", torch.device("cpu"), False, repeats=1)
     assert row["status"] == "error: RuntimeError: operation not permitted when stream is capturing / detail"
     assert row["provider"] == "eager" and row["name"] == "efficientnet_b0"
+    Broken.forward = lambda self, x: (_ for _ in ()).throw(RuntimeError())  # a message with no line at all
+    row = run_one("b0", "eager", Broken(), "infer", 1, 8, "fp32", torch.device("cpu"), False, repeats=1)
+    assert row["status"] == "error: RuntimeError: "
 
 
 def test_auto_table_samples_take_the_size_classes_in_turns():
